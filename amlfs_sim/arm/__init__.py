@@ -1,0 +1,1 @@
+"""The emulated Azure Resource Manager (Compute) surface."""

@@ -1,0 +1,323 @@
+"""Routes of the emulated ARM surface (the coverage table is in amlfs_sim/arm/README.md).
+
+Every route runs the same admission under the backend lock: advance sim time, check the
+api-version, throttle, apply accept-phase faults, then act. Handlers are ``async`` and do
+only in-memory work, so no thread pool is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+
+from amlfs_sim.arm.backend import ArmBackend
+from amlfs_sim.arm.exceptions import ArmError, bad_request
+from amlfs_sim.arm.models import OpStatus, Operation
+from amlfs_sim.arm.responses import (
+    SimTime,
+    disk_json,
+    image_json,
+    instance_view_json,
+    operation_json,
+    vm_json,
+)
+from amlfs_sim.arm.throttling import RequestClass, ThrottleDecision
+
+__all__ = ["create_arm_router"]
+
+RG = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute"
+VMS = RG + "/virtualMachines"
+DISKS = RG + "/disks"
+IMAGE = RG + "/galleries/{gallery}/images/{image}/versions/{version}"
+OPERATION = "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{region}/operations/{op_id}"
+OLDEST_API_VERSION = "2023-01-01"
+
+
+def json_response(status: int, body: Any = None, headers: dict[str, str] | None = None) -> Response:
+    content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+    out = {"x-ms-request-id": str(uuid.uuid4())}
+    if headers:
+        out.update(headers)
+    media = "application/json; charset=utf-8" if body is not None else None
+    return Response(content=content, status_code=status, headers=out, media_type=media)
+
+
+def error_response(err: ArmError, headers: dict[str, str] | None = None) -> Response:
+    return json_response(err.status, err.body(), headers)
+
+
+def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
+    router = APIRouter()
+    scale = backend.clock.time_scale
+
+    def retry_headers(sim_seconds: float) -> dict[str, str]:
+        # azure-core reads Retry-After before retry-after-ms, so under a time scale both carry
+        # the real (scaled) wait; x-ms-sim-retry-after keeps the sim value Azure would send.
+        sim_seconds = max(sim_seconds, 0.0)
+        if scale == 1:
+            return {"Retry-After": str(math.ceil(sim_seconds))}
+        real = sim_seconds / scale
+        return {
+            "Retry-After": f"{real:.3f}",
+            "retry-after-ms": str(max(1, round(real * 1000))),
+            "x-ms-sim-retry-after": str(math.ceil(sim_seconds)),
+        }
+
+    def throttled(decision: ThrottleDecision) -> Response:
+        headers = retry_headers(max(decision.retry_after_s, 1.0))
+        if decision.remaining_header:
+            headers["x-ms-ratelimit-remaining-resource"] = decision.remaining_header
+        err = ArmError(
+            429,
+            "OperationNotAllowed",
+            "The server rejected the request because too many requests have been received for "
+            f"this subscription. (policy {decision.policy})",
+        )
+        return error_response(err, headers)
+
+    def handle(
+        request: Request,
+        kind: str,
+        request_class: RequestClass,
+        sub: str,
+        target: Callable[[], tuple[str, str, str]],
+        act: Callable[[], Response],
+    ) -> Response:
+        """``target`` gives (region, resource id, name); raising ArmError answers with it."""
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            return error_response(ArmError(
+                401, "AuthenticationFailed",
+                "Authentication failed. The 'Authorization' header is missing or not Bearer.",
+            ))
+        with backend.lock:
+            backend.advance()
+            decision: ThrottleDecision | None = None
+            try:
+                version = request.query_params.get("api-version")
+                if not version:
+                    raise bad_request(
+                        "MissingApiVersionParameter",
+                        "The api-version query parameter (?api-version=) is required for all "
+                        "requests.",
+                    )
+                if version < OLDEST_API_VERSION:
+                    raise bad_request(
+                        "InvalidApiVersionParameter",
+                        f"The api-version '{version}' is invalid; the emulator serves "
+                        f"{OLDEST_API_VERSION} and later.",
+                    )
+                region, resource_id, name = target()
+                decision = backend.admit(kind, request_class, sub, region, resource_id, name)
+                if not decision.allowed:
+                    return throttled(decision)
+                response = act()
+            except ArmError as err:
+                response = error_response(err)
+            if decision is not None and decision.remaining_header:
+                response.headers["x-ms-ratelimit-remaining-resource"] = decision.remaining_header
+            return response
+
+    def lro(request: Request, op: Operation, status: int, body: Any, *, location: bool) -> Response:
+        base = str(request.base_url).rstrip("/")
+        version = request.query_params.get("api-version", "")
+        status_url = (
+            f"{base}/subscriptions/{op.subscription_id}/providers/Microsoft.Compute/locations/"
+            f"{op.region}/operations/{op.id}?api-version={version}"
+        )
+        headers = {"Azure-AsyncOperation": status_url, **retry_headers(backend.world.spec.poll_interval_s)}
+        if location:
+            headers["Location"] = status_url + "&monitor=true"
+        return json_response(status, body, headers)
+
+    async def read_body(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            return None
+
+    def vm_target(sub: str, rg: str, name: str) -> Callable[[], tuple[str, str, str]]:
+        def target() -> tuple[str, str, str]:
+            vm = backend.vm(sub, rg, name)
+            return vm.location, vm.id, vm.name
+        return target
+
+    def group_target(sub: str, rg: str, name: str = "*") -> Callable[[], tuple[str, str, str]]:
+        def target() -> tuple[str, str, str]:
+            return backend.region_of(sub, rg), f"/subscriptions/{sub}/resourceGroups/{rg}", name
+        return target
+
+    # ------------------------------------------------------------------ VMs
+
+    @router.get(VMS)
+    async def list_vms(request: Request, sub: str, rg: str) -> Response:
+        return handle(request, "vm.list", RequestClass.LOW_COST_GET, sub, group_target(sub, rg),
+                      lambda: json_response(200, {"value": [
+                          vm_json(backend, vm, times) for vm in backend.vms_in(sub, rg)]}))
+
+    @router.get(VMS + "/{name}")
+    async def get_vm(request: Request, sub: str, rg: str, name: str) -> Response:
+        expand = request.query_params.get("$expand", "").lower() == "instanceview"
+        return handle(request, "vm.get", RequestClass.LOW_COST_GET, sub, vm_target(sub, rg, name),
+                      lambda: json_response(200, vm_json(backend, backend.vm(sub, rg, name), times,
+                                                         instance_view=expand)))
+
+    @router.get(VMS + "/{name}/instanceView")
+    async def get_instance_view(request: Request, sub: str, rg: str, name: str) -> Response:
+        return handle(request, "vm.instance_view", RequestClass.LOW_COST_GET, sub,
+                      vm_target(sub, rg, name),
+                      lambda: json_response(200, instance_view_json(
+                          backend, backend.vm(sub, rg, name), times)))
+
+    async def _update_vm(request: Request, sub: str, rg: str, name: str, patch: bool) -> Response:
+        body = await read_body(request)
+
+        def act() -> Response:
+            if body is None:
+                raise bad_request("InvalidRequestContent", "The request content is not valid JSON.")
+            if not isinstance(body, dict) or (not patch and not body.get("location")):
+                raise bad_request("LocationRequired", "The location property is required.")
+            vm = backend.vm(sub, rg, name)
+            op = backend.update_vm(vm, body, patch=patch)
+            return lro(request, op, 200, vm_json(backend, vm, times), location=False)
+
+        kind = "vm.patch" if patch else "vm.put"
+        return handle(request, kind, RequestClass.VM_WRITE, sub, vm_target(sub, rg, name), act)
+
+    @router.put(VMS + "/{name}")
+    async def put_vm(request: Request, sub: str, rg: str, name: str) -> Response:
+        return await _update_vm(request, sub, rg, name, patch=False)
+
+    @router.patch(VMS + "/{name}")
+    async def patch_vm(request: Request, sub: str, rg: str, name: str) -> Response:
+        return await _update_vm(request, sub, rg, name, patch=True)
+
+    actions = {
+        "powerOff": ("vm.power_off", backend.power_off),
+        "start": ("vm.start", backend.start),
+        "restart": ("vm.restart", backend.restart),
+        "deallocate": ("vm.deallocate", backend.deallocate),
+    }
+
+    @router.post(VMS + "/{name}/{action}")
+    async def vm_action(request: Request, sub: str, rg: str, name: str, action: str) -> Response:
+        if action not in actions:
+            return error_response(ArmError(
+                400, "InvalidResourceType", f"The VM action '{action}' is not supported by the "
+                f"emulator (supported: {', '.join(actions)})."))
+        kind, method = actions[action]
+
+        def act() -> Response:
+            op = method(backend.vm(sub, rg, name))
+            return lro(request, op, 202, None, location=True)
+
+        return handle(request, kind, RequestClass.VM_WRITE, sub, vm_target(sub, rg, name), act)
+
+    # ------------------------------------------------------------------ disks
+
+    @router.get(DISKS)
+    async def list_disks(request: Request, sub: str, rg: str) -> Response:
+        return handle(request, "disk.list", RequestClass.LOW_COST_GET, sub, group_target(sub, rg),
+                      lambda: json_response(200, {"value": [
+                          disk_json(d, times) for d in backend.disks_in(sub, rg)]}))
+
+    @router.get(DISKS + "/{name}")
+    async def get_disk(request: Request, sub: str, rg: str, name: str) -> Response:
+        return handle(request, "disk.get", RequestClass.LOW_COST_GET, sub,
+                      group_target(sub, rg, name),
+                      lambda: json_response(200, disk_json(backend.disk(sub, rg, name), times)))
+
+    async def _put_disk(request: Request, sub: str, rg: str, name: str, patch: bool) -> Response:
+        body = await read_body(request)
+
+        def act() -> Response:
+            if body is None:
+                raise bad_request("InvalidRequestContent", "The request content is not valid JSON.")
+            disk, op, created = backend.put_disk(sub, rg, name, body, patch=patch)
+            status = 202 if created or patch else 200
+            return lro(request, op, status, disk_json(disk, times), location=True)
+
+        kind = "disk.update" if patch else (
+            "disk.update" if backend.disks.get((sub.lower(), rg.lower(), name.lower()))
+            else "disk.create")
+        return handle(request, kind, RequestClass.DISK_WRITE, sub, group_target(sub, rg, name), act)
+
+    @router.put(DISKS + "/{name}")
+    async def put_disk(request: Request, sub: str, rg: str, name: str) -> Response:
+        return await _put_disk(request, sub, rg, name, patch=False)
+
+    @router.patch(DISKS + "/{name}")
+    async def patch_disk(request: Request, sub: str, rg: str, name: str) -> Response:
+        return await _put_disk(request, sub, rg, name, patch=True)
+
+    @router.delete(DISKS + "/{name}")
+    async def delete_disk(request: Request, sub: str, rg: str, name: str) -> Response:
+        def act() -> Response:
+            op = backend.delete_disk(sub, rg, name)
+            if op is None:
+                return json_response(204)
+            return lro(request, op, 202, None, location=True)
+
+        return handle(request, "disk.delete", RequestClass.DISK_WRITE, sub,
+                      group_target(sub, rg, name), act)
+
+    # ------------------------------------------------------------------ gallery
+
+    @router.get(IMAGE)
+    async def get_image(request: Request, sub: str, rg: str, gallery: str, image: str,
+                        version: str) -> Response:
+        return handle(request, "image.get", RequestClass.LOW_COST_GET, sub,
+                      group_target(sub, rg, f"{gallery}/{image}/{version}"),
+                      lambda: json_response(200, image_json(
+                          backend.image(sub, rg, gallery, image, version))))
+
+    # ------------------------------------------------------------------ operations
+
+    @router.get(OPERATION)
+    async def get_operation(request: Request, sub: str, region: str, op_id: str) -> Response:
+        monitor = request.query_params.get("monitor", "").lower() == "true"
+
+        def find() -> Operation:
+            op = backend.operations.get(op_id)
+            if op is None or op.subscription_id.lower() != sub.lower():
+                raise ArmError(404, "NotFound", f"The operation '{op_id}' was not found.")
+            return op
+
+        def target() -> tuple[str, str, str]:
+            op = find()
+            return op.region, op.target_id, op.target
+
+        def act() -> Response:
+            op = find()
+            if op.status is OpStatus.IN_PROGRESS:
+                headers = retry_headers(backend.world.spec.poll_interval_s)
+                if monitor:
+                    headers["Location"] = str(request.url)
+                    return json_response(202, None, headers)
+                return json_response(200, operation_json(op, times), headers)
+            if monitor:
+                if op.status is OpStatus.FAILED:
+                    return error_response(ArmError(500, op.error_code or "InternalServerError",
+                                                   op.error_message or "Operation failed."))
+                return json_response(200)
+            return json_response(200, operation_json(op, times))
+
+        return handle(request, "operation.poll", RequestClass.OPERATION_POLL, sub, target, act)
+
+    return router
+
+
+def create_app(backend: ArmBackend, times: SimTime) -> FastAPI:
+    from amlfs_sim.control import create_control_router
+
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, title="amlfs-sim")
+    app.include_router(create_arm_router(backend, times))
+    app.include_router(create_control_router(backend, times), prefix="/_sim")
+    return app

@@ -1,0 +1,162 @@
+"""The emulator's control API under ``control_url``: ground truth, history, faults, reset.
+
+No ARM auth: it is the test harness's and the benchmark's window into the simulated world,
+never used by the orchestrator. ``state`` and ``timeline`` are what tests assert on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
+
+from amlfs_sim.arm.backend import KEEP_TAG, ArmBackend
+from amlfs_sim.arm.responses import SimTime
+from amlfs_sim.arm.urls import json_response
+from amlfs_sim.faults import FaultSpec
+
+__all__ = ["create_control_router", "snapshot_state", "snapshot_timeline"]
+
+
+def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str, Any]:
+    """Everything a test needs to judge a run, from the emulator's side."""
+    with backend.lock:
+        backend.advance()
+        vms = [vm for vm in backend.vms.values() if cluster is None or vm.cluster == cluster]
+        vm_rows = []
+        for vm in vms:
+            os_disk = backend.disks[vm.os_disk]
+            vm_rows.append({
+                "id": vm.id,
+                "name": vm.name,
+                "cluster": vm.cluster,
+                "role": vm.role,
+                "power_state": vm.power_state.value,
+                "provisioning_state": vm.provisioning_state,
+                "busy": vm.busy_op is not None,
+                "os_disk": os_disk.name,
+                "os_image": os_disk.image_id,
+                "tags": dict(vm.tags),
+                "data_disks": [
+                    {"lun": a.lun, "disk": backend.disks[a.disk].name,
+                     "checksum": backend.disks[a.disk].checksum}
+                    for a in vm.data_disks
+                ],
+            })
+        resource_groups = {(vm.subscription_id, vm.resource_group.lower()) for vm in vms}
+        disks = [
+            d for d in backend.disks.values()
+            if cluster is None or (d.subscription_id, d.resource_group.lower()) in resource_groups
+        ]
+        disk_rows = [
+            {
+                "id": d.id,
+                "name": d.name,
+                "attached": d.managed_by is not None,
+                "managed_by": d.managed_by,
+                "provisioning_state": d.provisioning_state,
+                "os_type": d.os_type,
+                "image": d.image_id,
+                "size_gb": d.size_gb,
+                "sku": d.sku,
+                "tags": dict(d.tags),
+                "checksum": d.checksum,
+            }
+            for d in disks
+        ]
+        names = {d.name for d in disks}
+        changes = backend.data_disk_changes()
+        violations = backend.violations
+        if cluster is not None:
+            changes = [c for c in changes if c["cluster"] == cluster]
+            violations = [v for v in violations if v["cluster"] == cluster]
+        return {
+            "now": round(backend.clock.now(), 3),
+            "time_scale": backend.clock.time_scale,
+            "vms": vm_rows,
+            "disks": disk_rows,
+            "leaked_disks": [n for n in backend.leaked_disks() if n in names],
+            "kept_disks": sorted(
+                d.name for d in disks if not d.managed_by and KEEP_TAG in d.tags
+            ),
+            "data_disk_changes": changes,
+            "violations": list(violations),
+            "operations_in_flight": sum(
+                1 for op in backend.operations.values() if op.status.value == "InProgress"
+            ),
+            "requests": backend.requests,
+            "throttled_requests": backend.throttler.throttled_count,
+        }
+
+
+def snapshot_timeline(backend: ArmBackend, since: int = 0) -> dict[str, Any]:
+    """Operations with sim start/end and phases, and point events after ``since``."""
+    with backend.lock:
+        backend.advance()
+        return {
+            "now": round(backend.clock.now(), 3),
+            "operations": [
+                {
+                    "id": op.id,
+                    "kind": op.kind,
+                    "target": op.target,
+                    "start": round(op.start, 3),
+                    "end": None if op.end is None else round(op.end, 3),
+                    "status": op.status.value,
+                    "error_code": op.error_code,
+                    "hang": op.hang,
+                    "phases": [
+                        {"name": n, "start": round(s, 3), "end": round(e, 3)}
+                        for n, s, e in op.phase_log
+                    ],
+                }
+                for op in backend.history
+            ],
+            "events": [e.as_dict() for e in backend.events if e.seq > since],
+        }
+
+
+def create_control_router(backend: ArmBackend, times: SimTime) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/state")
+    async def state(cluster: str | None = None) -> Response:
+        return json_response(200, snapshot_state(backend, cluster))
+
+    @router.get("/timeline")
+    async def timeline(since: int = 0) -> Response:
+        return json_response(200, snapshot_timeline(backend, since))
+
+    @router.post("/faults")
+    async def add_fault(spec: FaultSpec) -> Response:
+        with backend.lock:
+            fault_id = backend.add_fault(spec)
+        return json_response(201, {"id": fault_id, **spec.model_dump(mode="json")})
+
+    @router.get("/faults")
+    async def list_faults() -> Response:
+        with backend.lock:
+            return json_response(200, {"value": backend.faults.describe()})
+
+    @router.delete("/faults")
+    async def clear_faults() -> Response:
+        with backend.lock:
+            backend.faults.clear()
+        return json_response(204)
+
+    @router.post("/data-disks/{name}/write")
+    async def write_data_disk(name: str) -> Response:
+        with backend.lock:
+            try:
+                disk = backend.write_data_disk(name)
+            except Exception as err:
+                raise HTTPException(404, f"no data disk named {name}") from err
+            return json_response(200, {"disk": disk.name, "checksum": disk.checksum})
+
+    @router.post("/reset")
+    async def reset() -> Response:
+        backend.reset()
+        return json_response(200, {"now": round(backend.clock.now(), 3)})
+
+    return router

@@ -1,0 +1,1 @@
+"""The emulated Lustre nodes (SSH); filled in by the node emulator issue."""

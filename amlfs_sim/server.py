@@ -1,0 +1,144 @@
+"""Run the emulator: HTTPS ARM + control API on one port, sim time pumped in the background.
+
+``Emulator`` serves in threads of the calling process (test fixtures, the demo) and writes
+``endpoint.json`` the way ``amlfs-sim serve`` does, so clients find it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from amlfs.clock import ScaledClock
+from amlfs_sim.arm.backend import ArmBackend
+from amlfs_sim.arm.responses import SimTime
+from amlfs_sim.arm.throttling import ThrottlePolicy
+from amlfs_sim.arm.urls import create_app
+from amlfs_sim.spec import SimWorld, load_world
+from amlfs_sim.tls import make_tls_files
+
+__all__ = ["Emulator", "EndpointInfo"]
+
+PUMP_INTERVAL_S = 0.02  # real seconds between sim-time advances when nobody calls in
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """Contents of ``endpoint.json``: how a client reaches this emulator."""
+
+    arm_url: str
+    ca_file: str
+    subscription_id: str
+    time_scale: float
+    control_url: str
+    ssh: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)  # readers never see a half-written file
+
+    @classmethod
+    def read(cls, path: Path) -> EndpointInfo:
+        return cls(**json.loads(path.read_text()))
+
+
+class Emulator:
+    """The emulated fleet, served over HTTPS on 127.0.0.1 until ``stop()``."""
+
+    def __init__(
+        self,
+        world: SimWorld,
+        state_dir: Path,
+        *,
+        time_scale: float = 1.0,
+        seed: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        throttle: ThrottlePolicy | None = None,
+    ) -> None:
+        self.world = world
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.port = port
+        self.clock = ScaledClock(time_scale)
+        self.backend = ArmBackend(world, self.clock, seed=seed, throttle=throttle)
+        self.times = SimTime()
+        self._server: uvicorn.Server | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.endpoint: EndpointInfo | None = None
+
+    @classmethod
+    def from_fleet_file(cls, fleet_file: Path, state_dir: Path, **kwargs: Any) -> Emulator:
+        return cls(load_world(fleet_file), state_dir, **kwargs)
+
+    def start(self, *, timeout: float = 30.0) -> EndpointInfo:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tls = make_tls_files(self.state_dir / "tls", self.host)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            create_app(self.backend, self.times),
+            ssl_certfile=str(tls.cert_file),
+            ssl_keyfile=str(tls.key_file),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        serve = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="amlfs-sim-arm", daemon=True
+        )
+        pump = threading.Thread(target=self._pump, name="amlfs-sim-clock", daemon=True)
+        self._threads = [serve, pump]
+        serve.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not serve.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"amlfs-sim did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        pump.start()
+        base = f"https://{self.host}:{self.port}"
+        self.endpoint = EndpointInfo(
+            arm_url=base,
+            ca_file=str(tls.ca_file),
+            subscription_id=self.world.fleet.clusters[0].subscription_id,
+            time_scale=self.clock.time_scale,
+            control_url=f"{base}/_sim",
+        )
+        self.endpoint.write(self.state_dir / "endpoint.json")
+        return self.endpoint
+
+    def _pump(self) -> None:
+        while not self._stopping.wait(PUMP_INTERVAL_S):
+            with self.backend.lock:
+                self.backend.advance()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+
+    def __enter__(self) -> EndpointInfo:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

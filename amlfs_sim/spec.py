@@ -1,0 +1,156 @@
+"""The emulator's own knobs: the optional ``emulator:`` section of a fleet file.
+
+The orchestrator ignores this section; it describes the simulated world (gallery images and
+which of them are bad, operation durations, data disks per role), not the inventory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from amlfs.errors import InventoryError
+from amlfs.ids import gallery_image_version_id, parse_resource_id
+from amlfs.models import Fleet, parse_fleet
+
+__all__ = ["DurationRange", "Durations", "EmulatorSpec", "ImageSpec", "SimWorld", "load_world"]
+
+IMAGE_VERSION_TYPE = "Microsoft.Compute/galleries/images/versions"
+
+
+class DurationRange(BaseModel):
+    """Bounds of an operation's duration in sim seconds; each run draws uniformly in between."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    low: float = Field(ge=0)
+    high: float = Field(ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and len(value) == 2:
+            return {"low": value[0], "high": value[1]}
+        if isinstance(value, int | float):
+            return {"low": value, "high": value}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DurationRange:
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class Durations(BaseModel):
+    """Per-operation durations (sim seconds), roughly what Azure takes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    disk_create: DurationRange = DurationRange(low=30, high=90)
+    disk_delete: DurationRange = DurationRange(low=5, high=15)
+    disk_update: DurationRange = DurationRange(low=1, high=3)
+    power_off: DurationRange = DurationRange(low=20, high=40)
+    swap: DurationRange = DurationRange(low=10, high=30)
+    start: DurationRange = DurationRange(low=30, high=60)
+    deallocate: DurationRange = DurationRange(low=30, high=60)
+    vm_update: DurationRange = DurationRange(low=2, high=5)
+
+
+class ImageSpec(BaseModel):
+    """A gallery image version the emulator serves, and what a node booted from it runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    os_version: str = "ubuntu-22.04"
+    lustre_version: str = "2.15.5"
+    disk_size_gb: int = Field(default=64, ge=1)
+    bad: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _is_image_version(cls, value: str) -> str:
+        rid = parse_resource_id(value)
+        if not rid.is_type(IMAGE_VERSION_TYPE):
+            raise ValueError(f"must be a gallery image version id ({IMAGE_VERSION_TYPE}), got {value}")
+        return value
+
+    @property
+    def version(self) -> str:
+        return parse_resource_id(self.id).name
+
+
+class EmulatorSpec(BaseModel):
+    """The ``emulator:`` section. Every field has a default so a plain inventory runs as is."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    images: list[ImageSpec] = []
+    initial_image: str | None = None
+    durations: Durations = Durations()
+    data_disks: dict[str, int] = {"mds": 1, "oss": 2, "agtpri": 1}
+    data_disk_size_gb: int = 1024
+    os_disk_sku: str = "Premium_LRS"
+    vm_size: str = "Standard_E16s_v5"
+    poll_interval_s: float = Field(default=3.0, gt=0)
+    clients_per_cluster: int = Field(default=4, ge=0)
+
+
+class SimWorld(BaseModel):
+    """Inventory plus emulator knobs, with defaults resolved (images, initial image)."""
+
+    model_config = ConfigDict(frozen=True)
+    fleet: Fleet
+    spec: EmulatorSpec
+
+    @property
+    def images(self) -> list[ImageSpec]:
+        return self.spec.images
+
+    @property
+    def initial_image(self) -> ImageSpec:
+        wanted = (self.spec.initial_image or self.spec.images[0].id).lower()
+        for image in self.spec.images:
+            if image.id.lower() == wanted:
+                return image
+        raise InventoryError(f"emulator.initial_image {self.spec.initial_image} is not in images")
+
+
+def default_images(fleet: Fleet) -> list[ImageSpec]:
+    """Two releases in a gallery of the first subscription: the running one and the next."""
+    sub = fleet.clusters[0].subscription_id
+    ids = [
+        gallery_image_version_id(sub, "rg-amlfs-images", "amlfsgallery", "amlfs-lustre", v)
+        for v in ("2.15.5", "2.15.6")
+    ]
+    return [
+        ImageSpec(id=ids[0], os_version="ubuntu-22.04.20260901", lustre_version="2.15.5"),
+        ImageSpec(id=ids[1], os_version="ubuntu-22.04.20261101", lustre_version="2.15.6"),
+    ]
+
+
+def build_world(data: dict[str, Any], source: str) -> SimWorld:
+    emulator_section = data.get("emulator") or {}
+    fleet = parse_fleet(data, source=source)
+    try:
+        spec = EmulatorSpec.model_validate(emulator_section)
+    except ValueError as err:
+        raise InventoryError(f"invalid emulator section in {source}: {err}") from err
+    if not spec.images:
+        spec = spec.model_copy(update={"images": default_images(fleet)})
+    world = SimWorld(fleet=fleet, spec=spec)
+    world.initial_image  # noqa: B018  (validates initial_image early)
+    return world
+
+
+def load_world(path: str | Path) -> SimWorld:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise InventoryError(f"cannot read fleet file {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise InventoryError(f"fleet file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise InventoryError(f"fleet file {path}: top level must be a mapping")
+    return build_world(data, str(path))

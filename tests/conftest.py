@@ -1,0 +1,85 @@
+"""Shared fixtures: one in-process emulator per session, reset before each test that uses it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from azure.mgmt.compute import ComputeManagementClient
+
+from amlfs.azure import StaticTokenCredential, compute_client
+from amlfs.models import Cluster
+from amlfs_sim import Emulator, EndpointInfo
+from amlfs_sim.spec import SimWorld, load_world
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_FLEET = REPO / "examples" / "fleet-small.yaml"
+# 200 sim seconds per real second: a 60 s VM start takes 0.3 s, a 3 s poll interval 15 ms.
+TIME_SCALE = 200.0
+
+
+@dataclass
+class Sim:
+    """A running emulator as tests see it: endpoint, control API, and the world it serves."""
+
+    emulator: Emulator
+    endpoint: EndpointInfo
+    world: SimWorld
+    control: httpx.Client
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.world.fleet.clusters[0]
+
+    def state(self, cluster: str | None = None) -> dict[str, Any]:
+        params = {"cluster": cluster} if cluster else {}
+        response = self.control.get("/state", params=params)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def timeline(self) -> dict[str, Any]:
+        response = self.control.get("/timeline")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def fault(self, **spec: Any) -> int:
+        response = self.control.post("/faults", json=spec)
+        response.raise_for_status()
+        return int(response.json()["id"])
+
+    def compute(self, subscription_id: str | None = None, **kwargs: Any) -> ComputeManagementClient:
+        return compute_client(
+            subscription_id or self.cluster.subscription_id,
+            StaticTokenCredential("emulator-token"),
+            arm_url=self.endpoint.arm_url,
+            ca_file=self.endpoint.ca_file,
+            **kwargs,
+        )
+
+
+@pytest.fixture(scope="session")
+def small_world() -> SimWorld:
+    return load_world(SMALL_FLEET)
+
+
+@pytest.fixture(scope="session")
+def _session_sim(small_world: SimWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
+    emulator = Emulator(small_world, tmp_path_factory.mktemp("sim"), time_scale=TIME_SCALE, seed=7)
+    endpoint = emulator.start()
+    with httpx.Client(base_url=endpoint.control_url, verify=endpoint.ca_file, timeout=30) as control:
+        yield Sim(emulator, endpoint, small_world, control)
+    emulator.stop()
+
+
+@pytest.fixture
+def sim(_session_sim: Sim) -> Sim:
+    """The session emulator, reset to the fleet as loaded (all VMs running, no history)."""
+    _session_sim.control.post("/reset").raise_for_status()
+    return _session_sim

@@ -1,0 +1,312 @@
+"""The emulator's ARM contract, driven through the real azure-mgmt-compute client over HTTPS."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.compute.models import (
+    CreationData,
+    Disk,
+    DiskCreateOption,
+    DiskSku,
+    ImageDiskReference,
+)
+
+from amlfs.ids import disk_id
+from tests.conftest import TIME_SCALE, Sim
+
+RELEASE = (
+    "/subscriptions/4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01/resourceGroups/rg-amlfs-images/providers/"
+    "Microsoft.Compute/galleries/amlfsgallery/images/amlfs-lustre/versions/2.15.6"
+)
+
+
+def new_os_disk(compute: ComputeManagementClient, sim: Sim, vm_name: str, **overrides: Any) -> Disk:
+    cluster = sim.cluster
+    body = Disk(
+        location=cluster.region,
+        sku=DiskSku(name=overrides.pop("sku", "Premium_LRS")),
+        creation_data=CreationData(
+            create_option=DiskCreateOption.FROM_IMAGE,
+            gallery_image_reference=ImageDiskReference(id=RELEASE),
+        ),
+        tags={"amlfs-run": "run-1", "amlfs-vm": vm_name, "amlfs-replaces": f"{vm_name}-osdisk-2.15.5"},
+        **overrides,
+    )
+    poller = compute.disks.begin_create_or_update(cluster.resource_group, f"{vm_name}-os-2.15.6", body)
+    return poller.result()
+
+
+def ops_of(sim: Sim, kind: str) -> list[dict[str, Any]]:
+    return [op for op in sim.timeline()["operations"] if op["kind"] == kind]
+
+
+def test_gallery_image_version_is_served(sim: Sim) -> None:
+    compute = sim.compute()
+    image = compute.gallery_image_versions.get("rg-amlfs-images", "amlfsgallery", "amlfs-lustre", "2.15.6")
+    assert image.id == RELEASE
+    assert image.storage_profile.os_disk_image.size_in_gb == 64
+    assert image.tags["lustre-version"] == "2.15.6"
+
+
+def test_create_disk_from_image_waits_for_the_lro(sim: Sim) -> None:
+    compute = sim.compute()
+    vm = sim.cluster.nodes[0].name
+    disk = new_os_disk(compute, sim, vm)
+    assert disk.provisioning_state == "Succeeded"
+    assert disk.disk_state == "Unattached"
+    assert disk.tags["amlfs-vm"] == vm
+    assert disk.creation_data.gallery_image_reference.id == RELEASE
+    listed = {d.name for d in compute.disks.list_by_resource_group(sim.cluster.resource_group)}
+    assert disk.name in listed
+    (op,) = ops_of(sim, "disk.create")
+    duration = op["end"] - op["start"]
+    assert op["status"] == "Succeeded"
+    assert 30 <= duration <= 90 * 1.05, duration
+
+
+def test_os_disk_swap_stop_put_start(sim: Sim) -> None:
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    vm_name = sim.cluster.nodes[1].name
+    disk = new_os_disk(compute, sim, vm_name)
+
+    compute.virtual_machines.begin_power_off(rg, vm_name).result()
+    assert _power(compute, rg, vm_name) == "PowerState/stopped"
+
+    vm = compute.virtual_machines.get(rg, vm_name)
+    old_disk_name = vm.storage_profile.os_disk.name
+    data_before = [(d.lun, d.managed_disk.id) for d in vm.storage_profile.data_disks]
+    vm.storage_profile.os_disk.managed_disk.id = disk.id
+    vm.storage_profile.os_disk.name = disk.name
+    updated = compute.virtual_machines.begin_create_or_update(rg, vm_name, vm).result()
+    assert updated.storage_profile.os_disk.managed_disk.id.lower() == disk.id.lower()
+    assert _power(compute, rg, vm_name) == "PowerState/stopped"  # a stopped VM stays stopped
+
+    compute.virtual_machines.begin_start(rg, vm_name).result()
+    view = compute.virtual_machines.instance_view(rg, vm_name)
+    assert [s.code for s in view.statuses] == ["ProvisioningState/succeeded", "PowerState/running"]
+    after = compute.virtual_machines.get(rg, vm_name)
+    assert [(d.lun, d.managed_disk.id) for d in after.storage_profile.data_disks] == data_before
+
+    state = sim.state()
+    row = next(v for v in state["vms"] if v["name"] == vm_name)
+    assert row["os_disk"] == disk.name and row["os_image"] == RELEASE
+    assert state["data_disk_changes"] == [] and state["violations"] == []
+    assert state["leaked_disks"] == [old_disk_name]  # until the orchestrator deletes it
+
+    compute.disks.begin_delete(rg, old_disk_name).result()
+    assert sim.state()["leaked_disks"] == []
+    kinds = [op["kind"] for op in sim.timeline()["operations"]]
+    assert kinds == ["disk.create", "vm.power_off", "vm.put", "vm.start", "disk.delete"]
+
+
+def test_put_with_new_os_disk_on_running_vm_stops_swaps_and_boots(sim: Sim) -> None:
+    compute = sim.compute()
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[2].name
+    disk = new_os_disk(compute, sim, vm_name)
+    vm = compute.virtual_machines.get(rg, vm_name)
+    vm.storage_profile.os_disk.managed_disk.id = disk.id
+    compute.virtual_machines.begin_create_or_update(rg, vm_name, vm).result()
+    assert _power(compute, rg, vm_name) == "PowerState/running"
+    (put,) = ops_of(sim, "vm.put")
+    assert [p["name"] for p in put["phases"]] == ["powerOff", "swap", "start"]
+    events = [e for e in sim.timeline()["events"] if e.get("vm") == vm_name]
+    assert [e["state"] for e in events if e["type"] == "vm.power"] == [
+        "stopping", "stopped", "starting", "running"]
+    booted = [e for e in events if e["type"] == "vm.booted"]
+    assert booted[-1]["image"] == RELEASE
+
+
+def test_failed_lro_raises_with_the_injected_code(sim: Sim) -> None:
+    sim.fault(kind="disk.create", mode="fail", code="InternalDiskManagementError",
+              message="Disk allocation failed.", count=1)
+    with pytest.raises(HttpResponseError) as caught:
+        new_os_disk(sim.compute(), sim, sim.cluster.nodes[0].name)
+    assert caught.value.error is not None
+    assert caught.value.error.code == "InternalDiskManagementError"
+    failed = [d for d in sim.state()["disks"] if d["provisioning_state"] == "Failed"]
+    assert len(failed) == 1  # Azure leaves the failed resource behind for the caller to delete
+
+
+def test_accept_phase_fault_answers_the_request_with_the_status(sim: Sim) -> None:
+    sim.fault(kind="vm.power_off", mode="fail", phase="accept", status=409,
+              code="OperationPreempted", count=1)
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    with pytest.raises(HttpResponseError) as caught:
+        sim.compute().virtual_machines.begin_power_off(rg, vm_name)
+    assert caught.value.status_code == 409
+    assert caught.value.error is not None and caught.value.error.code == "OperationPreempted"
+
+
+def test_429_storm_is_retried_by_the_sdk_after_the_scaled_retry_after(sim: Sim) -> None:
+    retry_after = 20.0
+    sim.fault(kind="vm.get", mode="throttle", count=3, retry_after_s=retry_after)
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    started = time.monotonic()
+    vm = sim.compute().virtual_machines.get(rg, vm_name)
+    elapsed = time.monotonic() - started
+    assert vm.name == vm_name
+    assert elapsed >= 3 * retry_after / TIME_SCALE * 0.9, elapsed
+    assert elapsed < 3 * retry_after, "the SDK waited unscaled sim seconds"
+    assert sim.state()["throttled_requests"] == 3
+
+
+def test_token_bucket_per_vm_throttles_the_thirteenth_write(sim: Sim) -> None:
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    vm = sim.cluster.vm_id(sim.cluster.nodes[0])
+    headers = {"Authorization": "Bearer t"}
+    url = f"{sim.endpoint.arm_url}{vm}"
+    statuses = []
+    with httpx.Client(verify=sim.endpoint.ca_file, headers=headers) as http:
+        # Tag-only PATCHes are cheap but metered like any VM write: burst 12, then 429.
+        for _ in range(13):
+            response = http.patch(url, params={"api-version": "2026-04-01"}, json={"tags": {"a": "b"}})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                _wait_idle(http, sim, vm_name)
+    assert statuses[:12] == [200] * 12
+    assert statuses[12] == 429
+    assert response.json()["error"]["code"] == "OperationNotAllowed"
+    assert float(response.headers["Retry-After"]) > 0
+    assert int(response.headers["retry-after-ms"]) >= 1
+    remaining = response.headers["x-ms-ratelimit-remaining-resource"]
+    assert "Microsoft.Compute/PutVMResource;0" in remaining
+    del rg
+
+
+def test_swap_to_a_disk_of_another_size_is_refused(sim: Sim) -> None:
+    compute = sim.compute()
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    bigger = new_os_disk(compute, sim, vm_name, disk_size_gb=128)
+    vm = compute.virtual_machines.get(rg, vm_name)
+    before = vm.storage_profile.os_disk.managed_disk.id
+    vm.storage_profile.os_disk.managed_disk.id = bigger.id
+    with pytest.raises(HttpResponseError) as caught:
+        compute.virtual_machines.begin_create_or_update(rg, vm_name, vm)
+    assert caught.value.status_code == 400
+    assert caught.value.error is not None and caught.value.error.code == "OperationNotAllowed"
+    assert "diskSizeGB" in str(caught.value)
+    assert compute.virtual_machines.get(rg, vm_name).storage_profile.os_disk.managed_disk.id == before
+
+
+def test_put_that_changes_data_disks_is_recorded_as_a_violation(sim: Sim) -> None:
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    oss = sim.cluster.nodes[1].name
+    vm = compute.virtual_machines.get(rg, oss)
+    assert len(vm.storage_profile.data_disks) == 2
+    vm.storage_profile.data_disks = vm.storage_profile.data_disks[:1]
+    compute.virtual_machines.begin_create_or_update(rg, oss, vm).result()
+    state = sim.state()
+    (violation,) = state["violations"]
+    assert violation["vm"] == oss and violation["request"] == "vm.put"
+    assert [c["lun"] for c in state["data_disk_changes"]] == [1]
+
+
+def test_data_disk_write_through_the_fault_api_changes_its_checksum(sim: Sim) -> None:
+    oss = sim.cluster.nodes[1].name
+    before = next(v for v in sim.state()["vms"] if v["name"] == oss)["data_disks"][0]
+    sim.control.post(f"/data-disks/{before['disk']}/write").raise_for_status()
+    after = next(v for v in sim.state()["vms"] if v["name"] == oss)["data_disks"][0]
+    assert after["checksum"] != before["checksum"]
+    (change,) = sim.state()["data_disk_changes"]
+    assert change["vm"] == oss
+
+
+def test_hang_leaves_the_poller_unfinished_and_the_vm_busy(sim: Sim) -> None:
+    sim.fault(kind="vm.power_off", mode="hang", count=1)
+    compute = sim.compute()
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    poller = compute.virtual_machines.begin_power_off(rg, vm_name)
+    poller.wait(timeout=600 / TIME_SCALE)  # ten sim minutes, far beyond any power-off
+    assert not poller.done()
+    with pytest.raises(HttpResponseError) as caught:
+        compute.virtual_machines.begin_start(rg, vm_name)
+    assert caught.value.status_code == 409
+    assert "busy" in str(caught.value)
+
+
+def test_slow_fault_stretches_the_operation(sim: Sim) -> None:
+    sim.fault(kind="vm.power_off", mode="slow", factor=10, count=1)
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    sim.compute().virtual_machines.begin_power_off(rg, vm_name).result()
+    (op,) = ops_of(sim, "vm.power_off")
+    assert op["end"] - op["start"] >= 200  # 20-40 s, ten times
+
+
+def test_missing_vm_is_resource_not_found(sim: Sim) -> None:
+    with pytest.raises(ResourceNotFoundError) as caught:
+        sim.compute().virtual_machines.get(sim.cluster.resource_group, "no-such-vm")
+    assert caught.value.error is not None and caught.value.error.code == "ResourceNotFound"
+
+
+def test_deleting_an_attached_disk_is_a_conflict(sim: Sim) -> None:
+    rg = sim.cluster.resource_group
+    attached = next(v for v in sim.state()["vms"] if v["cluster"] == sim.cluster.name)["os_disk"]
+    with pytest.raises(HttpResponseError) as caught:
+        sim.compute().disks.begin_delete(rg, attached)
+    assert caught.value.status_code == 409
+    assert "attached" in str(caught.value)
+
+
+def test_deleting_a_missing_disk_succeeds(sim: Sim) -> None:
+    sim.compute().disks.begin_delete(sim.cluster.resource_group, "never-existed").result()
+
+
+@pytest.mark.parametrize(
+    ("headers", "params", "status", "code"),
+    [
+        ({}, {"api-version": "2026-04-01"}, 401, "AuthenticationFailed"),
+        ({"Authorization": "Bearer t"}, {}, 400, "MissingApiVersionParameter"),
+        ({"Authorization": "Bearer t"}, {"api-version": "2015-06-15"}, 400,
+         "InvalidApiVersionParameter"),
+    ],
+)
+def test_request_admission_errors_are_arm_shaped(
+    sim: Sim, headers: dict[str, str], params: dict[str, str], status: int, code: str
+) -> None:
+    vm = sim.cluster.vm_id(sim.cluster.nodes[0])
+    with httpx.Client(verify=sim.endpoint.ca_file) as http:
+        response = http.get(f"{sim.endpoint.arm_url}{vm}", headers=headers, params=params)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+def test_unknown_subscription_and_group(sim: Sim) -> None:
+    other = "00000000-0000-0000-0000-000000000000"
+    with pytest.raises(HttpResponseError) as caught:
+        sim.compute(other).virtual_machines.get("rg", "vm")
+    assert caught.value.error is not None and caught.value.error.code == "SubscriptionNotFound"
+    with pytest.raises(HttpResponseError) as caught:
+        sim.compute().disks.get("rg-nope", disk_id("x", "y", "z").rsplit("/", 1)[-1])
+    assert caught.value.error is not None and caught.value.error.code == "ResourceGroupNotFound"
+
+
+def test_reset_restores_the_fleet(sim: Sim) -> None:
+    compute = sim.compute()
+    new_os_disk(compute, sim, sim.cluster.nodes[0].name)
+    assert len(sim.state()["leaked_disks"]) == 1
+    sim.control.post("/reset").raise_for_status()
+    state = sim.state()
+    assert state["leaked_disks"] == [] and sim.timeline()["operations"] == []
+    assert {v["power_state"] for v in state["vms"]} == {"running"}
+
+
+def _power(compute: ComputeManagementClient, rg: str, vm_name: str) -> str:
+    view = compute.virtual_machines.instance_view(rg, vm_name)
+    return next(s.code for s in view.statuses if s.code.startswith("PowerState/"))
+
+
+def _wait_idle(http: httpx.Client, sim: Sim, vm_name: str) -> None:
+    for _ in range(200):
+        row = next(v for v in sim.state()["vms"] if v["name"] == vm_name)
+        if not row["busy"]:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{vm_name} stayed busy")
