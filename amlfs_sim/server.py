@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -51,6 +52,22 @@ class EndpointInfo:
         return cls(**json.loads(path.read_text()))
 
 
+class _Server(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # Clients that keep a connection open past the graceful period (an SDK poller thread,
+        # a keep-alive pool) would leave their sockets to the garbage collector: close them,
+        # and let the loop run the close callbacks before it ends.
+        # uvicorn only tracks connections whose TLS handshake finished, so close every transport
+        # of this loop (the loop is ours alone: it runs in the emulator's thread).
+        loop = asyncio.get_running_loop()
+        transports = getattr(loop, "_transports", {})
+        for transport in list(transports.values()):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        await asyncio.sleep(0.05)
+
+
 class Emulator:
     """The emulated fleet, served over HTTPS on 127.0.0.1 until ``stop()``."""
 
@@ -72,7 +89,7 @@ class Emulator:
         self.clock = ScaledClock(time_scale)
         self.backend = ArmBackend(world, self.clock, seed=seed, throttle=throttle)
         self.times = SimTime()
-        self._server: uvicorn.Server | None = None
+        self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.endpoint: EndpointInfo | None = None
@@ -97,7 +114,7 @@ class Emulator:
             lifespan="off",
             timeout_graceful_shutdown=2,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         serve = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, name="amlfs-sim-arm", daemon=True
         )

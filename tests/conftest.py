@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,11 @@ SMALL_FLEET = REPO / "examples" / "fleet-small.yaml"
 TIME_SCALE = 200.0
 
 
+def trust(endpoint: EndpointInfo) -> ssl.SSLContext:
+    """TLS context trusting the emulator's CA (httpx wants a context, not a path)."""
+    return ssl.create_default_context(cafile=endpoint.ca_file)
+
+
 @dataclass
 class Sim:
     """A running emulator as tests see it: endpoint, control API, and the world it serves."""
@@ -33,6 +39,7 @@ class Sim:
     endpoint: EndpointInfo
     world: SimWorld
     control: httpx.Client
+    clients: list[ComputeManagementClient] = field(default_factory=list)
 
     @property
     def cluster(self) -> Cluster:
@@ -55,13 +62,19 @@ class Sim:
         return int(response.json()["id"])
 
     def compute(self, subscription_id: str | None = None, **kwargs: Any) -> ComputeManagementClient:
-        return compute_client(
+        client = compute_client(
             subscription_id or self.cluster.subscription_id,
             StaticTokenCredential("emulator-token"),
             arm_url=self.endpoint.arm_url,
             ca_file=self.endpoint.ca_file,
             **kwargs,
         )
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self.clients:
+            self.clients.pop().close()
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +86,14 @@ def small_world() -> SimWorld:
 def _session_sim(small_world: SimWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     emulator = Emulator(small_world, tmp_path_factory.mktemp("sim"), time_scale=TIME_SCALE, seed=7)
     endpoint = emulator.start()
-    with httpx.Client(base_url=endpoint.control_url, verify=endpoint.ca_file, timeout=30) as control:
+    with httpx.Client(base_url=endpoint.control_url, verify=trust(endpoint), timeout=30) as control:
         yield Sim(emulator, endpoint, small_world, control)
     emulator.stop()
 
 
 @pytest.fixture
-def sim(_session_sim: Sim) -> Sim:
+def sim(_session_sim: Sim) -> Iterator[Sim]:
     """The session emulator, reset to the fleet as loaded (all VMs running, no history)."""
     _session_sim.control.post("/reset").raise_for_status()
-    return _session_sim
+    yield _session_sim
+    _session_sim.close_clients()

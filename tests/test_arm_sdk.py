@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,9 @@ from azure.mgmt.compute.models import (
 )
 
 from amlfs.ids import disk_id
-from tests.conftest import TIME_SCALE, Sim
+from amlfs_sim import Emulator, EndpointInfo
+from amlfs_sim.spec import SimWorld
+from tests.conftest import TIME_SCALE, Sim, trust
 
 RELEASE = (
     "/subscriptions/4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01/resourceGroups/rg-amlfs-images/providers/"
@@ -157,27 +161,45 @@ def test_429_storm_is_retried_by_the_sdk_after_the_scaled_retry_after(sim: Sim) 
     assert sim.state()["throttled_requests"] == 3
 
 
-def test_token_bucket_per_vm_throttles_the_thirteenth_write(sim: Sim) -> None:
-    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
-    vm = sim.cluster.vm_id(sim.cluster.nodes[0])
-    headers = {"Authorization": "Bearer t"}
-    url = f"{sim.endpoint.arm_url}{vm}"
+@pytest.fixture
+def real_time_sim(small_world: SimWorld, tmp_path: Path) -> Iterator[EndpointInfo]:
+    """An emulator at time scale 1, where 13 requests in a row cannot refill a bucket."""
+    with Emulator(small_world, tmp_path) as endpoint:
+        yield endpoint
+
+
+def test_token_bucket_per_vm_throttles_the_thirteenth_write(
+    real_time_sim: EndpointInfo, small_world: SimWorld
+) -> None:
+    cluster = small_world.fleet.clusters[0]
+    url = f"{real_time_sim.arm_url}{cluster.vm_id(cluster.nodes[0])}"
     statuses = []
-    with httpx.Client(verify=sim.endpoint.ca_file, headers=headers) as http:
-        # Tag-only PATCHes are cheap but metered like any VM write: burst 12, then 429.
+    with httpx.Client(verify=trust(real_time_sim), headers={"Authorization": "Bearer t"}) as http:
+        # Every VM write is metered on admission, even one refused because the VM is busy.
         for _ in range(13):
             response = http.patch(url, params={"api-version": "2026-04-01"}, json={"tags": {"a": "b"}})
             statuses.append(response.status_code)
-            if response.status_code == 200:
-                _wait_idle(http, sim, vm_name)
-    assert statuses[:12] == [200] * 12
-    assert statuses[12] == 429
+    assert statuses == [200] + [409] * 11 + [429]
     assert response.json()["error"]["code"] == "OperationNotAllowed"
-    assert float(response.headers["Retry-After"]) > 0
-    assert int(response.headers["retry-after-ms"]) >= 1
-    remaining = response.headers["x-ms-ratelimit-remaining-resource"]
-    assert "Microsoft.Compute/PutVMResource;0" in remaining
-    del rg
+    assert 13 <= int(response.headers["Retry-After"]) <= 15  # one token per 15 s at 4/min
+    remaining = dict(
+        part.split(";") for part in response.headers["x-ms-ratelimit-remaining-resource"].split(",")
+    )
+    assert remaining["Microsoft.Compute/PutVMResource"] == "0"
+    # 12 of 1500 taken; the 500/min subscription bucket refills a little while the test runs.
+    assert 1488 <= int(remaining["Microsoft.Compute/PutVMSubscriptionMaximum"]) < 1500
+
+
+def test_time_scaled_retry_after_is_in_real_milliseconds(sim: Sim) -> None:
+    sim.fault(kind="vm.get", mode="throttle", count=1, retry_after_s=30)
+    url = f"{sim.endpoint.arm_url}{sim.cluster.vm_id(sim.cluster.nodes[0])}"
+    with httpx.Client(verify=trust(sim.endpoint), headers={"Authorization": "Bearer t"}) as http:
+        response = http.get(url, params={"api-version": "2026-04-01"})
+    assert response.status_code == 429
+    # The generated clients parse Retry-After as an int: under a time scale it is left out.
+    assert "Retry-After" not in response.headers
+    assert int(response.headers["retry-after-ms"]) == round(30 / TIME_SCALE * 1000)
+    assert response.headers["x-ms-sim-retry-after"] == "30"
 
 
 def test_swap_to_a_disk_of_another_size_is_refused(sim: Sim) -> None:
@@ -230,6 +252,12 @@ def test_hang_leaves_the_poller_unfinished_and_the_vm_busy(sim: Sim) -> None:
         compute.virtual_machines.begin_start(rg, vm_name)
     assert caught.value.status_code == 409
     assert "busy" in str(caught.value)
+    # Reset forgets the hung operation: the poller's thread ends on a 404 instead of polling on.
+    sim.control.post("/reset").raise_for_status()
+    with pytest.raises(HttpResponseError) as ended:
+        poller.result(timeout=30)
+    assert poller.done()
+    assert ended.value.status_code == 404
 
 
 def test_slow_fault_stretches_the_operation(sim: Sim) -> None:
@@ -272,7 +300,7 @@ def test_request_admission_errors_are_arm_shaped(
     sim: Sim, headers: dict[str, str], params: dict[str, str], status: int, code: str
 ) -> None:
     vm = sim.cluster.vm_id(sim.cluster.nodes[0])
-    with httpx.Client(verify=sim.endpoint.ca_file) as http:
+    with httpx.Client(verify=trust(sim.endpoint)) as http:
         response = http.get(f"{sim.endpoint.arm_url}{vm}", headers=headers, params=params)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
@@ -302,11 +330,3 @@ def _power(compute: ComputeManagementClient, rg: str, vm_name: str) -> str:
     view = compute.virtual_machines.instance_view(rg, vm_name)
     return next(s.code for s in view.statuses if s.code.startswith("PowerState/"))
 
-
-def _wait_idle(http: httpx.Client, sim: Sim, vm_name: str) -> None:
-    for _ in range(200):
-        row = next(v for v in sim.state()["vms"] if v["name"] == vm_name)
-        if not row["busy"]:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"{vm_name} stayed busy")

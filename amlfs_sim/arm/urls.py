@@ -57,15 +57,15 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
     scale = backend.clock.time_scale
 
     def retry_headers(sim_seconds: float) -> dict[str, str]:
-        # azure-core reads Retry-After before retry-after-ms, so under a time scale both carry
-        # the real (scaled) wait; x-ms-sim-retry-after keeps the sim value Azure would send.
+        # Under a time scale Retry-After is left out: azure-core reads it before retry-after-ms,
+        # and the generated clients parse it as an int, so it cannot carry a sub-second real
+        # wait. retry-after-ms carries the scaled wait; x-ms-sim-retry-after the sim seconds.
         sim_seconds = max(sim_seconds, 0.0)
         if scale == 1:
             return {"Retry-After": str(math.ceil(sim_seconds))}
-        real = sim_seconds / scale
+        real_ms = sim_seconds / scale * 1000
         return {
-            "Retry-After": f"{real:.3f}",
-            "retry-after-ms": str(max(1, round(real * 1000))),
+            "retry-after-ms": str(max(1, round(real_ms))),
             "x-ms-sim-retry-after": str(math.ceil(sim_seconds)),
         }
 
