@@ -41,7 +41,9 @@ def validate(
         roles = Counter(n.role.value for n in cluster.nodes)
         window = cluster.window
         table.add_row(
-            cluster.name, cluster.region, cluster.wave,
+            cluster.name,
+            cluster.region,
+            cluster.wave,
             f"{window.day_of_week.value} {window.start_utc} +{window.duration_min}m",
             " ".join(f"{role}x{count}" for role, count in roles.items()),
         )

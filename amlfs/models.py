@@ -69,8 +69,8 @@ class DayOfWeek(StrEnum):
     SUNDAY = "sunday"
 
     @property
-    def index(self) -> int:
-        """0 for Monday .. 6 for Sunday, as ``datetime.weekday()``."""
+    def weekday(self) -> int:
+        """0 for Monday .. 6 for Sunday, as ``datetime.date.weekday()``."""
         return list(DayOfWeek).index(self)
 
 
@@ -161,21 +161,26 @@ def _blackout(value: Any) -> dt.date | DateRange:
 Blackout = Annotated[
     dt.date | DateRange,
     PlainValidator(_blackout),
-    WithJsonSchema({
-        "anyOf": [
-            {"type": "string", "format": "date"},
-            {"type": "object", "properties": {"start": {"type": "string", "format": "date"},
-                                              "end": {"type": "string", "format": "date"}},
-             "required": ["start", "end"]},
-        ]
-    }),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date"},
+                {
+                    "type": "object",
+                    "properties": {
+                        "start": {"type": "string", "format": "date"},
+                        "end": {"type": "string", "format": "date"},
+                    },
+                    "required": ["start", "end"],
+                },
+            ]
+        }
+    ),
 ]
 
 
 def is_blacked_out(day: dt.date, blackouts: Sequence[Blackout]) -> bool:
-    return any(
-        (b.contains(day) if isinstance(b, DateRange) else b == day) for b in blackouts
-    )
+    return any((b.contains(day) if isinstance(b, DateRange) else b == day) for b in blackouts)
 
 
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -252,9 +257,7 @@ class Cluster(BaseModel):
     @classmethod
     def _region(cls, value: str) -> str:
         if not _REGION.match(value):
-            raise ValueError(
-                f"region must be an Azure region name such as 'eastus', got {value!r}"
-            )
+            raise ValueError(f"region must be an Azure region name such as 'eastus', got {value!r}")
         return value
 
     @field_validator("wave")
@@ -409,10 +412,7 @@ def _describe_location(data: Any, loc: tuple[int | str, ...]) -> str:
             else:
                 parts.append(label)
         else:
-            if isinstance(node, dict):
-                node = node.get(item)
-            else:
-                node = None
+            node = node.get(item) if isinstance(node, dict) else None
             if "[" in str(item):  # pydantic's validator tags, e.g. function-after[...], skip
                 continue
             parts.append(str(item))

@@ -12,13 +12,18 @@ import typer
 
 from amlfs.errors import InventoryError
 
-app = typer.Typer(help="Emulated Azure Compute + Lustre fleet for amlfs-maintenance.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Emulated Azure Compute + Lustre fleet for amlfs-maintenance.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command()
 def serve(
-    fleet: Annotated[Path, typer.Option(help="Fleet YAML (inventory + optional emulator: section)")],
+    fleet: Annotated[
+        Path, typer.Option(help="Fleet YAML (inventory + optional emulator: section)")
+    ],
     state_dir: Annotated[Path, typer.Option(help="Where endpoint.json, TLS and keys are written")],
     time_scale: Annotated[float, typer.Option(help="Sim seconds per real second")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of durations and probabilistic faults")] = 0,
@@ -28,8 +33,9 @@ def serve(
     from amlfs_sim.server import Emulator
 
     try:
-        emulator = Emulator.from_fleet_file(fleet, state_dir, time_scale=time_scale, seed=seed,
-                                            port=port)
+        emulator = Emulator.from_fleet_file(
+            fleet, state_dir, time_scale=time_scale, seed=seed, port=port
+        )
     except InventoryError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -38,8 +44,10 @@ def serve(
         signal.signal(signum, lambda *_: done.set())
     endpoint = emulator.start()
     vms = len(emulator.backend.vms)
-    typer.echo(f"amlfs-sim: {vms} VMs at {endpoint.arm_url} (time scale {time_scale}); "
-               f"endpoint: {state_dir / 'endpoint.json'}")
+    typer.echo(
+        f"amlfs-sim: {vms} VMs at {endpoint.arm_url} (time scale {time_scale}); "
+        f"endpoint: {state_dir / 'endpoint.json'}"
+    )
     sys.stdout.flush()
     done.wait()
     emulator.stop()
@@ -52,8 +60,9 @@ def gen_fleet(
     nodes_per_cluster: Annotated[int, typer.Option(help="VMs per cluster (>= 2)")] = 6,
     subscriptions: Annotated[int, typer.Option(help="Spread clusters over N subscriptions")] = 1,
     seed: Annotated[int, typer.Option()] = 0,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="File (default stdout)")]
-    = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File (default stdout)")
+    ] = None,
 ) -> None:
     """Write a generated fleet file (unique loopback addresses, windows spread over the week)."""
     from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet

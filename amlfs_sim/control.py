@@ -27,26 +27,32 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
         vm_rows = []
         for vm in vms:
             os_disk = backend.disks[vm.os_disk]
-            vm_rows.append({
-                "id": vm.id,
-                "name": vm.name,
-                "cluster": vm.cluster,
-                "role": vm.role,
-                "power_state": vm.power_state.value,
-                "provisioning_state": vm.provisioning_state,
-                "busy": vm.busy_op is not None,
-                "os_disk": os_disk.name,
-                "os_image": os_disk.image_id,
-                "tags": dict(vm.tags),
-                "data_disks": [
-                    {"lun": a.lun, "disk": backend.disks[a.disk].name,
-                     "checksum": backend.disks[a.disk].checksum}
-                    for a in vm.data_disks
-                ],
-            })
+            vm_rows.append(
+                {
+                    "id": vm.id,
+                    "name": vm.name,
+                    "cluster": vm.cluster,
+                    "role": vm.role,
+                    "power_state": vm.power_state.value,
+                    "provisioning_state": vm.provisioning_state,
+                    "busy": vm.busy_op is not None,
+                    "os_disk": os_disk.name,
+                    "os_image": os_disk.image_id,
+                    "tags": dict(vm.tags),
+                    "data_disks": [
+                        {
+                            "lun": a.lun,
+                            "disk": backend.disks[a.disk].name,
+                            "checksum": backend.disks[a.disk].checksum,
+                        }
+                        for a in vm.data_disks
+                    ],
+                }
+            )
         resource_groups = {(vm.subscription_id, vm.resource_group.lower()) for vm in vms}
         disks = [
-            d for d in backend.disks.values()
+            d
+            for d in backend.disks.values()
             if cluster is None or (d.subscription_id, d.resource_group.lower()) in resource_groups
         ]
         disk_rows = [
@@ -77,9 +83,7 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
             "vms": vm_rows,
             "disks": disk_rows,
             "leaked_disks": [n for n in backend.leaked_disks() if n in names],
-            "kept_disks": sorted(
-                d.name for d in disks if not d.managed_by and KEEP_TAG in d.tags
-            ),
+            "kept_disks": sorted(d.name for d in disks if not d.managed_by and KEEP_TAG in d.tags),
             "data_disk_changes": changes,
             "violations": list(violations),
             "operations_in_flight": sum(

@@ -13,7 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from azure.mgmt.compute.models import CreationData, Disk, DiskSku, ImageDiskReference
+from azure.mgmt.compute.models import (
+    CreationData,
+    Disk,
+    DiskProperties,
+    DiskSku,
+    ImageDiskReference,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -41,8 +47,10 @@ def main() -> int:
                 f" (time scale {TIME_SCALE:g}: sim seconds per real second)"
             )
             compute = compute_client(
-                cluster.subscription_id, StaticTokenCredential("demo-token"),
-                arm_url=endpoint.arm_url, ca_file=endpoint.ca_file,
+                cluster.subscription_id,
+                StaticTokenCredential("demo-token"),
+                arm_url=endpoint.arm_url,
+                ca_file=endpoint.ca_file,
             )
             rg, vm_name = cluster.resource_group, node.name
             started = time.monotonic()
@@ -51,21 +59,29 @@ def main() -> int:
                 sim_t = emulator.clock.now()
                 console.print(f"  [dim]sim {sim_t:7.1f}s[/]  {text}")
 
-            console.print(f"Swapping the OS disk of [bold]{vm_name}[/] ({cluster.name}) "
-                          f"to release {release.version}")
+            console.print(
+                f"Swapping the OS disk of [bold]{vm_name}[/] ({cluster.name}) "
+                f"to release {release.version}"
+            )
             vm = compute.virtual_machines.get(rg, vm_name)
             old_disk = vm.storage_profile.os_disk.name
             step(f"current OS disk {old_disk}")
             new_name = f"{vm_name}-os-{release.version}"
-            disk = compute.disks.begin_create_or_update(rg, new_name, Disk(
-                location=cluster.region,
-                sku=DiskSku(name="Premium_LRS"),
-                creation_data=CreationData(
-                    create_option="FromImage",
-                    gallery_image_reference=ImageDiskReference(id=release.image_id),
+            disk = compute.disks.begin_create_or_update(
+                rg,
+                new_name,
+                Disk(
+                    location=cluster.region,
+                    sku=DiskSku(name="Premium_LRS"),
+                    properties=DiskProperties(
+                        creation_data=CreationData(
+                            create_option="FromImage",
+                            gallery_image_reference=ImageDiskReference(id=release.image_id),
+                        )
+                    ),
+                    tags={"amlfs-run": "demo", "amlfs-vm": vm_name, "amlfs-replaces": old_disk},
                 ),
-                tags={"amlfs-run": "demo", "amlfs-vm": vm_name, "amlfs-replaces": old_disk},
-            )).result()
+            ).result()
             step(f"created {disk.name} from {release.image_version} ({disk.disk_size_gb} GB)")
             compute.virtual_machines.begin_power_off(rg, vm_name).result()
             step("stopped (not deallocated)")
@@ -75,10 +91,15 @@ def main() -> int:
             step(f"PUT with OS disk {disk.name}")
             compute.virtual_machines.begin_start(rg, vm_name).result()
             view = compute.virtual_machines.instance_view(rg, vm_name)
-            power = next(s.display_status for s in view.statuses if s.code.startswith("PowerState"))
-            step(f"started: {power}")
+            shown = next(
+                s.display_status
+                for s in view.statuses or []
+                if (s.code or "").startswith("PowerState")
+            )
+            step(f"started: {shown}")
             compute.disks.begin_delete(rg, old_disk).result()
             step(f"deleted old OS disk {old_disk}")
+            compute.close()
 
             timeline = snapshot_timeline(emulator.backend)
             state = snapshot_state(emulator.backend, cluster.name)
@@ -86,24 +107,42 @@ def main() -> int:
             for column in ("operation", "target", "start", "end", "took", "status"):
                 table.add_column(column)
             for op in timeline["operations"]:
-                table.add_row(op["kind"], op["target"], f"{op['start']:.1f}", f"{op['end']:.1f}",
-                              f"{op['end'] - op['start']:.1f}", op["status"])
+                table.add_row(
+                    op["kind"],
+                    op["target"],
+                    f"{op['start']:.1f}",
+                    f"{op['end']:.1f}",
+                    f"{op['end'] - op['start']:.1f}",
+                    op["status"],
+                )
             console.print(table)
             row = next(v for v in state["vms"] if v["name"] == vm_name)
-            downtime = sum(
-                p["end"] - p["start"] for op in timeline["operations"]
-                for p in op["phases"] if op["target"] == vm_name
+            # Unavailable from the moment it began stopping until it ran again: the emulator's
+            # events, so the orchestrator's polling lag between steps counts too.
+            power = [
+                e for e in timeline["events"] if e["type"] == "vm.power" and e["vm"] == vm_name
+            ]
+            downtime = power[-1]["at"] - power[0]["at"]
+            console.print(
+                f"{vm_name}: {row['power_state']}, OS disk {row['os_disk']}, "
+                f"image {row['os_image'].rsplit('/', 1)[-1]}"
             )
-            console.print(f"{vm_name}: {row['power_state']}, OS disk {row['os_disk']}, "
-                          f"image {row['os_image'].rsplit('/', 1)[-1]}")
-            console.print(f"VM unavailable for {downtime:.0f} sim s (stop + swap + start); "
-                          f"disk creation happened before, outside that window")
-            console.print(f"data-disk changes: {len(state['data_disk_changes'])}, "
-                          f"violations: {len(state['violations'])}, "
-                          f"leaked disks: {len(state['leaked_disks'])}")
+            console.print(
+                f"VM unavailable for {downtime:.0f} sim s (stop, swap, start and the "
+                f"polls between them); the disk was created before, outside that time"
+            )
+            console.print(
+                f"data-disk changes: {len(state['data_disk_changes'])}, "
+                f"violations: {len(state['violations'])}, "
+                f"leaked disks: {len(state['leaked_disks'])}"
+            )
             console.print(f"[green]done[/] in {time.monotonic() - started:.1f} s real")
-            ok = (row["os_image"] == release.image_id and not state["data_disk_changes"]
-                  and not state["leaked_disks"] and row["power_state"] == "running")
+            ok = (
+                row["os_image"] == release.image_id
+                and not state["data_disk_changes"]
+                and not state["leaked_disks"]
+                and row["power_state"] == "running"
+            )
             return 0 if ok else 1
 
 

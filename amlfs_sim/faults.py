@@ -16,12 +16,25 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["FaultBook", "FaultMode", "FaultSpec", "OP_KINDS"]
+__all__ = ["OP_KINDS", "FaultBook", "FaultMode", "FaultSpec"]
 
 OP_KINDS = (
-    "vm.get", "vm.list", "vm.instance_view", "vm.put", "vm.patch", "vm.power_off", "vm.start",
-    "vm.restart", "vm.deallocate", "disk.get", "disk.list", "disk.create", "disk.update",
-    "disk.delete", "image.get", "operation.poll",
+    "vm.get",
+    "vm.list",
+    "vm.instance_view",
+    "vm.put",
+    "vm.patch",
+    "vm.power_off",
+    "vm.start",
+    "vm.restart",
+    "vm.deallocate",
+    "disk.get",
+    "disk.list",
+    "disk.create",
+    "disk.update",
+    "disk.delete",
+    "image.get",
+    "operation.poll",
 )
 
 
@@ -112,7 +125,11 @@ class FaultBook:
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"id": r.id, **r.spec.model_dump(mode="json"), "remaining": r.remaining,
-             "fired": r.fired}
+            {
+                "id": r.id,
+                **r.spec.model_dump(mode="json"),
+                "remaining": r.remaining,
+                "fired": r.fired,
+            }
             for r in self.rules
         ]

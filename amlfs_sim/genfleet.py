@@ -51,7 +51,9 @@ def generate_fleet(
     if clusters < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
     if nodes_per_cluster < 2:
-        raise ValueError(f"nodes_per_cluster must be >= 2 (an mds and an oss), got {nodes_per_cluster}")
+        raise ValueError(
+            f"nodes_per_cluster must be >= 2 (an mds and an oss), got {nodes_per_cluster}"
+        )
     if subscriptions < 1:
         raise ValueError(f"subscriptions must be >= 1, got {subscriptions}")
     if not regions or not waves:
@@ -76,22 +78,25 @@ def generate_fleet(
         for role in roles:
             k = counters.get(role, 0)
             counters[role] = k + 1
-            nodes.append({"name": f"{name}-{role}{k}", "role": role,
-                          "address": loopback_address(address)})
+            nodes.append(
+                {"name": f"{name}-{role}{k}", "role": role, "address": loopback_address(address)}
+            )
             address += 1
-        out.append({
-            "name": name,
-            "subscription_id": subs[i % subscriptions],
-            "resource_group": f"rg-{name}",
-            "region": regions[i % len(regions)],
-            "wave": wave,
-            "window": {
-                "day_of_week": days[day].value,
-                "start_utc": f"{minute_of_day // 60:02d}:{minute_of_day % 60:02d}",
-                "duration_min": 30,
-            },
-            "nodes": nodes,
-        })
+        out.append(
+            {
+                "name": name,
+                "subscription_id": subs[i % subscriptions],
+                "resource_group": f"rg-{name}",
+                "region": regions[i % len(regions)],
+                "wave": wave,
+                "window": {
+                    "day_of_week": days[day].value,
+                    "start_utc": f"{minute_of_day // 60:02d}:{minute_of_day % 60:02d}",
+                    "duration_min": 30,
+                },
+                "nodes": nodes,
+            }
+        )
     return {"clusters": out}
 
 

@@ -73,7 +73,9 @@ class ImageSpec(BaseModel):
     def _is_image_version(cls, value: str) -> str:
         rid = parse_resource_id(value)
         if not rid.is_type(IMAGE_VERSION_TYPE):
-            raise ValueError(f"must be a gallery image version id ({IMAGE_VERSION_TYPE}), got {value}")
+            raise ValueError(
+                f"must be a gallery image version id ({IMAGE_VERSION_TYPE}), got {value}"
+            )
         return value
 
     @property

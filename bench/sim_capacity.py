@@ -22,14 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from amlfs.azure import StaticTokenCredential, compute_client
+from amlfs.clock import ScaledClock
 from amlfs.models import parse_fleet
 from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.arm.throttling import ThrottlePolicy
 from amlfs_sim.genfleet import generate_fleet
 from amlfs_sim.server import Emulator
 from amlfs_sim.spec import build_world
-
-from amlfs.clock import ScaledClock
 
 
 def main() -> None:
@@ -60,22 +59,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state_dir:
         emulator = Emulator(world, Path(state_dir), throttle=ThrottlePolicy(enabled=False))
         endpoint = emulator.start()
-        names = [(c.resource_group, n.name, c.subscription_id) for c in world.fleet.clusters
-                 for n in c.nodes]
+        names = [
+            (c.resource_group, n.name, c.subscription_id)
+            for c in world.fleet.clusters
+            for n in c.nodes
+        ]
         counts = [0] * args.clients
         errors = [0] * args.clients
         stop_at = time.monotonic() + args.seconds
 
         def client(index: int) -> None:
             rng = random.Random(index)
-            compute = compute_client(names[0][2], StaticTokenCredential("bench"),
-                                     arm_url=endpoint.arm_url, ca_file=endpoint.ca_file)
+            compute = compute_client(
+                names[0][2],
+                StaticTokenCredential("bench"),
+                arm_url=endpoint.arm_url,
+                ca_file=endpoint.ca_file,
+            )
             while time.monotonic() < stop_at:
                 rg, name, _ = rng.choice(names)
                 try:
                     compute.virtual_machines.get(rg, name)
                     counts[index] += 1
-                except Exception:  # noqa: BLE001 - counted and reported
+                except Exception:
                     errors[index] += 1
 
         cpu0 = time.process_time()
@@ -100,8 +106,10 @@ def main() -> None:
     table.add_row("CPU s per request (client + server, one process)", f"{cpu / max(total, 1):.4f}")
     table.add_row("parse fleet file (s)", f"{parse_s:.2f}")
     Console().print(table)
-    print(f"vms={vms} mib_per_1000_vms={mib_per_1000:.2f} get_vm_rps={rps:.0f} "
-          f"errors={sum(errors)} max_rss_mib={rss_mib:.0f}")
+    print(
+        f"vms={vms} mib_per_1000_vms={mib_per_1000:.2f} get_vm_rps={rps:.0f} "
+        f"errors={sum(errors)} max_rss_mib={rss_mib:.0f}"
+    )
 
 
 if __name__ == "__main__":

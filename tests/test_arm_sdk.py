@@ -15,6 +15,7 @@ from azure.mgmt.compute.models import (
     CreationData,
     Disk,
     DiskCreateOption,
+    DiskProperties,
     DiskSku,
     ImageDiskReference,
 )
@@ -30,20 +31,28 @@ RELEASE = (
 )
 
 
-def new_os_disk(compute: ComputeManagementClient, sim: Sim, vm_name: str, **overrides: Any) -> Disk:
+def new_os_disk(
+    compute: ComputeManagementClient, sim: Sim, vm_name: str, disk_size_gb: int | None = None
+) -> Disk:
     cluster = sim.cluster
     body = Disk(
         location=cluster.region,
-        sku=DiskSku(name=overrides.pop("sku", "Premium_LRS")),
-        creation_data=CreationData(
-            create_option=DiskCreateOption.FROM_IMAGE,
-            gallery_image_reference=ImageDiskReference(id=RELEASE),
+        sku=DiskSku(name="Premium_LRS"),
+        properties=DiskProperties(
+            creation_data=CreationData(
+                create_option=DiskCreateOption.FROM_IMAGE,
+                gallery_image_reference=ImageDiskReference(id=RELEASE),
+            ),
+            disk_size_gb=disk_size_gb,
         ),
-        tags={"amlfs-run": "run-1", "amlfs-vm": vm_name, "amlfs-replaces": f"{vm_name}-osdisk-2.15.5"},
-        **overrides,
+        tags={
+            "amlfs-run": "run-1",
+            "amlfs-vm": vm_name,
+            "amlfs-replaces": f"{vm_name}-osdisk-2.15.5",
+        },
     )
-    poller = compute.disks.begin_create_or_update(cluster.resource_group, f"{vm_name}-os-2.15.6", body)
-    return poller.result()
+    name = f"{vm_name}-os-2.15.6"
+    return compute.disks.begin_create_or_update(cluster.resource_group, name, body).result()
 
 
 def ops_of(sim: Sim, kind: str) -> list[dict[str, Any]]:
@@ -52,7 +61,9 @@ def ops_of(sim: Sim, kind: str) -> list[dict[str, Any]]:
 
 def test_gallery_image_version_is_served(sim: Sim) -> None:
     compute = sim.compute()
-    image = compute.gallery_image_versions.get("rg-amlfs-images", "amlfsgallery", "amlfs-lustre", "2.15.6")
+    image = compute.gallery_image_versions.get(
+        "rg-amlfs-images", "amlfsgallery", "amlfs-lustre", "2.15.6"
+    )
     assert image.id == RELEASE
     assert image.storage_profile.os_disk_image.size_in_gb == 64
     assert image.tags["lustre-version"] == "2.15.6"
@@ -100,8 +111,10 @@ def test_os_disk_swap_stop_put_start(sim: Sim) -> None:
 
     state = sim.state()
     row = next(v for v in state["vms"] if v["name"] == vm_name)
-    assert row["os_disk"] == disk.name and row["os_image"] == RELEASE
-    assert state["data_disk_changes"] == [] and state["violations"] == []
+    assert row["os_disk"] == disk.name
+    assert row["os_image"] == RELEASE
+    assert state["data_disk_changes"] == []
+    assert state["violations"] == []
     assert state["leaked_disks"] == [old_disk_name]  # until the orchestrator deletes it
 
     compute.disks.begin_delete(rg, old_disk_name).result()
@@ -122,14 +135,23 @@ def test_put_with_new_os_disk_on_running_vm_stops_swaps_and_boots(sim: Sim) -> N
     assert [p["name"] for p in put["phases"]] == ["powerOff", "swap", "start"]
     events = [e for e in sim.timeline()["events"] if e.get("vm") == vm_name]
     assert [e["state"] for e in events if e["type"] == "vm.power"] == [
-        "stopping", "stopped", "starting", "running"]
+        "stopping",
+        "stopped",
+        "starting",
+        "running",
+    ]
     booted = [e for e in events if e["type"] == "vm.booted"]
     assert booted[-1]["image"] == RELEASE
 
 
 def test_failed_lro_raises_with_the_injected_code(sim: Sim) -> None:
-    sim.fault(kind="disk.create", mode="fail", code="InternalDiskManagementError",
-              message="Disk allocation failed.", count=1)
+    sim.fault(
+        kind="disk.create",
+        mode="fail",
+        code="InternalDiskManagementError",
+        message="Disk allocation failed.",
+        count=1,
+    )
     with pytest.raises(HttpResponseError) as caught:
         new_os_disk(sim.compute(), sim, sim.cluster.nodes[0].name)
     assert caught.value.error is not None
@@ -139,13 +161,20 @@ def test_failed_lro_raises_with_the_injected_code(sim: Sim) -> None:
 
 
 def test_accept_phase_fault_answers_the_request_with_the_status(sim: Sim) -> None:
-    sim.fault(kind="vm.power_off", mode="fail", phase="accept", status=409,
-              code="OperationPreempted", count=1)
+    sim.fault(
+        kind="vm.power_off",
+        mode="fail",
+        phase="accept",
+        status=409,
+        code="OperationPreempted",
+        count=1,
+    )
     rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
     with pytest.raises(HttpResponseError) as caught:
         sim.compute().virtual_machines.begin_power_off(rg, vm_name)
     assert caught.value.status_code == 409
-    assert caught.value.error is not None and caught.value.error.code == "OperationPreempted"
+    assert caught.value.error is not None
+    assert caught.value.error.code == "OperationPreempted"
 
 
 def test_429_storm_is_retried_by_the_sdk_after_the_scaled_retry_after(sim: Sim) -> None:
@@ -177,7 +206,9 @@ def test_token_bucket_per_vm_throttles_the_thirteenth_write(
     with httpx.Client(verify=trust(real_time_sim), headers={"Authorization": "Bearer t"}) as http:
         # Every VM write is metered on admission, even one refused because the VM is busy.
         for _ in range(13):
-            response = http.patch(url, params={"api-version": "2026-04-01"}, json={"tags": {"a": "b"}})
+            response = http.patch(
+                url, params={"api-version": "2026-04-01"}, json={"tags": {"a": "b"}}
+            )
             statuses.append(response.status_code)
     assert statuses == [200] + [409] * 11 + [429]
     assert response.json()["error"]["code"] == "OperationNotAllowed"
@@ -212,9 +243,12 @@ def test_swap_to_a_disk_of_another_size_is_refused(sim: Sim) -> None:
     with pytest.raises(HttpResponseError) as caught:
         compute.virtual_machines.begin_create_or_update(rg, vm_name, vm)
     assert caught.value.status_code == 400
-    assert caught.value.error is not None and caught.value.error.code == "OperationNotAllowed"
+    assert caught.value.error is not None
+    assert caught.value.error.code == "OperationNotAllowed"
     assert "diskSizeGB" in str(caught.value)
-    assert compute.virtual_machines.get(rg, vm_name).storage_profile.os_disk.managed_disk.id == before
+    assert (
+        compute.virtual_machines.get(rg, vm_name).storage_profile.os_disk.managed_disk.id == before
+    )
 
 
 def test_put_that_changes_data_disks_is_recorded_as_a_violation(sim: Sim) -> None:
@@ -227,7 +261,8 @@ def test_put_that_changes_data_disks_is_recorded_as_a_violation(sim: Sim) -> Non
     compute.virtual_machines.begin_create_or_update(rg, oss, vm).result()
     state = sim.state()
     (violation,) = state["violations"]
-    assert violation["vm"] == oss and violation["request"] == "vm.put"
+    assert violation["vm"] == oss
+    assert violation["request"] == "vm.put"
     assert [c["lun"] for c in state["data_disk_changes"]] == [1]
 
 
@@ -271,7 +306,8 @@ def test_slow_fault_stretches_the_operation(sim: Sim) -> None:
 def test_missing_vm_is_resource_not_found(sim: Sim) -> None:
     with pytest.raises(ResourceNotFoundError) as caught:
         sim.compute().virtual_machines.get(sim.cluster.resource_group, "no-such-vm")
-    assert caught.value.error is not None and caught.value.error.code == "ResourceNotFound"
+    assert caught.value.error is not None
+    assert caught.value.error.code == "ResourceNotFound"
 
 
 def test_deleting_an_attached_disk_is_a_conflict(sim: Sim) -> None:
@@ -292,8 +328,12 @@ def test_deleting_a_missing_disk_succeeds(sim: Sim) -> None:
     [
         ({}, {"api-version": "2026-04-01"}, 401, "AuthenticationFailed"),
         ({"Authorization": "Bearer t"}, {}, 400, "MissingApiVersionParameter"),
-        ({"Authorization": "Bearer t"}, {"api-version": "2015-06-15"}, 400,
-         "InvalidApiVersionParameter"),
+        (
+            {"Authorization": "Bearer t"},
+            {"api-version": "2015-06-15"},
+            400,
+            "InvalidApiVersionParameter",
+        ),
     ],
 )
 def test_request_admission_errors_are_arm_shaped(
@@ -310,10 +350,12 @@ def test_unknown_subscription_and_group(sim: Sim) -> None:
     other = "00000000-0000-0000-0000-000000000000"
     with pytest.raises(HttpResponseError) as caught:
         sim.compute(other).virtual_machines.get("rg", "vm")
-    assert caught.value.error is not None and caught.value.error.code == "SubscriptionNotFound"
+    assert caught.value.error is not None
+    assert caught.value.error.code == "SubscriptionNotFound"
     with pytest.raises(HttpResponseError) as caught:
         sim.compute().disks.get("rg-nope", disk_id("x", "y", "z").rsplit("/", 1)[-1])
-    assert caught.value.error is not None and caught.value.error.code == "ResourceGroupNotFound"
+    assert caught.value.error is not None
+    assert caught.value.error.code == "ResourceGroupNotFound"
 
 
 def test_reset_restores_the_fleet(sim: Sim) -> None:
@@ -322,11 +364,11 @@ def test_reset_restores_the_fleet(sim: Sim) -> None:
     assert len(sim.state()["leaked_disks"]) == 1
     sim.control.post("/reset").raise_for_status()
     state = sim.state()
-    assert state["leaked_disks"] == [] and sim.timeline()["operations"] == []
+    assert state["leaked_disks"] == []
+    assert sim.timeline()["operations"] == []
     assert {v["power_state"] for v in state["vms"]} == {"running"}
 
 
 def _power(compute: ComputeManagementClient, rg: str, vm_name: str) -> str:
     view = compute.virtual_machines.instance_view(rg, vm_name)
     return next(s.code for s in view.statuses if s.code.startswith("PowerState/"))
-

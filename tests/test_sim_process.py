@@ -32,18 +32,42 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> d
 
 def test_serve_process_swaps_a_disk_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amlfs_sim.cli", "serve", "--fleet", str(SMALL_FLEET),
-         "--state-dir", str(tmp_path), "--time-scale", "300", "--seed", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "amlfs_sim.cli",
+            "serve",
+            "--fleet",
+            str(SMALL_FLEET),
+            "--state-dir",
+            str(tmp_path),
+            "--time-scale",
+            "300",
+            "--seed",
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         endpoint = _wait_for(tmp_path / "endpoint.json", proc)
-        assert set(endpoint) == {"arm_url", "ca_file", "subscription_id", "time_scale",
-                                 "control_url", "ssh"}
+        assert set(endpoint) == {
+            "arm_url",
+            "ca_file",
+            "subscription_id",
+            "time_scale",
+            "control_url",
+            "ssh",
+        }
         assert str(endpoint["arm_url"]).startswith("https://127.0.0.1:")
         assert endpoint["time_scale"] == 300
-        compute = compute_client(str(endpoint["subscription_id"]), StaticTokenCredential("t"),
-                                 arm_url=str(endpoint["arm_url"]), ca_file=str(endpoint["ca_file"]))
+        compute = compute_client(
+            str(endpoint["subscription_id"]),
+            StaticTokenCredential("t"),
+            arm_url=str(endpoint["arm_url"]),
+            ca_file=str(endpoint["ca_file"]),
+        )
         rg = "rg-lustre-eus-01"
         compute.virtual_machines.begin_power_off(rg, "eus01-oss0").result()
         vm = compute.virtual_machines.get(rg, "eus01-oss0", expand="instanceView")
@@ -61,9 +85,19 @@ def test_serve_refuses_a_bad_fleet_file_naming_the_field(tmp_path: Path) -> None
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "amlfs_sim.cli", "serve", "--fleet", str(bad), "--state-dir",
-         str(tmp_path / "state")],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "amlfs_sim.cli",
+            "serve",
+            "--fleet",
+            str(bad),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "start_utc" in proc.stderr
@@ -73,9 +107,21 @@ def test_serve_refuses_a_bad_fleet_file_naming_the_field(tmp_path: Path) -> None
 def test_gen_fleet_writes_a_valid_fleet(tmp_path: Path) -> None:
     out = tmp_path / "fleet.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "amlfs_sim.cli", "gen-fleet", "--clusters", "25",
-         "--nodes-per-cluster", "8", "-o", str(out)],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "amlfs_sim.cli",
+            "gen-fleet",
+            "--clusters",
+            "25",
+            "--nodes-per-cluster",
+            "8",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     fleet = parse_fleet(yaml.safe_load(out.read_text()))

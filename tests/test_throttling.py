@@ -13,7 +13,8 @@ from amlfs_sim.faults import FaultBook, FaultMode, FaultSpec
 def test_per_vm_bucket_bursts_12_then_refills_4_per_minute() -> None:
     throttler = Throttler()
     admit = lambda vm, now: throttler.admit(  # noqa: E731
-        RequestClass.VM_WRITE, region_scope="sub/eastus", resource_scope=vm, now=now)
+        RequestClass.VM_WRITE, region_scope="sub/eastus", resource_scope=vm, now=now
+    )
     assert all(admit("vm1", 0.0).allowed for _ in range(12))
     refused = admit("vm1", 0.0)
     assert not refused.allowed
@@ -28,14 +29,16 @@ def test_per_vm_bucket_bursts_12_then_refills_4_per_minute() -> None:
 def test_subscription_bucket_caps_writes_across_vms() -> None:
     throttler = Throttler()
     allowed = sum(
-        throttler.admit(RequestClass.VM_WRITE, region_scope="sub/eastus",
-                        resource_scope=f"vm{i // 10}", now=0.0).allowed
+        throttler.admit(
+            RequestClass.VM_WRITE, region_scope="sub/eastus", resource_scope=f"vm{i // 10}", now=0.0
+        ).allowed
         for i in range(2000)
     )
     assert allowed == 1500
     # Another region of the same subscription is a separate scope.
-    assert throttler.admit(RequestClass.VM_WRITE, region_scope="sub/westeurope",
-                           resource_scope="vmX", now=0.0).allowed
+    assert throttler.admit(
+        RequestClass.VM_WRITE, region_scope="sub/westeurope", resource_scope="vmX", now=0.0
+    ).allowed
 
 
 def test_refused_request_takes_no_token() -> None:
@@ -44,8 +47,9 @@ def test_refused_request_takes_no_token() -> None:
         throttler.admit(RequestClass.VM_WRITE, region_scope="s", resource_scope="v", now=0.0)
     for _ in range(100):
         throttler.admit(RequestClass.VM_WRITE, region_scope="s", resource_scope="v", now=0.0)
-    assert throttler.admit(RequestClass.VM_WRITE, region_scope="s", resource_scope="v",
-                           now=15.0).allowed
+    assert throttler.admit(
+        RequestClass.VM_WRITE, region_scope="s", resource_scope="v", now=15.0
+    ).allowed
 
 
 def test_fault_count_glob_and_phase() -> None:

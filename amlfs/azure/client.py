@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pydantic import SecretStr
+
 from azure.core.credentials import AccessToken, TokenCredential
 from azure.mgmt.compute import ComputeManagementClient
-from pydantic import SecretStr
 
 __all__ = ["StaticTokenCredential", "compute_client"]
 

@@ -26,14 +26,14 @@ from amlfs_sim.arm.models import (
     DataDiskAttachment,
     Disk,
     Key,
-    OpStatus,
     Operation,
+    OpStatus,
     Phase,
     PowerState,
     VirtualMachine,
     key_of,
 )
-from amlfs_sim.arm.throttling import RequestClass, ThrottleDecision, Throttler, ThrottlePolicy
+from amlfs_sim.arm.throttling import RequestClass, ThrottleDecision, ThrottlePolicy, Throttler
 from amlfs_sim.faults import FaultBook, FaultMode, FaultSpec
 from amlfs_sim.spec import DurationRange, ImageSpec, SimWorld
 
@@ -92,7 +92,9 @@ class ArmBackend:
         default_region = world.fleet.clusters[0].region
         for image in world.images:
             rid = parse_resource_id(image.id)
-            self.regions.setdefault((rid.subscription_id, rid.resource_group.lower()), default_region)
+            self.regions.setdefault(
+                (rid.subscription_id, rid.resource_group.lower()), default_region
+            )
         self.subscriptions = {sub for sub, _ in self.regions}
         self.reset()
 
@@ -117,32 +119,56 @@ class ArmBackend:
             for cluster in self.world.fleet.clusters:
                 for node in cluster.nodes:
                     self._add_initial_vm(cluster, node)
-            self.baseline = _Baseline(
-                {vm.name: self._data_layout(vm) for vm in self.vms.values()}
-            )
+            self.baseline = _Baseline({vm.name: self._data_layout(vm) for vm in self.vms.values()})
 
     def _add_initial_vm(self, cluster: Cluster, node: Node) -> None:
         spec = self.world.spec
         image = self.world.initial_image
         sub, rg = cluster.subscription_id, cluster.resource_group
         os_disk = Disk(
-            sub, rg, f"{node.name}-osdisk-{image.version}", cluster.region, image.disk_size_gb,
-            spec.os_disk_sku, "Linux", image.id, {}, str(uuid.UUID(int=self.rng.getrandbits(128))),
-            0.0, initial=True,
+            sub,
+            rg,
+            f"{node.name}-osdisk-{image.version}",
+            cluster.region,
+            image.disk_size_gb,
+            spec.os_disk_sku,
+            "Linux",
+            image.id,
+            {},
+            str(uuid.UUID(int=self.rng.getrandbits(128))),
+            0.0,
+            initial=True,
         )
         attachments = []
         for lun in range(spec.data_disks.get(node.role.value, 0)):
             data = Disk(
-                sub, rg, f"{node.name}-data{lun}", cluster.region, spec.data_disk_size_gb,
-                spec.os_disk_sku, None, None, {}, str(uuid.UUID(int=self.rng.getrandbits(128))),
-                0.0, initial=True,
+                sub,
+                rg,
+                f"{node.name}-data{lun}",
+                cluster.region,
+                spec.data_disk_size_gb,
+                spec.os_disk_sku,
+                None,
+                None,
+                {},
+                str(uuid.UUID(int=self.rng.getrandbits(128))),
+                0.0,
+                initial=True,
             )
             data.checksum = self._checksum(data)
             self.disks[data.key] = data
             attachments.append(DataDiskAttachment(lun, data.key))
         vm = VirtualMachine(
-            sub, rg, node.name, cluster.region, spec.vm_size, cluster.name, node.role.value,
-            os_disk.key, attachments, str(uuid.UUID(int=self.rng.getrandbits(128))),
+            sub,
+            rg,
+            node.name,
+            cluster.region,
+            spec.vm_size,
+            cluster.name,
+            node.role.value,
+            os_disk.key,
+            attachments,
+            str(uuid.UUID(int=self.rng.getrandbits(128))),
             image_reference=image.id,
         )
         os_disk.managed_by = vm.id
@@ -183,8 +209,16 @@ class ArmBackend:
     ) -> Operation:
         now = self.clock.now()
         op = Operation(
-            str(uuid.uuid4()), kind, target_name, target_id, subscription_id, region, now,
-            phases, on_fail=on_fail, on_finish=on_finish,
+            str(uuid.uuid4()),
+            kind,
+            target_name,
+            target_id,
+            subscription_id,
+            region,
+            now,
+            phases,
+            on_fail=on_fail,
+            on_finish=on_finish,
         )
         if self.faults.take(kind, target_name, (FaultMode.HANG,)) is not None:
             op.hang = True
@@ -228,7 +262,11 @@ class ArmBackend:
             self._finish(op, at, OpStatus.SUCCEEDED)
 
     def _finish(
-        self, op: Operation, at: float, status: OpStatus, code: str | None = None,
+        self,
+        op: Operation,
+        at: float,
+        status: OpStatus,
+        code: str | None = None,
         message: str | None = None,
     ) -> None:
         op.status, op.end, op.error_code, op.error_message = status, at, code, message
@@ -249,19 +287,28 @@ class ArmBackend:
         region = self.regions.get((subscription_id.lower(), resource_group.lower()))
         if region is None:
             raise ArmError(
-                404, "ResourceGroupNotFound", f"Resource group '{resource_group}' could not be found."
+                404,
+                "ResourceGroupNotFound",
+                f"Resource group '{resource_group}' could not be found.",
             )
         return region
 
     def _check_subscription(self, subscription_id: str) -> None:
         if subscription_id.lower() not in self.subscriptions:
             raise ArmError(
-                404, "SubscriptionNotFound", f"The subscription '{subscription_id}' could not be found."
+                404,
+                "SubscriptionNotFound",
+                f"The subscription '{subscription_id}' could not be found.",
             )
 
     def admit(
-        self, kind: str, request_class: RequestClass, subscription_id: str, region: str,
-        resource_id: str, target_name: str,
+        self,
+        kind: str,
+        request_class: RequestClass,
+        subscription_id: str,
+        region: str,
+        resource_id: str,
+        target_name: str,
     ) -> ThrottleDecision:
         """Throttle and accept-phase faults for one request; raises ArmError to refuse it."""
         self.requests += 1
@@ -308,7 +355,10 @@ class ArmBackend:
             )
 
     def _vm_operation(
-        self, vm: VirtualMachine, kind: str, phases: list[Phase],
+        self,
+        vm: VirtualMachine,
+        kind: str,
+        phases: list[Phase],
         on_fail: Callable[[float], None] | None = None,
     ) -> Operation:
         vm.provisioning_state = "Updating"
@@ -319,8 +369,14 @@ class ArmBackend:
             vm.provisioning_state = "Failed" if failed else "Succeeded"
 
         op = self._start_operation(
-            kind, vm.name, vm.id, vm.subscription_id, vm.location, phases,
-            on_fail=on_fail, on_finish=finish,
+            kind,
+            vm.name,
+            vm.id,
+            vm.subscription_id,
+            vm.location,
+            phases,
+            on_fail=on_fail,
+            on_finish=finish,
         )
         op_id = op.id
         vm.busy_op = op.id
@@ -331,18 +387,37 @@ class ArmBackend:
         if vm.power_state is not state:
             previous = vm.power_state
             vm.power_state = state
-            self.emit(at, "vm.power", vm=vm.name, cluster=vm.cluster, state=state.value,
-                      previous=previous.value)
+            self.emit(
+                at,
+                "vm.power",
+                vm=vm.name,
+                cluster=vm.cluster,
+                state=state.value,
+                previous=previous.value,
+            )
             if state is PowerState.RUNNING:
                 disk = self.disks.get(vm.os_disk)
-                self.emit(at, "vm.booted", vm=vm.name, cluster=vm.cluster,
-                          image=disk.image_id if disk else None,
-                          os_disk=disk.name if disk else None)
+                self.emit(
+                    at,
+                    "vm.booted",
+                    vm=vm.name,
+                    cluster=vm.cluster,
+                    image=disk.image_id if disk else None,
+                    os_disk=disk.name if disk else None,
+                )
 
-    def _power_phase(self, vm: VirtualMachine, name: str, duration: DurationRange,
-                     during: PowerState, after: PowerState, commit: bool = False) -> Phase:
+    def _power_phase(
+        self,
+        vm: VirtualMachine,
+        name: str,
+        duration: DurationRange,
+        during: PowerState,
+        after: PowerState,
+        commit: bool = False,
+    ) -> Phase:
         return Phase(
-            name, self._draw(duration),
+            name,
+            self._draw(duration),
             on_start=lambda at: self._set_power(vm, during, at),
             on_end=lambda at: self._set_power(vm, after, at),
             commit=commit,
@@ -355,8 +430,16 @@ class ArmBackend:
         self._check_idle(vm, "powerOff")
         d = self.world.spec.durations
         if vm.power_state is PowerState.RUNNING:
-            phases = [self._power_phase(vm, "powerOff", d.power_off, PowerState.STOPPING,
-                                        PowerState.STOPPED, commit=True)]
+            phases = [
+                self._power_phase(
+                    vm,
+                    "powerOff",
+                    d.power_off,
+                    PowerState.STOPPING,
+                    PowerState.STOPPED,
+                    commit=True,
+                )
+            ]
         else:
             phases = [self._noop_phase()]
         return self._vm_operation(vm, "vm.power_off", phases)
@@ -366,8 +449,11 @@ class ArmBackend:
         d = self.world.spec.durations
         if vm.power_state in (PowerState.STOPPED, PowerState.DEALLOCATED):
             back = vm.power_state
-            phases = [self._power_phase(vm, "start", d.start, PowerState.STARTING,
-                                        PowerState.RUNNING, commit=True)]
+            phases = [
+                self._power_phase(
+                    vm, "start", d.start, PowerState.STARTING, PowerState.RUNNING, commit=True
+                )
+            ]
             return self._vm_operation(
                 vm, "vm.start", phases, on_fail=lambda at: self._set_power(vm, back, at)
             )
@@ -383,16 +469,25 @@ class ArmBackend:
         d = self.world.spec.durations
         phases = [
             self._power_phase(vm, "powerOff", d.power_off, PowerState.STOPPING, PowerState.STOPPED),
-            self._power_phase(vm, "start", d.start, PowerState.STARTING, PowerState.RUNNING,
-                              commit=True),
+            self._power_phase(
+                vm, "start", d.start, PowerState.STARTING, PowerState.RUNNING, commit=True
+            ),
         ]
         return self._vm_operation(vm, "vm.restart", phases)
 
     def deallocate(self, vm: VirtualMachine) -> Operation:
         self._check_idle(vm, "deallocate")
         d = self.world.spec.durations
-        phases = [self._power_phase(vm, "deallocate", d.deallocate, PowerState.DEALLOCATING,
-                                    PowerState.DEALLOCATED, commit=True)]
+        phases = [
+            self._power_phase(
+                vm,
+                "deallocate",
+                d.deallocate,
+                PowerState.DEALLOCATING,
+                PowerState.DEALLOCATED,
+                commit=True,
+            )
+        ]
         return self._vm_operation(vm, "vm.deallocate", phases)
 
     def update_vm(self, vm: VirtualMachine, body: dict[str, Any], *, patch: bool) -> Operation:
@@ -414,10 +509,16 @@ class ArmBackend:
                     new_data = None
         now = self.clock.now()
         if new_data is not None:
-            self.violations.append({
-                "at": round(now, 3), "vm": vm.name, "cluster": vm.cluster, "request": kind,
-                "before": self._layout_of(vm.data_disks), "after": self._layout_of(new_data),
-            })
+            self.violations.append(
+                {
+                    "at": round(now, 3),
+                    "vm": vm.name,
+                    "cluster": vm.cluster,
+                    "request": kind,
+                    "before": self._layout_of(vm.data_disks),
+                    "after": self._layout_of(new_data),
+                }
+            )
             self.emit(now, "violation.data_disks", vm=vm.name, cluster=vm.cluster, request=kind)
         tags = body.get("tags")
         d = self.world.spec.durations
@@ -433,8 +534,9 @@ class ArmBackend:
         if new_os is not None and vm.power_state is PowerState.RUNNING:
             # The deck's "new PUT": a running VM is stopped (not deallocated), swapped, booted.
             phases = [
-                self._power_phase(vm, "powerOff", d.power_off, PowerState.STOPPING,
-                                  PowerState.STOPPED),
+                self._power_phase(
+                    vm, "powerOff", d.power_off, PowerState.STOPPING, PowerState.STOPPED
+                ),
                 Phase("swap", self._draw(d.swap), on_end=commit, commit=True),
                 self._power_phase(vm, "start", d.start, PowerState.STARTING, PowerState.RUNNING),
             ]
@@ -499,7 +601,8 @@ class ArmBackend:
             raise bad_request(
                 "OperationNotAllowed",
                 f"Cannot swap the OS disk of VM '{vm.name}' to '{disk.name}': "
-                + "; ".join(mismatch) + ".",
+                + "; ".join(mismatch)
+                + ".",
             )
         return disk
 
@@ -512,7 +615,9 @@ class ArmBackend:
                 raise bad_request("InvalidParameter", "each dataDisks entry needs a lun")
             ref = (entry.get("managedDisk") or {}).get("id")
             if not ref:
-                raise bad_request("InvalidParameter", f"dataDisks lun {entry['lun']}: no managedDisk.id")
+                raise bad_request(
+                    "InvalidParameter", f"dataDisks lun {entry['lun']}: no managedDisk.id"
+                )
             rid = parse_resource_id(ref)
             key = key_of(rid.subscription_id, rid.resource_group, rid.name)
             if key not in self.disks:
@@ -536,8 +641,15 @@ class ArmBackend:
         new_disk.managed_by = vm.id
         vm.os_disk = new_disk.key
         vm.image_reference = new_disk.image_id
-        self.emit(at, "vm.os_disk_swapped", vm=vm.name, cluster=vm.cluster, old=old.name,
-                  new=new_disk.name, image=new_disk.image_id)
+        self.emit(
+            at,
+            "vm.os_disk_swapped",
+            vm=vm.name,
+            cluster=vm.cluster,
+            old=old.name,
+            new=new_disk.name,
+            image=new_disk.image_id,
+        )
 
     # ----------------------------------------------------------------- disks
 
@@ -554,8 +666,13 @@ class ArmBackend:
         return [d for key, d in self.disks.items() if key[:2] == prefix]
 
     def put_disk(
-        self, subscription_id: str, resource_group: str, name: str, body: dict[str, Any],
-        *, patch: bool = False,
+        self,
+        subscription_id: str,
+        resource_group: str,
+        name: str,
+        body: dict[str, Any],
+        *,
+        patch: bool = False,
     ) -> tuple[Disk, Operation, bool]:
         """Create (from a gallery image or empty) or update tags. Returns (disk, op, created)."""
         region = self.region_of(subscription_id, resource_group)
@@ -565,22 +682,28 @@ class ArmBackend:
         d = self.world.spec.durations
         if existing is not None:
             if existing.busy_op is not None:
-                raise conflict("OperationNotAllowed", f"Disk '{name}' is busy with another operation.")
+                raise conflict(
+                    "OperationNotAllowed", f"Disk '{name}' is busy with another operation."
+                )
             tags = body.get("tags")
 
             def update(at: float) -> None:
                 if isinstance(tags, dict):
                     existing.tags = {str(k): str(v) for k, v in tags.items()}
 
-            op = self._disk_operation(existing, "disk.update",
-                                      [Phase("update", self._draw(d.disk_update), on_end=update,
-                                             commit=True)])
+            op = self._disk_operation(
+                existing,
+                "disk.update",
+                [Phase("update", self._draw(d.disk_update), on_end=update, commit=True)],
+            )
             return existing, op, False
         if patch:
             raise not_found(DISK_TYPE, name, resource_group)
         location = body.get("location")
         if not location:
-            raise bad_request("LocationRequired", "The location property is required for this definition.")
+            raise bad_request(
+                "LocationRequired", "The location property is required for this definition."
+            )
         if str(location).lower().replace(" ", "") != region:
             raise bad_request(
                 "InvalidParameter",
@@ -591,11 +714,13 @@ class ArmBackend:
         option = str(creation.get("createOption", ""))
         image: ImageSpec | None = None
         if option.lower() == "fromimage":
-            ref = (creation.get("galleryImageReference") or creation.get("imageReference") or {})
+            ref = creation.get("galleryImageReference") or creation.get("imageReference") or {}
             image_id = ref.get("id") if isinstance(ref, dict) else None
             if not image_id:
-                raise bad_request("InvalidParameter",
-                                  "creationData.galleryImageReference.id is required for FromImage.")
+                raise bad_request(
+                    "InvalidParameter",
+                    "creationData.galleryImageReference.id is required for FromImage.",
+                )
             image = self.images.get(str(image_id).lower())
             if image is None:
                 rid = parse_resource_id(str(image_id))
@@ -621,9 +746,18 @@ class ArmBackend:
         sku = str((body.get("sku") or {}).get("name") or "Premium_LRS")
         tags = body.get("tags") or {}
         disk = Disk(
-            subscription_id.lower(), resource_group, name, region, size, sku, os_type,
-            image.id if image else None, {str(k): str(v) for k, v in tags.items()},
-            str(uuid.uuid4()), self.clock.now(), provisioning_state="Creating",
+            subscription_id.lower(),
+            resource_group,
+            name,
+            region,
+            size,
+            sku,
+            os_type,
+            image.id if image else None,
+            {str(k): str(v) for k, v in tags.items()},
+            str(uuid.uuid4()),
+            self.clock.now(),
+            provisioning_state="Creating",
         )
         if os_type is None:
             disk.checksum = self._checksum(disk)
@@ -637,7 +771,8 @@ class ArmBackend:
             disk.provisioning_state = "Failed"
 
         op = self._disk_operation(
-            disk, "disk.create",
+            disk,
+            "disk.create",
             [Phase("create", self._draw(d.disk_create), on_end=created, commit=True)],
             on_fail=failed,
         )
@@ -662,34 +797,53 @@ class ArmBackend:
             self.emit(at, "disk.deleted", disk=disk.name)
 
         return self._disk_operation(
-            disk, "disk.delete",
-            [Phase("delete", self._draw(self.world.spec.durations.disk_delete), on_end=deleted,
-                   commit=True)],
+            disk,
+            "disk.delete",
+            [
+                Phase(
+                    "delete",
+                    self._draw(self.world.spec.durations.disk_delete),
+                    on_end=deleted,
+                    commit=True,
+                )
+            ],
         )
 
     def _disk_operation(
-        self, disk: Disk, kind: str, phases: list[Phase],
+        self,
+        disk: Disk,
+        kind: str,
+        phases: list[Phase],
         on_fail: Callable[[float], None] | None = None,
     ) -> Operation:
         def finish(at: float) -> None:
             disk.busy_op = None
 
         op = self._start_operation(
-            kind, disk.name, disk.id, disk.subscription_id, disk.location, phases,
-            on_fail=on_fail, on_finish=finish,
+            kind,
+            disk.name,
+            disk.id,
+            disk.subscription_id,
+            disk.location,
+            phases,
+            on_fail=on_fail,
+            on_finish=finish,
         )
         disk.busy_op = op.id
         return op
 
-    def image(self, subscription_id: str, resource_group: str, gallery: str, definition: str,
-              version: str) -> ImageSpec:
+    def image(
+        self, subscription_id: str, resource_group: str, gallery: str, definition: str, version: str
+    ) -> ImageSpec:
         self.region_of(subscription_id, resource_group)
         for image in self.images.values():
             rid = parse_resource_id(image.id)
-            if (rid.subscription_id == subscription_id.lower()
-                    and rid.resource_group.lower() == resource_group.lower()
-                    and [n.lower() for n in rid.names]
-                    == [gallery.lower(), definition.lower(), version.lower()]):
+            if (
+                rid.subscription_id == subscription_id.lower()
+                and rid.resource_group.lower() == resource_group.lower()
+                and [n.lower() for n in rid.names]
+                == [gallery.lower(), definition.lower(), version.lower()]
+            ):
                 return image
         raise not_found(IMAGE_TYPE, f"{gallery}/{definition}/{version}", resource_group)
 
@@ -720,10 +874,15 @@ class ArmBackend:
             after = self._data_layout(vm)
             for lun in sorted(set(before) | set(after)):
                 if before.get(lun) != after.get(lun):
-                    changes.append({
-                        "vm": vm.name, "cluster": vm.cluster, "lun": lun,
-                        "before": before.get(lun), "after": after.get(lun),
-                    })
+                    changes.append(
+                        {
+                            "vm": vm.name,
+                            "cluster": vm.cluster,
+                            "lun": lun,
+                            "before": before.get(lun),
+                            "after": after.get(lun),
+                        }
+                    )
         return changes
 
     def leaked_disks(self) -> list[str]:

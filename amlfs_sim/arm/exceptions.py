@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArmError", "conflict", "not_found", "bad_request"]
+__all__ = ["ArmError", "bad_request", "conflict", "not_found"]
 
 
 class ArmError(Exception):

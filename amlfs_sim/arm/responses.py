@@ -7,7 +7,7 @@ from typing import Any
 
 from amlfs.ids import parse_resource_id
 from amlfs_sim.arm.backend import DISK_TYPE, IMAGE_TYPE, VM_TYPE, ArmBackend
-from amlfs_sim.arm.models import Disk, OpStatus, Operation, PowerState, VirtualMachine
+from amlfs_sim.arm.models import Disk, Operation, OpStatus, PowerState, VirtualMachine
 from amlfs_sim.spec import ImageSpec
 
 __all__ = ["SimTime", "disk_json", "image_json", "instance_view_json", "operation_json", "vm_json"]
@@ -23,8 +23,9 @@ class SimTime:
         return (self.origin + dt.timedelta(seconds=sim_seconds)).isoformat()
 
 
-def vm_json(backend: ArmBackend, vm: VirtualMachine, times: SimTime,
-            *, instance_view: bool = False) -> dict[str, Any]:
+def vm_json(
+    backend: ArmBackend, vm: VirtualMachine, times: SimTime, *, instance_view: bool = False
+) -> dict[str, Any]:
     os_disk = backend.disks[vm.os_disk]
     properties: dict[str, Any] = {
         "vmId": vm.unique_id,
@@ -57,8 +58,11 @@ def vm_json(backend: ArmBackend, vm: VirtualMachine, times: SimTime,
                 for a in vm.data_disks
             ],
         },
-        "osProfile": {"computerName": vm.name, "adminUsername": "azureuser",
-                      "linuxConfiguration": {"disablePasswordAuthentication": True}},
+        "osProfile": {
+            "computerName": vm.name,
+            "adminUsername": "azureuser",
+            "linuxConfiguration": {"disablePasswordAuthentication": True},
+        },
         "provisioningState": vm.provisioning_state,
     }
     if properties["storageProfile"]["imageReference"] is None:
@@ -91,13 +95,23 @@ def instance_view_json(backend: ArmBackend, vm: VirtualMachine, times: SimTime) 
             "displayStatus": PowerState(vm.power_state).display,
         },
     ]
-    disk_names = [backend.disks[vm.os_disk].name] + [backend.disks[a.disk].name for a in vm.data_disks]
+    disk_names = [backend.disks[vm.os_disk].name] + [
+        backend.disks[a.disk].name for a in vm.data_disks
+    ]
     return {
         "computerName": vm.name,
         "osName": "ubuntu",
         "disks": [
-            {"name": name, "statuses": [{"code": "ProvisioningState/succeeded", "level": "Info",
-                                         "displayStatus": "Provisioning succeeded"}]}
+            {
+                "name": name,
+                "statuses": [
+                    {
+                        "code": "ProvisioningState/succeeded",
+                        "level": "Info",
+                        "displayStatus": "Provisioning succeeded",
+                    }
+                ],
+            }
             for name in disk_names
         ],
         "statuses": statuses,
@@ -113,7 +127,8 @@ def disk_json(disk: Disk, times: SimTime) -> dict[str, Any]:
         "uniqueId": disk.unique_id,
         "creationData": (
             {"createOption": "FromImage", "galleryImageReference": {"id": disk.image_id}}
-            if disk.image_id else {"createOption": "Empty"}
+            if disk.image_id
+            else {"createOption": "Empty"}
         ),
     }
     if disk.os_type:
@@ -125,7 +140,10 @@ def disk_json(disk: Disk, times: SimTime) -> dict[str, Any]:
         "type": DISK_TYPE,
         "location": disk.location,
         "tags": disk.tags,
-        "sku": {"name": disk.sku, "tier": "Premium" if disk.sku.startswith("Premium") else "Standard"},
+        "sku": {
+            "name": disk.sku,
+            "tier": "Premium" if disk.sku.startswith("Premium") else "Standard",
+        },
         "properties": properties,
     }
     if disk.managed_by:
@@ -142,10 +160,14 @@ def image_json(image: ImageSpec) -> dict[str, Any]:
         "location": "global",
         "tags": {"lustre-version": image.lustre_version, "os-version": image.os_version},
         "properties": {
-            "publishingProfile": {"replicaCount": 1, "excludeFromLatest": False,
-                                  "storageAccountType": "Standard_LRS"},
-            "storageProfile": {"osDiskImage": {"sizeInGB": image.disk_size_gb,
-                                               "hostCaching": "ReadWrite"}},
+            "publishingProfile": {
+                "replicaCount": 1,
+                "excludeFromLatest": False,
+                "storageAccountType": "Standard_LRS",
+            },
+            "storageProfile": {
+                "osDiskImage": {"sizeInGB": image.disk_size_gb, "hostCaching": "ReadWrite"}
+            },
             "provisioningState": "Succeeded",
         },
     }

@@ -16,7 +16,14 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Bucket", "BucketPolicy", "RequestClass", "ThrottleDecision", "ThrottlePolicy", "Throttler"]
+__all__ = [
+    "Bucket",
+    "BucketPolicy",
+    "RequestClass",
+    "ThrottleDecision",
+    "ThrottlePolicy",
+    "Throttler",
+]
 
 
 class RequestClass(StrEnum):
@@ -45,14 +52,17 @@ class ThrottlePolicy(BaseModel):
     enabled: bool = True
     policies: dict[RequestClass, list[BucketPolicy]] = {
         RequestClass.VM_WRITE: [
-            BucketPolicy(name="Microsoft.Compute/PutVMResource", per_minute=4, burst=12,
-                         per_resource=True),
-            BucketPolicy(name="Microsoft.Compute/PutVMSubscriptionMaximum", per_minute=500,
-                         burst=1500),
+            BucketPolicy(
+                name="Microsoft.Compute/PutVMResource", per_minute=4, burst=12, per_resource=True
+            ),
+            BucketPolicy(
+                name="Microsoft.Compute/PutVMSubscriptionMaximum", per_minute=500, burst=1500
+            ),
         ],
         RequestClass.DISK_WRITE: [
-            BucketPolicy(name="Microsoft.Compute/DiskWriteSubscriptionMaximum", per_minute=500,
-                         burst=1500),
+            BucketPolicy(
+                name="Microsoft.Compute/DiskWriteSubscriptionMaximum", per_minute=500, burst=1500
+            ),
         ],
         RequestClass.LOW_COST_GET: [
             BucketPolicy(name="Microsoft.Compute/LowCostGet", per_minute=8000, burst=8000),

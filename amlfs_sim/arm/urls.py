@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.arm.exceptions import ArmError, bad_request
-from amlfs_sim.arm.models import OpStatus, Operation
+from amlfs_sim.arm.models import Operation, OpStatus
 from amlfs_sim.arm.responses import (
     SimTime,
     disk_json,
@@ -92,10 +92,13 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         """``target`` gives (region, resource id, name); raising ArmError answers with it."""
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-            return error_response(ArmError(
-                401, "AuthenticationFailed",
-                "Authentication failed. The 'Authorization' header is missing or not Bearer.",
-            ))
+            return error_response(
+                ArmError(
+                    401,
+                    "AuthenticationFailed",
+                    "Authentication failed. The 'Authorization' header is missing or not Bearer.",
+                )
+            )
         with backend.lock:
             backend.advance()
             decision: ThrottleDecision | None = None
@@ -131,7 +134,10 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             f"{base}/subscriptions/{op.subscription_id}/providers/Microsoft.Compute/locations/"
             f"{op.region}/operations/{op.id}?api-version={version}"
         )
-        headers = {"Azure-AsyncOperation": status_url, **retry_headers(backend.world.spec.poll_interval_s)}
+        headers = {
+            "Azure-AsyncOperation": status_url,
+            **retry_headers(backend.world.spec.poll_interval_s),
+        }
         if location:
             headers["Location"] = status_url + "&monitor=true"
         return json_response(status, body, headers)
@@ -147,34 +153,56 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         def target() -> tuple[str, str, str]:
             vm = backend.vm(sub, rg, name)
             return vm.location, vm.id, vm.name
+
         return target
 
     def group_target(sub: str, rg: str, name: str = "*") -> Callable[[], tuple[str, str, str]]:
         def target() -> tuple[str, str, str]:
             return backend.region_of(sub, rg), f"/subscriptions/{sub}/resourceGroups/{rg}", name
+
         return target
 
     # ------------------------------------------------------------------ VMs
 
     @router.get(VMS)
     async def list_vms(request: Request, sub: str, rg: str) -> Response:
-        return handle(request, "vm.list", RequestClass.LOW_COST_GET, sub, group_target(sub, rg),
-                      lambda: json_response(200, {"value": [
-                          vm_json(backend, vm, times) for vm in backend.vms_in(sub, rg)]}))
+        return handle(
+            request,
+            "vm.list",
+            RequestClass.LOW_COST_GET,
+            sub,
+            group_target(sub, rg),
+            lambda: json_response(
+                200, {"value": [vm_json(backend, vm, times) for vm in backend.vms_in(sub, rg)]}
+            ),
+        )
 
     @router.get(VMS + "/{name}")
     async def get_vm(request: Request, sub: str, rg: str, name: str) -> Response:
         expand = request.query_params.get("$expand", "").lower() == "instanceview"
-        return handle(request, "vm.get", RequestClass.LOW_COST_GET, sub, vm_target(sub, rg, name),
-                      lambda: json_response(200, vm_json(backend, backend.vm(sub, rg, name), times,
-                                                         instance_view=expand)))
+        return handle(
+            request,
+            "vm.get",
+            RequestClass.LOW_COST_GET,
+            sub,
+            vm_target(sub, rg, name),
+            lambda: json_response(
+                200, vm_json(backend, backend.vm(sub, rg, name), times, instance_view=expand)
+            ),
+        )
 
     @router.get(VMS + "/{name}/instanceView")
     async def get_instance_view(request: Request, sub: str, rg: str, name: str) -> Response:
-        return handle(request, "vm.instance_view", RequestClass.LOW_COST_GET, sub,
-                      vm_target(sub, rg, name),
-                      lambda: json_response(200, instance_view_json(
-                          backend, backend.vm(sub, rg, name), times)))
+        return handle(
+            request,
+            "vm.instance_view",
+            RequestClass.LOW_COST_GET,
+            sub,
+            vm_target(sub, rg, name),
+            lambda: json_response(
+                200, instance_view_json(backend, backend.vm(sub, rg, name), times)
+            ),
+        )
 
     async def _update_vm(request: Request, sub: str, rg: str, name: str, patch: bool) -> Response:
         body = await read_body(request)
@@ -209,9 +237,14 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
     @router.post(VMS + "/{name}/{action}")
     async def vm_action(request: Request, sub: str, rg: str, name: str, action: str) -> Response:
         if action not in actions:
-            return error_response(ArmError(
-                400, "InvalidResourceType", f"The VM action '{action}' is not supported by the "
-                f"emulator (supported: {', '.join(actions)})."))
+            return error_response(
+                ArmError(
+                    400,
+                    "InvalidResourceType",
+                    f"The VM action '{action}' is not supported by the "
+                    f"emulator (supported: {', '.join(actions)}).",
+                )
+            )
         kind, method = actions[action]
 
         def act() -> Response:
@@ -224,15 +257,27 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
 
     @router.get(DISKS)
     async def list_disks(request: Request, sub: str, rg: str) -> Response:
-        return handle(request, "disk.list", RequestClass.LOW_COST_GET, sub, group_target(sub, rg),
-                      lambda: json_response(200, {"value": [
-                          disk_json(d, times) for d in backend.disks_in(sub, rg)]}))
+        return handle(
+            request,
+            "disk.list",
+            RequestClass.LOW_COST_GET,
+            sub,
+            group_target(sub, rg),
+            lambda: json_response(
+                200, {"value": [disk_json(d, times) for d in backend.disks_in(sub, rg)]}
+            ),
+        )
 
     @router.get(DISKS + "/{name}")
     async def get_disk(request: Request, sub: str, rg: str, name: str) -> Response:
-        return handle(request, "disk.get", RequestClass.LOW_COST_GET, sub,
-                      group_target(sub, rg, name),
-                      lambda: json_response(200, disk_json(backend.disk(sub, rg, name), times)))
+        return handle(
+            request,
+            "disk.get",
+            RequestClass.LOW_COST_GET,
+            sub,
+            group_target(sub, rg, name),
+            lambda: json_response(200, disk_json(backend.disk(sub, rg, name), times)),
+        )
 
     async def _put_disk(request: Request, sub: str, rg: str, name: str, patch: bool) -> Response:
         body = await read_body(request)
@@ -244,9 +289,15 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             status = 202 if created or patch else 200
             return lro(request, op, status, disk_json(disk, times), location=True)
 
-        kind = "disk.update" if patch else (
-            "disk.update" if backend.disks.get((sub.lower(), rg.lower(), name.lower()))
-            else "disk.create")
+        kind = (
+            "disk.update"
+            if patch
+            else (
+                "disk.update"
+                if backend.disks.get((sub.lower(), rg.lower(), name.lower()))
+                else "disk.create"
+            )
+        )
         return handle(request, kind, RequestClass.DISK_WRITE, sub, group_target(sub, rg, name), act)
 
     @router.put(DISKS + "/{name}")
@@ -265,18 +316,24 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
                 return json_response(204)
             return lro(request, op, 202, None, location=True)
 
-        return handle(request, "disk.delete", RequestClass.DISK_WRITE, sub,
-                      group_target(sub, rg, name), act)
+        return handle(
+            request, "disk.delete", RequestClass.DISK_WRITE, sub, group_target(sub, rg, name), act
+        )
 
     # ------------------------------------------------------------------ gallery
 
     @router.get(IMAGE)
-    async def get_image(request: Request, sub: str, rg: str, gallery: str, image: str,
-                        version: str) -> Response:
-        return handle(request, "image.get", RequestClass.LOW_COST_GET, sub,
-                      group_target(sub, rg, f"{gallery}/{image}/{version}"),
-                      lambda: json_response(200, image_json(
-                          backend.image(sub, rg, gallery, image, version))))
+    async def get_image(
+        request: Request, sub: str, rg: str, gallery: str, image: str, version: str
+    ) -> Response:
+        return handle(
+            request,
+            "image.get",
+            RequestClass.LOW_COST_GET,
+            sub,
+            group_target(sub, rg, f"{gallery}/{image}/{version}"),
+            lambda: json_response(200, image_json(backend.image(sub, rg, gallery, image, version))),
+        )
 
     # ------------------------------------------------------------------ operations
 
@@ -304,8 +361,13 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
                 return json_response(200, operation_json(op, times), headers)
             if monitor:
                 if op.status is OpStatus.FAILED:
-                    return error_response(ArmError(500, op.error_code or "InternalServerError",
-                                                   op.error_message or "Operation failed."))
+                    return error_response(
+                        ArmError(
+                            500,
+                            op.error_code or "InternalServerError",
+                            op.error_message or "Operation failed.",
+                        )
+                    )
                 return json_response(200)
             return json_response(200, operation_json(op, times))
 
