@@ -28,13 +28,22 @@ def serve(
     time_scale: Annotated[float, typer.Option(help="Sim seconds per real second")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of durations and probabilistic faults")] = 0,
     port: Annotated[int, typer.Option(help="HTTPS port on 127.0.0.1 (0: any free)")] = 0,
+    throttle: Annotated[
+        bool, typer.Option(help="Apply Azure Compute's throttling buckets (off: capacity runs)")
+    ] = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT; endpoint.json appears in STATE_DIR when ready."""
+    from amlfs_sim.arm.throttling import ThrottlePolicy
     from amlfs_sim.server import Emulator
 
     try:
         emulator = Emulator.from_fleet_file(
-            fleet, state_dir, time_scale=time_scale, seed=seed, port=port
+            fleet,
+            state_dir,
+            time_scale=time_scale,
+            seed=seed,
+            port=port,
+            throttle=ThrottlePolicy(enabled=throttle),
         )
     except InventoryError as err:
         typer.echo(f"error: {err}", err=True)

@@ -103,6 +103,9 @@ class Emulator:
         tls = make_tls_files(self.state_dir / "tls", self.host)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit this. Without it every response waits ~40 ms for Nagle and
+        # the client's delayed ACK (measured: 44 ms per GET, 1.4 ms with it).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
