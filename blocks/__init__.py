@@ -1,0 +1,1 @@
+"""Prefect Blocks: AzureTarget, SshAccess, FleetSource, MaintenancePolicy."""

@@ -1,0 +1,1 @@
+"""Prefect flows (cluster upgrade, fleet maintenance): thin, the logic lives in amlfs."""

@@ -1,0 +1,1 @@
+"""Prefect tasks, one small module per step, each calling amlfs."""
