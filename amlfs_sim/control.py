@@ -89,6 +89,7 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
             "operations_in_flight": sum(
                 1 for op in backend.operations.values() if op.status.value == "InProgress"
             ),
+            "clusters": backend.customer_view(cluster) if backend.customer_view else {},
             "requests": backend.requests,
             "throttled_requests": backend.throttler.throttled_count,
         }

@@ -35,6 +35,11 @@ OP_KINDS = (
     "disk.delete",
     "image.get",
     "operation.poll",
+    # Node faults, matched on the VM name: a crash (fail) or a bad image (code BadImage) at
+    # the next boot; SSH refused while the rule fires; recovery that never completes.
+    "node.boot",
+    "node.ssh",
+    "node.recovery",
 )
 
 

@@ -23,6 +23,8 @@ from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.arm.responses import SimTime
 from amlfs_sim.arm.throttling import ThrottlePolicy
 from amlfs_sim.arm.urls import create_app
+from amlfs_sim.nodes.fleet import NodeFleet
+from amlfs_sim.nodes.ssh import SshServer
 from amlfs_sim.spec import SimWorld, load_world
 from amlfs_sim.tls import make_tls_files
 
@@ -81,6 +83,7 @@ class Emulator:
         host: str = "127.0.0.1",
         port: int = 0,
         throttle: ThrottlePolicy | None = None,
+        ssh_port: int = 0,
     ) -> None:
         self.world = world
         self.state_dir = Path(state_dir)
@@ -88,6 +91,9 @@ class Emulator:
         self.port = port
         self.clock = ScaledClock(time_scale)
         self.backend = ArmBackend(world, self.clock, seed=seed, throttle=throttle)
+        self.nodes = NodeFleet(self.backend)
+        self.backend.customer_view = self.nodes.report
+        self.ssh = SshServer(self.nodes, self.state_dir, seed=seed, port=ssh_port)
         self.times = SimTime()
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
@@ -130,6 +136,7 @@ class Emulator:
                 raise RuntimeError(f"amlfs-sim did not start on {self.host}:{self.port}")
             time.sleep(0.01)
         pump.start()
+        ssh = self.ssh.start()
         base = f"https://{self.host}:{self.port}"
         self.endpoint = EndpointInfo(
             arm_url=base,
@@ -137,6 +144,7 @@ class Emulator:
             subscription_id=self.world.fleet.clusters[0].subscription_id,
             time_scale=self.clock.time_scale,
             control_url=f"{base}/_sim",
+            ssh=asdict(ssh),
         )
         self.endpoint.write(self.state_dir / "endpoint.json")
         return self.endpoint
@@ -148,6 +156,8 @@ class Emulator:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.ssh.info is not None:
+            self.ssh.stop()
         if self._server is not None:
             self._server.should_exit = True
         for thread in self._threads:

@@ -85,6 +85,12 @@ class ArmBackend:
         self.lock = threading.RLock()
         self.throttler = Throttler(throttle or ThrottlePolicy())
         self.listeners: list[EventListener] = []
+        # Called with the lock held: after reset (the node layer rebuilds) and after each
+        # advance (the node layer applies its own timed transitions up to now).
+        self.reset_hooks: list[Callable[[], None]] = []
+        self.tick_hooks: list[Callable[[float], None]] = []
+        # The node layer's per-cluster customer view, for the control API's state.
+        self.customer_view: Callable[[str | None], dict[str, Any]] | None = None
         self.images: dict[str, ImageSpec] = {i.id.lower(): i for i in world.images}
         self.regions: dict[tuple[str, str], str] = {}
         for cluster in world.fleet.clusters:
@@ -120,6 +126,8 @@ class ArmBackend:
                 for node in cluster.nodes:
                     self._add_initial_vm(cluster, node)
             self.baseline = _Baseline({vm.name: self._data_layout(vm) for vm in self.vms.values()})
+            for hook in self.reset_hooks:
+                hook()
 
     def _add_initial_vm(self, cluster: Cluster, node: Node) -> None:
         spec = self.world.spec
@@ -191,6 +199,8 @@ class ArmBackend:
             op = self.operations.get(op_id)
             if op is not None and op.status is OpStatus.IN_PROGRESS:
                 self._end_phase(op, due)
+        for hook in self.tick_hooks:
+            hook(now)
 
     def _draw(self, duration: DurationRange) -> float:
         return self.rng.uniform(duration.low, duration.high)
