@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from azure.mgmt.compute import ComputeManagementClient
 
 from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.models import Cluster
+from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld, load_world
 
@@ -40,6 +42,7 @@ class Sim:
     world: SimWorld
     control: httpx.Client
     clients: list[ComputeManagementClient] = field(default_factory=list)
+    pools: list[SshPool] = field(default_factory=list)
 
     @property
     def cluster(self) -> Cluster:
@@ -72,9 +75,39 @@ class Sim:
         self.clients.append(client)
         return client
 
+    def ssh_config(self, **overrides: Any) -> SshConfig:
+        ssh = self.endpoint.ssh
+        values: dict[str, Any] = {
+            "username": ssh["username"],
+            "key": load_private_key(Path(ssh["key_file"]).read_text()),
+            "known_hosts": Path(ssh["known_hosts"]),
+            "port": ssh["port"],
+            "connect_timeout_s": 5.0,
+            "command_timeout_s": 10.0,
+        }
+        values.update(overrides)
+        return SshConfig(**values)
+
+    def shell(self, node_name: str) -> NodeShell:
+        """An SSH shell on a node of the small fleet (real paramiko, verified host key)."""
+        if not self.pools:
+            self.pools.append(SshPool(self.ssh_config()))
+        _, node = next((c, n) for c, n in self.world.fleet.iter_nodes() if n.name == node_name)
+        return self.pools[0].shell(node_name, str(node.address))
+
+    def sleep(self, sim_seconds: float) -> None:
+        """Let ``sim_seconds`` of emulator time pass."""
+        time.sleep(sim_seconds / self.endpoint.time_scale)
+
+    def customer(self, cluster: str | None = None) -> dict[str, Any]:
+        name = cluster or self.cluster.name
+        return self.state(name)["clusters"][name]  # type: ignore[no-any-return]
+
     def close_clients(self) -> None:
         while self.clients:
             self.clients.pop().close()
+        while self.pools:
+            self.pools.pop().close()
 
 
 @pytest.fixture(scope="session")

@@ -57,9 +57,7 @@ class NodeFleet:
         used = {n.address for _, n in self.world.fleet.iter_nodes() if n.address is not None}
         spare = (ipaddress.IPv4Address("127.200.0.1") + i for i in range(1 << 22))
         for index, cluster in enumerate(self.world.fleet.clusters):
-            sim = ClusterSim(
-                cluster, index, self.world.spec.clients_per_cluster, self.backend.emit
-            )
+            sim = ClusterSim(cluster, index, self.world.spec.clients_per_cluster, self.backend.emit)
             osts = 0
             for node in cluster.nodes:
                 if node.address is not None:
@@ -74,7 +72,9 @@ class NodeFleet:
                     ]
                 elif node.role is Role.OSS:
                     targets = [
-                        Target(f"{FSNAME}-OST{osts:04x}", "ost", f"{node.name}-ostpool", f"ost{osts}")
+                        Target(
+                            f"{FSNAME}-OST{osts:04x}", "ost", f"{node.name}-ostpool", f"ost{osts}"
+                        )
                     ]
                     osts += 1
                 lustre_node = LustreNode(sim, node, address, targets)
@@ -99,7 +99,11 @@ class NodeFleet:
                 hostid = derive_hostid(f"{self.backend.seed}:{node.name}")
                 content = DiskContent(
                     files=cluster_files(
-                        cluster, node, lustre_node.address, lustre_node.targets, hostid,
+                        cluster,
+                        node,
+                        lustre_node.address,
+                        lustre_node.targets,
+                        hostid,
                         mds_address,
                     ),
                     os_version=image.os_version,
@@ -114,8 +118,9 @@ class NodeFleet:
             for node in cluster.nodes:
                 lustre_node = self.nodes[node.name]
                 vm = self.backend.vm(cluster.subscription_id, cluster.resource_group, node.name)
-                lustre_node.boot(self.contents[self.backend.disks[vm.os_disk].name], 0.0,
-                                 settled=True)
+                lustre_node.boot(
+                    self.contents[self.backend.disks[vm.os_disk].name], 0.0, settled=True
+                )
             sim.settle(0.0)
         for name in self.nodes:
             self._notify(name)
@@ -139,8 +144,9 @@ class NodeFleet:
         elif event.type == "disk.deleted":
             self.contents.pop(data["disk"], None)
 
-    def _boot(self, node: LustreNode, disk_name: str | None, image_id: str | None,
-              at: float) -> None:
+    def _boot(
+        self, node: LustreNode, disk_name: str | None, image_id: str | None, at: float
+    ) -> None:
         content = self.contents.get(disk_name or "")
         if content is None:
             image = self.backend.images.get((image_id or "").lower())
@@ -165,9 +171,16 @@ class NodeFleet:
         if faults.take("node.recovery", node.name, (FaultMode.HANG, FaultMode.FAIL)) is not None:
             sim.stuck_nodes.add(node.name)
         node.boot(content, at, crash=crash)
-        self.backend.emit(at, "node.booted", vm=node.name, cluster=sim.name,
-                          lustre_version=content.lustre_version, crashed=crash,
-                          modules_loaded=node.modules_loaded, config=bool(content.files))
+        self.backend.emit(
+            at,
+            "node.booted",
+            vm=node.name,
+            cluster=sim.name,
+            lustre_version=content.lustre_version,
+            crashed=crash,
+            modules_loaded=node.modules_loaded,
+            config=bool(content.files),
+        )
         self._after_change(node)
 
     def _after_change(self, node: LustreNode) -> None:
@@ -209,5 +222,14 @@ class NodeFleet:
             if cluster is not None and name != cluster:
                 continue
             sim.advance(now)
-            out[name] = sim.report(now)
+            report = sim.report(now)
+            cluster_spec = sim.spec
+            report["data_disks"] = {
+                self.backend.disks[a.disk].name: self.backend.disks[a.disk].checksum
+                for node in cluster_spec.nodes
+                for a in self.backend.vm(
+                    cluster_spec.subscription_id, cluster_spec.resource_group, node.name
+                ).data_disks
+            }
+            out[name] = report
         return out

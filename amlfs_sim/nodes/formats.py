@@ -41,7 +41,8 @@ def format_params(values: Sequence[tuple[str, str]], *, value_only: bool) -> str
     out = []
     for name, value in values:
         if value_only:
-            out.append(value if value.endswith("\n") else value + "\n")
+            if value:  # an empty file (no HSM request) prints nothing
+                out.append(value if value.endswith("\n") else value + "\n")
         elif "\n" in value.rstrip("\n"):
             out.append(f"{name}=\n{value if value.endswith(chr(10)) else value + chr(10)}")
         else:

@@ -91,7 +91,10 @@ def _lctl(ctx: Context, args: list[str]) -> Result:
     node = ctx.node
     if sub in ("dl", "device_list"):
         if not node.modules_loaded:
-            return Result(2, stderr="error: dl: open(/sys/kernel/debug/lustre/devices): No such file or directory\n")
+            return Result(
+                2,
+                stderr="error: dl: open(/sys/kernel/debug/lustre/devices): No such file or directory\n",
+            )
         return Result(0, format_devices(_devices(node)))
     if sub == "list_nids":
         if not node.nids:
@@ -124,16 +127,17 @@ def _devices(node: LustreNode) -> list[Device]:
             ]
             for _, ost in node.cluster.server_targets:
                 if ost.kind == "ost":
-                    rows.append(
-                        ("osp", f"{ost.name}-osc-MDT0000", f"{FSNAME}-MDT0000-mdtlov_UUID")
-                    )
+                    rows.append(("osp", f"{ost.name}-osc-MDT0000", f"{FSNAME}-MDT0000-mdtlov_UUID"))
         elif target.kind == "ost":
             rows += [
                 ("osd-zfs", f"{target.name}-osd", f"{target.name}-osd_UUID"),
                 ("ost", "OSS", "OSS_uuid"),
                 ("obdfilter", target.name, f"{target.name}_UUID"),
-                ("lwp", f"{FSNAME}-MDT0000-lwp-{target.name[-7:]}",
-                 f"{FSNAME}-MDT0000-lwp-{target.name[-7:]}_UUID"),
+                (
+                    "lwp",
+                    f"{FSNAME}-MDT0000-lwp-{target.name[-7:]}",
+                    f"{FSNAME}-MDT0000-lwp-{target.name[-7:]}_UUID",
+                ),
             ]
     if node.client_mounted:
         instance = "ffff" + _digest(node.name)[:12]
@@ -184,7 +188,7 @@ def _param_value(ctx: Context, name: str) -> str:
     if name.endswith(".hsm.active_requests"):
         return "".join(
             f"fid=[0x200000401:0x{i + 1:x}:0x0] dfid=[0x200000401:0x{i + 1:x}:0x0] "
-            f"compound/cookie=0x{0x5f000000 + i:x}/0x{0x5f000000 + i:x} action=ARCHIVE "
+            f"compound/cookie=0x{0x5F000000 + i:x}/0x{0x5F000000 + i:x} action=ARCHIVE "
             "archive#=1 flags=0x0 extent=0x0-0xffffffffffffffff gid=0x0 datalen=0 "
             "status=STARTED data=[]\n"
             for i in range(cluster.hsm_active_requests(ctx.now))
@@ -220,9 +224,7 @@ def _get_param(ctx: Context, args: list[str]) -> Result:
     for pattern in patterns:
         matched = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            errors.append(
-                f"error: get_param: param_path '{pattern}': No such file or directory\n"
-            )
+            errors.append(f"error: get_param: param_path '{pattern}': No such file or directory\n")
         values += [(n, "" if names_only else _param_value(ctx, n)) for n in matched]
     if names_only:
         out = "".join(n + "\n" for n, _ in values)
@@ -299,7 +301,7 @@ def _lnetctl(ctx: Context, args: list[str]) -> Result:
     if node.services.get("lnet") != "active":
         return Result(
             255,
-            stderr='show:\n    - net:\n          errno: -100\n'
+            stderr="show:\n    - net:\n          errno: -100\n"
             '          descr: "cannot get networks: Network is down"\n',
         )
     return Result(0, format_net_show(node.nids))
@@ -315,11 +317,15 @@ def _mount(ctx: Context, args: list[str]) -> Result:
             opts = f"ro,svname={target.name}" if target.kind != "mgs" else "ro"
             if target.kind == "mgs" or (target.kind == "mdt" and node.is_mgs):
                 opts += ",mgs"
-            lines.append(f"{target.pool}/{target.dataset} on {target.mountpoint} type lustre "
-                         f"({opts},osd=osd-zfs)\n")
+            lines.append(
+                f"{target.pool}/{target.dataset} on {target.mountpoint} type lustre "
+                f"({opts},osd=osd-zfs)\n"
+            )
     if node.client_mounted:
-        lines.append(f"{node.cluster.mds.nid}:/{FSNAME} on /lustre/{FSNAME} type lustre "
-                     "(rw,flock,lazystatfs,encrypt)\n")
+        lines.append(
+            f"{node.cluster.mds.nid}:/{FSNAME} on /lustre/{FSNAME} type lustre "
+            "(rw,flock,lazystatfs,encrypt)\n"
+        )
     return Result(0, "".join(lines))
 
 
@@ -333,9 +339,13 @@ def _systemctl(ctx: Context, args: list[str]) -> Result:
     node = ctx.node
     if verb == "is-active":
         states = [node.services.get(u, "inactive") for u in units]
-        return Result(0 if all(s == "active" for s in states) else 3, "".join(s + "\n" for s in states))
+        return Result(
+            0 if all(s == "active" for s in states) else 3, "".join(s + "\n" for s in states)
+        )
     if verb not in ("start", "stop", "restart"):
-        return Result(1, stderr=f"systemctl: emulated verbs: start, stop, restart, is-active (got {verb})\n")
+        return Result(
+            1, stderr=f"systemctl: emulated verbs: start, stop, restart, is-active (got {verb})\n"
+        )
     status, err = 0, ""
     for unit in units:
         if verb in ("stop", "restart"):
@@ -354,7 +364,10 @@ def _modprobe(ctx: Context, args: list[str]) -> Result:
     modules = [a for a in args if not a.startswith("-")]
     if not ctx.node.modules_loaded and ctx.node.disk is not None and ctx.node.disk.bad_image:
         name = modules[0] if modules else "lustre"
-        return Result(1, stderr=f"modprobe: ERROR: could not insert '{name}': Unknown symbol in module, or unknown parameter (see dmesg)\n")
+        return Result(
+            1,
+            stderr=f"modprobe: ERROR: could not insert '{name}': Unknown symbol in module, or unknown parameter (see dmesg)\n",
+        )
     return Result(0)
 
 
@@ -402,7 +415,9 @@ def _iptables(ctx: Context, args: list[str]) -> Result:
         return Result(1, stderr="iptables: Bad rule (does a matching rule exist in that chain?).\n")
     if op == "-D":
         if rule not in node.iptables:
-            return Result(1, stderr="iptables: Bad rule (does a matching rule exist in that chain?).\n")
+            return Result(
+                1, stderr="iptables: Bad rule (does a matching rule exist in that chain?).\n"
+            )
         node.iptables.remove(rule)
     elif op == "-I":
         node.iptables.insert(0, rule)
@@ -427,7 +442,13 @@ def _zpool(ctx: Context, args: list[str]) -> Result:
             free = [p for p in pools if p not in node.pools]
             if not free:
                 return Result(1, stderr="no pools available to import\n")
-            return Result(0, "".join(f"   pool: {p}\n     id: {int(_digest(p)[:15], 16)}\n  state: ONLINE\n action: The pool can be imported using its name or numeric identifier.\n" for p in free))
+            return Result(
+                0,
+                "".join(
+                    f"   pool: {p}\n     id: {int(_digest(p)[:15], 16)}\n  state: ONLINE\n action: The pool can be imported using its name or numeric identifier.\n"
+                    for p in free
+                ),
+            )
         status, err = 0, ""
         for name in names:
             code, msg = node.import_pool(name, force="-f" in rest)
@@ -443,9 +464,11 @@ def _zpool(ctx: Context, args: list[str]) -> Result:
             if name not in node.pools:
                 err += f"cannot open '{name}': no such pool\n"
                 continue
-            out += (f"  pool: {name}\n state: ONLINE\n  scan: none requested\nconfig:\n\n"
-                    f"\tNAME        STATE     READ WRITE CKSUM\n\t{name}  ONLINE       0     0     0\n"
-                    f"\t  sdc       ONLINE       0     0     0\n\nerrors: No known data errors\n")
+            out += (
+                f"  pool: {name}\n state: ONLINE\n  scan: none requested\nconfig:\n\n"
+                f"\tNAME        STATE     READ WRITE CKSUM\n\t{name}  ONLINE       0     0     0\n"
+                f"\t  sdc       ONLINE       0     0     0\n\nerrors: No known data errors\n"
+            )
         return Result(1 if err else 0, out, err)
     if sub == "list":
         return Result(0, "".join(p + "\n" for p in sorted(node.pools)))

@@ -51,8 +51,15 @@ HOSTID_FILE = "/etc/hostid"
 HSM_AGENT_CONF = "/etc/lhsmd/agent"
 HYDRATOR_CONF = "/etc/amlfs/hydrator.conf"
 IPTABLES_RULES = "/etc/iptables/rules.v4"
-CLUSTER_FILES = (LNET_CONF, LUSTRE_CONF, LDEV_CONF, HOSTID_FILE, HSM_AGENT_CONF, HYDRATOR_CONF,
-                 IPTABLES_RULES)
+CLUSTER_FILES = (
+    LNET_CONF,
+    LUSTRE_CONF,
+    LDEV_CONF,
+    HOSTID_FILE,
+    HSM_AGENT_CONF,
+    HYDRATOR_CONF,
+    IPTABLES_RULES,
+)
 
 # Defaults of the tunables the emulator models, by parameter pattern (Lustre 2.15 values).
 DEFAULT_TUNABLES: dict[str, str] = {
@@ -153,8 +160,9 @@ class LustreNode:
 
     def param(self, name: str) -> str | None:
         """Current value of parameter ``name``: its default, then every matching set_param."""
-        value = next((v for pat, v in DEFAULT_TUNABLES.items() if fnmatch.fnmatchcase(name, pat)),
-                     None)
+        value = next(
+            (v for pat, v in DEFAULT_TUNABLES.items() if fnmatch.fnmatchcase(name, pat)), None
+        )
         for pattern, setting in self.settings:
             if fnmatch.fnmatchcase(name, pattern):
                 value = setting
@@ -169,16 +177,26 @@ class LustreNode:
             if not target.mounted or target.kind == "mgs":
                 continue
             base = f"{target.param_prefix}.{target.name}"
-            names += [f"{base}.recovery_status", f"{base}.recovery_time_soft",
-                      f"{base}.recovery_time_hard"]
+            names += [
+                f"{base}.recovery_status",
+                f"{base}.recovery_time_soft",
+                f"{base}.recovery_time_hard",
+            ]
             if target.kind == "mdt":
-                names += [f"{base}.hsm_control", f"{base}.hsm.active_requests",
-                          f"{base}.hsm.agents"]
+                names += [
+                    f"{base}.hsm_control",
+                    f"{base}.hsm.active_requests",
+                    f"{base}.hsm.agents",
+                ]
         return names
 
     def healthy(self) -> bool:
-        return (self.up and self.modules_loaded and self.services.get("lnet") == "active"
-                and all(t.mounted for t in self.targets))
+        return (
+            self.up
+            and self.modules_loaded
+            and self.services.get("lnet") == "active"
+            and all(t.mounted for t in self.targets)
+        )
 
     def service_names(self) -> list[str]:
         names = ["lnet", "lustre"]
@@ -234,8 +252,9 @@ class LustreNode:
             target.mounted = False
             target.recovery = Recovery()
 
-    def boot(self, disk: DiskContent, at: float, *, crash: bool = False,
-             settled: bool = False) -> None:
+    def boot(
+        self, disk: DiskContent, at: float, *, crash: bool = False, settled: bool = False
+    ) -> None:
         """Boot from ``disk``: what starts depends on the files it holds."""
         self.cluster.advance(at)
         self.disk = disk
@@ -275,8 +294,8 @@ class LustreNode:
             self.services[name] = "failed"
             return 1, (
                 f"Job for {name}.service failed because the control process exited with error "
-                f"code.\nSee \"systemctl status {name}.service\" and \"journalctl -xeu "
-                f"{name}.service\" for details.\n"
+                f'code.\nSee "systemctl status {name}.service" and "journalctl -xeu '
+                f'{name}.service" for details.\n'
             )
         if name == "lnet":
             self.services["lnet"] = "active"
@@ -285,7 +304,10 @@ class LustreNode:
         if name == "lustre":
             if self.services.get("lnet") != "active":
                 self.services["lustre"] = "failed"
-                return 1, "A dependency job for lustre.service failed. See 'journalctl -xe' for details.\n"
+                return (
+                    1,
+                    "A dependency job for lustre.service failed. See 'journalctl -xe' for details.\n",
+                )
             if not self.targets:  # lclient and HSM agents mount the file system
                 self.client_mounted = bool(self.nids)
                 self.services["lustre"] = "active" if self.client_mounted else "failed"
@@ -299,8 +321,8 @@ class LustreNode:
                 self.services["lustre"] = "failed"
                 return 1, (
                     "Job for lustre.service failed because the control process exited with "
-                    "error code.\nSee \"systemctl status lustre.service\" and \"journalctl "
-                    "-xeu lustre.service\" for details.\n"
+                    'error code.\nSee "systemctl status lustre.service" and "journalctl '
+                    '-xeu lustre.service" for details.\n'
                 )
             self.services["lustre"] = "active"
             for target in self.targets:
@@ -353,8 +375,16 @@ def _parse_rule(rule: str) -> dict[str, str] | None:
     except ValueError:
         return None
     spec: dict[str, str] = {}
-    flags = {"-A": "chain", "-I": "chain", "-s": "source", "--source": "source", "-p": "proto",
-             "--dport": "dport", "--destination-port": "dport", "-j": "jump"}
+    flags = {
+        "-A": "chain",
+        "-I": "chain",
+        "-s": "source",
+        "--source": "source",
+        "-p": "proto",
+        "--dport": "dport",
+        "--destination-port": "dport",
+        "-j": "jump",
+    }
     i = 0
     while i < len(words):
         key = flags.get(words[i])
@@ -381,7 +411,9 @@ class ClusterSim:
     def reset(self) -> None:
         """Forget history: the state of a cluster about to be booted as loaded."""
         self.quiet = True  # no events while the fleet as loaded boots
-        self.clients = [Client(f"10.8.{self.index % 256}.{k + 1}") for k in range(self.client_count)]
+        self.clients = [
+            Client(f"10.8.{self.index % 256}.{k + 1}") for k in range(self.client_count)
+        ]
         # lctl set_param -P: kept by the MGS on the MDT, so it survives an OS disk swap.
         self.persistent: dict[str, str] = {}
         self.pool_hostids: dict[str, str] = {}
@@ -476,8 +508,14 @@ class ClusterSim:
     def target_started(self, node: LustreNode, target: Target, at: float) -> None:
         stuck = node.name in self.stuck_nodes
         target.recovery = Recovery(status="WAITING_FOR_CLIENTS", start=at, stuck=stuck)
-        self.emit(at, "lustre.recovery_started", cluster=self.name, node=node.name,
-                  target=target.name, stuck=stuck)
+        self.emit(
+            at,
+            "lustre.recovery_started",
+            cluster=self.name,
+            node=node.name,
+            target=target.name,
+            stuck=stuck,
+        )
         self._try_reconnect(at)
 
     def next_deadline(self) -> tuple[float, str, Any] | None:
@@ -514,21 +552,36 @@ class ClusterSim:
             if what == "replayed":
                 subject.recovery.status = "COMPLETE"
                 subject.recovery.end = at
-                self.emit(at, "lustre.recovery_complete", cluster=self.name, target=subject.name,
-                          evicted=subject.recovery.evicted)
+                self.emit(
+                    at,
+                    "lustre.recovery_complete",
+                    cluster=self.name,
+                    target=subject.name,
+                    evicted=subject.recovery.evicted,
+                )
             elif what == "hard":
                 rec = subject.recovery
                 rec.status, rec.end = "COMPLETE", at
                 for client in self.clients:
-                    if not all(self.reachable(n, t, client.address)
-                               for n, t in self.server_targets if t is subject):
+                    if not all(
+                        self.reachable(n, t, client.address)
+                        for n, t in self.server_targets
+                        if t is subject
+                    ):
                         rec.evicted += 1
                         if not client.evicted_in_episode:
                             self._evict(client, at, f"{subject.name} recovery_time_hard expired")
-                self.emit(at, "lustre.recovery_complete", cluster=self.name, target=subject.name,
-                          evicted=rec.evicted)
+                self.emit(
+                    at,
+                    "lustre.recovery_complete",
+                    cluster=self.name,
+                    target=subject.name,
+                    evicted=rec.evicted,
+                )
             else:
-                self._evict(subject, at, f"blocked longer than 1.5 x timeout ({self.timeout():g} s)")
+                self._evict(
+                    subject, at, f"blocked longer than 1.5 x timeout ({self.timeout():g} s)"
+                )
             self.now = at
             self._refresh(at)
         self.now = max(self.now, now)
@@ -537,8 +590,9 @@ class ClusterSim:
         client.evicted_in_episode = True
         client.evictions += 1
         self.evictions.append({"at": round(at, 3), "client": client.address, "reason": reason})
-        self.emit(at, "lustre.client_evicted", cluster=self.name, client=client.address,
-                  reason=reason)
+        self.emit(
+            at, "lustre.client_evicted", cluster=self.name, client=client.address, reason=reason
+        )
 
     def changed(self, at: float) -> None:
         """Something that affects reachability happened at ``at`` (after ``advance(at)``)."""
@@ -554,8 +608,9 @@ class ClusterSim:
             rec = target.recovery
             if rec.status != "WAITING_FOR_CLIENTS":
                 continue
-            if not self.clients or all(self.reachable(node, target, c.address)
-                                       for c in self.clients):
+            if not self.clients or all(
+                self.reachable(node, target, c.address) for c in self.clients
+            ):
                 rec.status = "RECOVERING"
                 rec.replay_end = None if rec.stuck else at + REPLAY_SECONDS
 
@@ -576,8 +631,9 @@ class ClusterSim:
                 self.downtime[-1][1] = at
                 start = self.downtime[-1][0]
                 assert start is not None
-                self.emit(at, "lustre.downtime_ended", cluster=self.name,
-                          seconds=round(at - start, 3))
+                self.emit(
+                    at, "lustre.downtime_ended", cluster=self.name, seconds=round(at - start, 3)
+                )
             self.serving = serving
 
     def settle(self, at: float) -> None:
@@ -617,15 +673,21 @@ class ClusterSim:
                 for n in self.nodes
             },
             "targets": [
-                {"node": n.name, "target": t.name, "mounted": t.mounted,
-                 "recovery": t.recovery.status, "evicted": t.recovery.evicted}
+                {
+                    "node": n.name,
+                    "target": t.name,
+                    "mounted": t.mounted,
+                    "recovery": t.recovery.status,
+                    "evicted": t.recovery.evicted,
+                }
                 for n, t in self.server_targets
             ],
         }
 
 
-def cluster_files(cluster: Cluster, node: Node, address: str, targets: list[Target],
-                  hostid: str, mds_address: str) -> dict[str, str]:
+def cluster_files(
+    cluster: Cluster, node: Node, address: str, targets: list[Target], hostid: str, mds_address: str
+) -> dict[str, str]:
     """The config a healthy node of ``cluster`` has on its OS disk."""
     files = {
         "/etc/os-release": "",
@@ -642,8 +704,7 @@ def cluster_files(cluster: Cluster, node: Node, address: str, targets: list[Targ
         )
     if node.role in (Role.AGTPRI, Role.AGTSTD):
         files[HSM_AGENT_CONF] = (
-            f'mount_point = "/lustre/{FSNAME}"\nlustre_mgs = "{mds_address}@tcp"\n'
-            "archive_id = 1\n"
+            f'mount_point = "/lustre/{FSNAME}"\nlustre_mgs = "{mds_address}@tcp"\narchive_id = 1\n'
         )
     if node.role is Role.AGTPRI:
         files[HYDRATOR_CONF] = f"fsname={FSNAME}\nmgs={mds_address}@tcp\n"

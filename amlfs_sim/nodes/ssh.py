@@ -9,6 +9,7 @@ no thread; a live connection costs paramiko's transport thread, a command one sh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -24,6 +25,12 @@ from typing import Any
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_SUCCEEDED,
+)
 
 from amlfs_sim.faults import FaultMode
 from amlfs_sim.nodes.fleet import NodeFleet
@@ -57,9 +64,11 @@ def _openssh_private(key: Ed25519PrivateKey) -> str:
 
 
 def _openssh_public(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 class _Transport(paramiko.Transport):
@@ -75,7 +84,7 @@ class _Transport(paramiko.Transport):
         self.replied: dict[int, threading.Event] = {}
 
     def _send_user_message(self, data: Any) -> None:
-        super()._send_user_message(data)
+        super()._send_user_message(data)  # type: ignore[misc]
         raw = data.asbytes() if hasattr(data, "asbytes") else bytes(data)
         if raw[:1] in (b"\x63", b"\x64"):  # SSH_MSG_CHANNEL_SUCCESS / FAILURE
             event = self.replied.pop(int.from_bytes(raw[1:5], "big"), None)
@@ -94,13 +103,13 @@ class _NodeServer(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         if username == self.ssh.username and key.asbytes() == self.ssh.client_public_blob:
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+            return AUTH_SUCCESSFUL
+        return AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind == "session":
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_SUCCEEDED
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         replied = threading.Event()
@@ -137,9 +146,10 @@ class SshServer:
         self._listening: dict[str, socket.socket] = {}
         self._sessions: dict[str, set[paramiko.Transport]] = {}
         self._host_keys: dict[str, paramiko.PKey] = {}
-        self._changes: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._doomed: queue.SimpleQueue[set[paramiko.Transport]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
+        self._sockets_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         client = _ed25519(f"amlfs-sim-client:{seed}".encode())
         self._client_private = _openssh_private(client)
@@ -184,12 +194,12 @@ class SshServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> SshInfo:
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         with self.lock:
             up = [name for name, node in self.fleet.nodes.items() if node.up]
             self._bind_all(up)
             self.fleet.listeners.append(self._on_node_state)
         self.info = self._write_files()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._loop, name="amlfs-sim-ssh", daemon=True)
         self._thread.start()
         return self.info
@@ -206,6 +216,7 @@ class SshServer:
                 if err.errno != errno.EADDRINUSE or requested != 0 or attempt == 19:
                     raise
                 for sock in self._listening.values():
+                    self._selector.unregister(sock)
                     sock.close()
                 self._listening.clear()
                 self.port = 0  # try another port
@@ -228,14 +239,12 @@ class SshServer:
         sock.listen(64)
         sock.setblocking(False)
         self._listening[name] = sock
-        if self._thread is not None:
-            self._selector.register(sock, selectors.EVENT_READ, name)
+        self._selector.register(sock, selectors.EVENT_READ, name)
 
     def _unlisten(self, name: str) -> None:
         sock = self._listening.pop(name, None)
         if sock is not None:
-            if self._thread is not None:
-                self._selector.unregister(sock)
+            self._selector.unregister(sock)
             sock.close()
         for transport in self._sessions.pop(name, set()):
             transport.close()
@@ -247,8 +256,9 @@ class SshServer:
             self._thread.join(timeout=10)
         if self._on_node_state in self.fleet.listeners:
             self.fleet.listeners.remove(self._on_node_state)
-        for name in list(self._listening):
-            self._unlisten(name)
+        with self._sockets_lock:
+            for name in list(self._listening):
+                self._unlisten(name)
         for sessions in self._sessions.values():
             for transport in sessions:
                 transport.close()
@@ -260,47 +270,53 @@ class SshServer:
     # ------------------------------------------------------------------ loop
 
     def _on_node_state(self, name: str, reachable: bool) -> None:
-        self._changes.put((name, reachable))
-        try:
+        """Called with the backend lock held, the moment a node boots or goes down.
+
+        The listening socket opens or closes right here, so a client that saw the VM start
+        can connect at once; dropping live sessions (which joins their threads) is left to
+        the loop thread.
+        """
+        if self._stopping.is_set():
+            return
+        with self._sockets_lock:
+            if reachable:
+                # If the address is taken by something else, the node stays unreachable.
+                with contextlib.suppress(OSError):
+                    self._listen(name)
+            else:
+                sock = self._listening.pop(name, None)
+                if sock is not None:
+                    self._selector.unregister(sock)
+                    sock.close()
+                self._doomed.put(self._sessions.pop(name, set()))
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        except OSError:
-            pass
 
     def _loop(self) -> None:
-        for name, sock in self._listening.items():
-            self._selector.register(sock, selectors.EVENT_READ, name)
         while not self._stopping.is_set():
             for key, _ in self._selector.select(timeout=1.0):
                 if key.data is None:
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
                     continue
                 self._accept(key.data, key.fileobj)  # type: ignore[arg-type]
-            self._apply_changes()
+            self._drop_sessions()
             self._prune()
 
-    def _apply_changes(self) -> None:
+    def _drop_sessions(self) -> None:
         while True:
             try:
-                name, reachable = self._changes.get_nowait()
+                sessions = self._doomed.get_nowait()
             except queue.Empty:
                 return
-            if self._stopping.is_set():
-                continue
-            if reachable:
-                try:
-                    self._listen(name)
-                except OSError:
-                    continue  # the address is taken: the node stays unreachable
-            else:
-                self._unlisten(name)
+            for transport in sessions:
+                transport.close()
 
     def _prune(self) -> None:
-        for sessions in self._sessions.values():
-            for transport in [t for t in sessions if not t.is_active()]:
-                sessions.discard(transport)
+        with self._sockets_lock:
+            for sessions in self._sessions.values():
+                for transport in [t for t in sessions if not t.is_active()]:
+                    sessions.discard(transport)
 
     def _accept(self, name: str, listener: socket.socket) -> None:
         try:
@@ -318,9 +334,12 @@ class SshServer:
         transport = _Transport(conn)
         transport.add_server_key(self.host_key(name))
         transport.set_keepalive(0)
-        self._sessions.setdefault(name, set()).add(transport)
+        with self._sockets_lock:
+            self._sessions.setdefault(name, set()).add(transport)
         try:
-            transport.start_server(event=threading.Event(), server=_NodeServer(self, node, transport))
+            transport.start_server(
+                event=threading.Event(), server=_NodeServer(self, node, transport)
+            )
         except (paramiko.SSHException, OSError):
             transport.close()
 
@@ -372,5 +391,8 @@ class SshServer:
         return b"".join(chunks)
 
     def describe(self) -> dict[str, Any]:
-        return {"listening": len(self._listening), "accepted": self.accepted,
-                "commands": self.commands}
+        return {
+            "listening": len(self._listening),
+            "accepted": self.accepted,
+            "commands": self.commands,
+        }

@@ -1,0 +1,217 @@
+"""Run commands on nodes: paramiko with ``known_hosts`` + ``RejectPolicy``, one connection per
+node reused across commands, timeouts on connect and on each command.
+
+Commands are given as argument lists and sent ``shlex.join``-quoted: nothing a caller passes
+is ever interpreted by the remote shell. paramiko's and the socket layer's errors become
+``NodeUnreachableError`` (retry later) or ``CommandFailedError`` (the command said no).
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from amlfs.errors import CommandFailedError, InventoryError, NodeUnreachableError
+
+__all__ = ["CommandResult", "NodeShell", "SshConfig", "SshPool", "load_private_key"]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    """How to reach nodes. ``key`` is a loaded key object: never printed (no key in repr)."""
+
+    username: str
+    key: paramiko.PKey
+    known_hosts: Path
+    port: int = 22
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 60.0
+
+    def __repr__(self) -> str:
+        return (
+            f"SshConfig(username={self.username!r}, key=<{self.key.get_name()}>, "
+            f"known_hosts={str(self.known_hosts)!r}, port={self.port})"
+        )
+
+
+def load_private_key(text: str) -> paramiko.PKey:
+    """An OpenSSH/PEM private key (Ed25519, ECDSA or RSA) from its text."""
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return kind.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError, IndexError):
+            continue
+    raise InventoryError("ssh key: not an unencrypted Ed25519, ECDSA or RSA private key")
+
+
+class NodeShell:
+    """One node's SSH connection, opened on first use and reopened after a drop."""
+
+    def __init__(self, name: str, address: str, config: SshConfig) -> None:
+        self.name = name
+        self.address = address
+        self.config = config
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(str(self.config.known_hosts))
+        except OSError as err:
+            raise NodeUnreachableError(
+                f"{self.name}: cannot read known_hosts {self.config.known_hosts}: {err.strerror}",
+                node=self.name,
+            ) from err
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            sock = socket.create_connection(
+                (self.address, self.config.port), timeout=self.config.connect_timeout_s
+            )
+            # Without it every command waits ~40 ms for Nagle + delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as err:
+            raise NodeUnreachableError(
+                f"{self.name} ({self.address}:{self.config.port}) unreachable: "
+                f"{err.strerror or err}",
+                node=self.name,
+            ) from err
+        try:
+            client.connect(
+                self.address,
+                port=self.config.port,
+                username=self.config.username,
+                pkey=self.config.key,
+                sock=sock,
+                timeout=self.config.connect_timeout_s,
+                banner_timeout=self.config.connect_timeout_s,
+                auth_timeout=self.config.connect_timeout_s,
+                look_for_keys=False,
+                allow_agent=False,
+            )
+        except paramiko.BadHostKeyException as err:
+            sock.close()
+            raise NodeUnreachableError(
+                f"{self.name}: host key does not match known_hosts: refusing to connect",
+                node=self.name,
+            ) from err
+        except paramiko.AuthenticationException as err:
+            sock.close()
+            raise NodeUnreachableError(
+                f"{self.name}: authentication as {self.config.username!r} failed", node=self.name
+            ) from err
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            sock.close()
+            # RejectPolicy raises a plain SSHException for an unknown host key.
+            raise NodeUnreachableError(f"{self.name}: SSH failed: {err}", node=self.name) from err
+        return client
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        check: bool = True,
+        timeout_s: float | None = None,
+    ) -> CommandResult:
+        """Run ``argv`` (quoted with ``shlex.join``); raise on non-zero exit if ``check``."""
+        command = shlex.join(argv)
+        with self._lock:
+            result = self._run_once(command, stdin, timeout_s or self.config.command_timeout_s)
+        if check and result.status != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise CommandFailedError(
+                f"{self.name}: `{command}` exited {result.status}: "
+                f"{detail[0] if detail else '(no output)'}",
+                node=self.name,
+                command=command,
+                status=result.status,
+                output=result.stdout + result.stderr,
+            )
+        return result
+
+    def _run_once(self, command: str, stdin: bytes | None, timeout_s: float) -> CommandResult:
+        for attempt in (1, 2):
+            if self._client is None:
+                self._client = self._connect()
+            transport = self._client.get_transport()
+            if transport is None or not transport.is_active():
+                self._drop()
+                continue
+            try:
+                channel = transport.open_session(timeout=timeout_s)
+                channel.settimeout(timeout_s)
+                channel.exec_command(command)
+                if stdin is not None:
+                    channel.sendall(stdin)
+                channel.shutdown_write()
+                stdout = _read_all(channel, stderr=False)
+                stderr = _read_all(channel, stderr=True)
+                status = channel.recv_exit_status()
+                channel.close()
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                self._drop()
+                if attempt == 2 or isinstance(err, socket.timeout):
+                    raise NodeUnreachableError(
+                        f"{self.name}: session failed running `{command}`: {err or type(err).__name__}",
+                        node=self.name,
+                    ) from err
+                continue  # a reused connection may have dropped: reconnect once
+            return CommandResult(status, stdout, stderr)
+        raise NodeUnreachableError(f"{self.name}: no SSH session", node=self.name)
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def _read_all(channel: paramiko.Channel, *, stderr: bool) -> str:
+    chunks = []
+    while True:
+        data = channel.recv_stderr(65536) if stderr else channel.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
+
+
+class SshPool:
+    """Shells by node name; ``close()`` ends them all."""
+
+    def __init__(self, config: SshConfig) -> None:
+        self.config = config
+        self._shells: dict[str, NodeShell] = {}
+        self._lock = threading.Lock()
+
+    def shell(self, name: str, address: str) -> NodeShell:
+        with self._lock:
+            shell = self._shells.get(name)
+            if shell is None or shell.address != address:
+                shell = NodeShell(name, address, self.config)
+                self._shells[name] = shell
+            return shell
+
+    def close(self) -> None:
+        with self._lock:
+            shells, self._shells = list(self._shells.values()), {}
+        for shell in shells:
+            shell.close()

@@ -1,0 +1,317 @@
+"""The Lustre side of the emulator, through real paramiko SSH and the real Compute SDK."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from azure.mgmt.compute.models import (
+    CreationData,
+    Disk,
+    DiskCreateOption,
+    DiskProperties,
+    DiskSku,
+    ImageDiskReference,
+)
+
+from amlfs.errors import CommandFailedError, NodeUnreachableError
+from amlfs.ssh import NodeShell, SshPool
+from tests.conftest import Sim
+
+GALLERY = (
+    "/subscriptions/4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01/resourceGroups/rg-amlfs-images/providers/"
+    "Microsoft.Compute/galleries/amlfsgallery/images/amlfs-lustre/versions/"
+)
+FIREWALL = ["-s", "10.8.0.0/16", "-p", "tcp", "--dport", "988", "-j", "DROP"]
+CONFIG_FILES = (
+    "/etc/lnet.conf",
+    "/etc/modprobe.d/lustre.conf",
+    "/etc/ldev.conf",
+    "/etc/hostid",
+)
+
+
+def swap_to_release(sim: Sim, vm_name: str, version: str) -> None:
+    """Create an OS disk from a gallery version and PUT the running VM with it (stop/swap/boot)."""
+    compute = sim.compute()
+    cluster = sim.cluster
+    body = Disk(
+        location=cluster.region,
+        sku=DiskSku(name="Premium_LRS"),
+        properties=DiskProperties(
+            creation_data=CreationData(
+                create_option=DiskCreateOption.FROM_IMAGE,
+                gallery_image_reference=ImageDiskReference(id=GALLERY + version),
+            )
+        ),
+    )
+    disk = compute.disks.begin_create_or_update(
+        cluster.resource_group, f"{vm_name}-os-{version}", body
+    ).result()
+    vm = compute.virtual_machines.get(cluster.resource_group, vm_name)
+    vm.storage_profile.os_disk.managed_disk.id = disk.id
+    compute.virtual_machines.begin_create_or_update(cluster.resource_group, vm_name, vm).result()
+
+
+def target_row(sim: Sim, node: str) -> dict[str, object]:
+    return next(t for t in sim.customer()["targets"] if t["node"] == node)
+
+
+def test_every_node_of_the_fleet_answers_lctl_dl(sim: Sim) -> None:
+    for _, node in sim.world.fleet.iter_nodes():
+        out = sim.shell(node.name).run(["lctl", "dl"]).stdout
+        lines = out.splitlines()
+        assert lines, node.name
+        assert all(line.split()[1] == "UP" for line in lines), out
+    mds = sim.shell("eus01-mds0").run(["lctl", "dl"]).stdout
+    assert " mdt amlfs-MDT0000 " in mds
+    assert " mgs MGS " in mds
+    client = sim.shell("eus01-lclient0").run(["mount", "-t", "lustre"]).stdout
+    assert client.startswith("127.1.0.1@tcp:/amlfs on /lustre/amlfs type lustre")
+
+
+def test_unknown_command_exits_127_and_arguments_are_not_interpreted(sim: Sim) -> None:
+    shell = sim.shell("eus01-oss0")
+    result = shell.run(["reboot"], check=False)
+    assert result.status == 127
+    assert "command not found" in result.stderr
+    # One argv element with shell syntax stays one argument: no injection.
+    result = shell.run(["cat", "/etc/hostid; reboot"], check=False)
+    assert result.status == 1
+    assert "No such file" in result.stderr
+
+
+def test_unknown_host_key_is_rejected(sim: Sim, tmp_path: Path) -> None:
+    ssh = sim.endpoint.ssh
+    lines = Path(ssh["known_hosts"]).read_text().splitlines()
+    # Give the mds the key of another node: a man in the middle as far as the client knows.
+    other_key = next(ln for ln in lines if ln.startswith("[127.1.0.2]")).split(" ", 1)[1]
+    forged = [
+        f"[127.1.0.1]:{ssh['port']} {other_key}" if ln.startswith("[127.1.0.1]") else ln
+        for ln in lines
+    ]
+    (tmp_path / "forged").write_text("\n".join(forged) + "\n")
+    (tmp_path / "empty").write_text("")
+    for known_hosts, reason in (
+        (tmp_path / "forged", "does not match"),
+        (tmp_path / "empty", "not found in known_hosts"),
+    ):
+        pool = SshPool(sim.ssh_config(known_hosts=known_hosts))
+        try:
+            with pytest.raises(NodeUnreachableError, match=reason):
+                pool.shell("eus01-mds0", "127.1.0.1").run(["hostid"])
+        finally:
+            pool.close()
+
+
+def test_stopped_vm_refuses_connections_and_ssh_fault_makes_a_node_unreachable(sim: Sim) -> None:
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    compute.virtual_machines.begin_power_off(rg, "eus01-oss1").result()
+    port = sim.endpoint.ssh["port"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.1.0.3", port), timeout=2).close()
+    with pytest.raises(NodeUnreachableError, match="unreachable"):
+        sim.shell("eus01-oss1").run(["hostid"])
+    assert sim.customer()["serving"] is False
+    compute.virtual_machines.begin_start(rg, "eus01-oss1").result()
+    assert sim.shell("eus01-oss1").run(["systemctl", "is-active", "lustre"]).stdout == "active\n"
+
+    sim.fault(kind="node.ssh", target="eus01-oss0", count=2)
+    shell = sim.shell("eus01-oss0")
+    for _ in range(2):
+        with pytest.raises(NodeUnreachableError):
+            shell.run(["hostid"])
+    assert shell.run(["hostid"]).status == 0
+
+
+def test_fresh_release_disk_keeps_lustre_down_until_config_is_restored(sim: Sim) -> None:
+    oss = sim.shell("eus01-oss0")
+    saved = {path: oss.run(["cat", path]).stdout for path in CONFIG_FILES}
+    swap_to_release(sim, "eus01-oss0", "2.15.6")
+
+    assert oss.run(["lctl", "get_param", "-n", "version"]).stdout == "2.15.6\n"
+    net = oss.run(["lnetctl", "net", "show"]).stdout
+    assert "@tcp" not in net  # LNet up without NIDs: no lnet.conf
+    imported = oss.run(["zpool", "import", "eus01-oss0-ostpool"], check=False)
+    assert imported.status == 1
+    assert "previously in use from another system" in imported.stderr
+    assert oss.run(["mount", "-t", "lustre"]).stdout == ""
+    assert sim.customer()["serving"] is False
+
+    for path, content in saved.items():
+        oss.run(["tee", path], stdin=content.encode())
+    oss.run(["systemctl", "restart", "lnet"])
+    assert "127.1.0.2@tcp" in oss.run(["lnetctl", "net", "show"]).stdout
+    oss.run(["zpool", "import", "eus01-oss0-ostpool"])
+    oss.run(["systemctl", "start", "lustre"])
+    assert "svname=amlfs-OST0000" in oss.run(["mount", "-t", "lustre"]).stdout
+    sim.sleep(30)  # clients reconnect, replay (8 s), recovery completes
+    status = oss.run(["lctl", "get_param", "-n", "obdfilter.*.recovery_status"]).stdout
+    assert status.startswith("status: COMPLETE"), status
+    customer = sim.customer()
+    assert customer["serving"] is True
+    assert customer["evictions"] == 0
+    assert "2.15.6" in customer["lustre_versions"]
+    assert "2.15.5" in customer["lustre_versions"]
+    assert len(customer["downtime_intervals"]) == 1
+
+
+def test_bad_image_boots_without_lustre_modules(sim: Sim) -> None:
+    swap_to_release(sim, "eus01-oss1", "2.15.7")
+    oss = sim.shell("eus01-oss1")
+    assert oss.run(["systemctl", "is-active", "lnet"], check=False).stdout == "failed\n"
+    with pytest.raises(CommandFailedError, match="exited 2"):
+        oss.run(["lctl", "dl"])
+    with pytest.raises(CommandFailedError, match="could not insert 'lustre'"):
+        oss.run(["modprobe", "lustre"])
+    assert sim.customer()["serving"] is False
+
+
+def test_boot_faults_crash_or_bad_image(sim: Sim) -> None:
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    sim.fault(kind="node.boot", target="eus01-agtstd0", count=1)
+    compute.virtual_machines.begin_restart(rg, "eus01-agtstd0").result()
+    with pytest.raises(NodeUnreachableError):
+        sim.shell("eus01-agtstd0").run(["hostid"])
+    assert sim.customer()["nodes"]["eus01-agtstd0"]["crashed"] is True
+    compute.virtual_machines.begin_restart(rg, "eus01-agtstd0").result()
+    assert sim.shell("eus01-agtstd0").run(["systemctl", "is-active", "lhsmd"]).status == 0
+
+    sim.fault(kind="node.boot", target="eus01-agtpri0", code="BadImage", count=1)
+    compute.virtual_machines.begin_restart(rg, "eus01-agtpri0").result()
+    result = sim.shell("eus01-agtpri0").run(["systemctl", "is-active", "lnet"], check=False)
+    assert result.stdout == "failed\n"
+
+
+def firewall_servers(sim: Sim, action: str) -> None:
+    for node in sim.cluster.nodes:
+        if node.role.value in ("mds", "oss"):
+            sim.shell(node.name).run(["iptables", action, "INPUT", *FIREWALL])
+
+
+def test_raised_timeout_before_a_long_outage_avoids_evictions(sim: Sim) -> None:
+    mds = sim.shell("eus01-mds0")
+    mds.run(["lctl", "set_param", "-P", "timeout=1200"])
+    firewall_servers(sim, "-A")
+    assert sim.customer()["clients_blocked"] == 4
+    sim.sleep(600)
+    firewall_servers(sim, "-D")
+    customer = sim.customer()
+    assert customer["evictions"] == 0
+    assert customer["serving"] is True
+    assert 590 <= customer["downtime_total"] <= 700
+
+
+def test_default_timeout_evicts_every_client_in_a_long_outage(sim: Sim) -> None:
+    firewall_servers(sim, "-A")
+    sim.sleep(600)
+    firewall_servers(sim, "-D")
+    customer = sim.customer()
+    assert customer["evictions"] == 4
+    assert {e["reason"] for e in customer["eviction_log"]} == {
+        "blocked longer than 1.5 x timeout (100 s)"
+    }
+    at = [e["at"] for e in customer["eviction_log"]]
+    start = customer["downtime_intervals"][0][0]
+    assert all(145 <= t - start <= 160 for t in at)  # 1.5 x 100 s after the firewall
+
+
+def test_recovery_completes_only_after_clients_can_reach_the_server(sim: Sim) -> None:
+    oss = sim.shell("eus01-oss0")
+    oss.run(["iptables", "-A", "INPUT", *FIREWALL])
+    oss.run(["systemctl", "restart", "lustre"])
+    sim.sleep(60)
+    status = oss.run(["lctl", "get_param", "-n", "obdfilter.*.recovery_status"]).stdout
+    assert status.startswith("status: WAITING_FOR_CLIENTS"), status
+    assert "connected_clients: 0/4" in status
+    oss.run(["iptables", "-D", "INPUT", *FIREWALL])
+    sim.sleep(2)
+    assert target_row(sim, "eus01-oss0")["recovery"] in ("RECOVERING", "COMPLETE")
+    sim.sleep(20)
+    assert target_row(sim, "eus01-oss0")["recovery"] == "COMPLETE"
+    assert sim.customer()["serving"] is True
+
+
+def test_recovery_time_hard_evicts_clients_that_never_came_back(sim: Sim) -> None:
+    oss = sim.shell("eus01-oss0")
+    mds = sim.shell("eus01-mds0")
+    mds.run(["lctl", "set_param", "-P", "timeout=3000"])  # no eviction by timeout
+    oss.run(["lctl", "set_param", "obdfilter.*.recovery_time_hard=120"])
+    oss.run(["iptables", "-A", "INPUT", *FIREWALL])
+    oss.run(["systemctl", "restart", "lustre"])  # plain set_param is lost with the restart...
+    oss.run(["lctl", "set_param", "obdfilter.*.recovery_time_hard=120"])  # ...so set it again
+    sim.sleep(200)
+    row = target_row(sim, "eus01-oss0")
+    assert row["recovery"] == "COMPLETE"
+    assert row["evicted"] == 4
+    assert sim.customer()["evictions"] == 4
+
+
+def test_recovery_stuck_fault(sim: Sim) -> None:
+    sim.fault(kind="node.recovery", target="eus01-oss1", mode="hang", count=1)
+    compute = sim.compute()
+    compute.virtual_machines.begin_restart(sim.cluster.resource_group, "eus01-oss1").result()
+    sim.sleep(120)  # replay takes 8 s, recovery_time_hard does not apply once recovering
+    assert target_row(sim, "eus01-oss1")["recovery"] == "RECOVERING"
+    assert sim.customer()["serving"] is False
+
+
+def test_persistent_params_survive_a_swap_and_plain_ones_do_not(sim: Sim) -> None:
+    mds = sim.shell("eus01-mds0")
+    mds.run(["lctl", "set_param", "-P", "timeout=900"])
+    mds.run(["lctl", "set_param", "at_max=700"])
+    with pytest.raises(CommandFailedError, match="needs the MGS"):
+        sim.shell("eus01-oss0").run(["lctl", "set_param", "-P", "timeout=1"])
+    assert mds.run(["lctl", "get_param", "timeout", "at_max"]).stdout == (
+        "timeout=900\nat_max=700\n"
+    )
+    compute = sim.compute()
+    compute.virtual_machines.begin_restart(sim.cluster.resource_group, "eus01-mds0").result()
+    assert mds.run(["lctl", "get_param", "-n", "timeout", "at_max"]).stdout == "900\n600\n"
+    assert sim.customer()["persistent_params"] == {"timeout": "900"}
+    mds.run(["lctl", "set_param", "-P", "-d", "timeout"])
+    assert mds.run(["lctl", "get_param", "-n", "timeout"]).stdout == "100\n"
+
+
+def test_hsm_requests_drain_after_the_coordinator_is_disabled(sim: Sim) -> None:
+    mds = sim.shell("eus01-mds0")
+    active = ["lctl", "get_param", "-n", "mdt.*.hsm.active_requests"]
+    assert len(mds.run(active).stdout.splitlines()) == 2
+    agents = mds.run(["lctl", "get_param", "-n", "mdt.*.hsm.agents"]).stdout
+    assert len(agents.splitlines()) == 2
+    mds.run(["lctl", "set_param", "mdt.*.hsm_control=disabled"])
+    assert len(mds.run(active).stdout.splitlines()) == 2
+    sim.sleep(20)
+    assert mds.run(active).stdout == ""
+    with pytest.raises(CommandFailedError, match="Invalid argument"):
+        mds.run(["lctl", "set_param", "mdt.*.hsm_control=bogus"])
+
+
+def test_lclient_probe_reads_back_what_it_wrote_only_while_serving(sim: Sim) -> None:
+    client = sim.shell("eus01-lclient0")
+    client.run(["tee", "/lustre/amlfs/.amlfs-probe"], stdin=b"probe-1\n")
+    assert client.run(["cat", "/lustre/amlfs/.amlfs-probe"]).stdout == "probe-1\n"
+    sim.compute().virtual_machines.begin_power_off(
+        sim.cluster.resource_group, "eus01-oss0"
+    ).result()
+    with pytest.raises(CommandFailedError, match="Input/output error"):
+        client.run(["cat", "/lustre/amlfs/.amlfs-probe"])
+
+
+def test_customer_view_lists_data_disk_checksums_and_nothing_changed(sim: Sim) -> None:
+    state = sim.state(sim.cluster.name)
+    checksums = [d["checksum"] for vm in state["vms"] for d in vm["data_disks"]]
+    assert len(checksums) == 1 + 2 * 2 + 1  # mds 1, two oss x 2, agtpri 1
+    assert state["clusters"][sim.cluster.name]["serving"] is True
+    assert state["data_disk_changes"] == []
+
+
+def test_shell_reuses_its_connection(sim: Sim) -> None:
+    shell: NodeShell = sim.shell("eus01-oss0")
+    before = sim.emulator.ssh.accepted
+    for _ in range(5):
+        shell.run(["hostid"])
+    assert sim.emulator.ssh.accepted - before <= 1
