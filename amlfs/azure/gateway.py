@@ -1,0 +1,343 @@
+"""The ARM calls an OS disk swap needs, over ``azure-mgmt-compute``, with errors mapped.
+
+* Every VM update goes through ``update_vm``, the one guard that refuses a body whose
+  ``storageProfile.dataDisks`` differs from the VM's current one, before anything is sent.
+* azure-core errors become ``RetryableAzureError`` (429, 5xx, transport errors, a long-running
+  operation that did not finish in time) or ``PermanentAzureError`` (the rest). The SDK's own
+  retry policy honours ``Retry-After``; callers retry what is left with backoff on the clock.
+* Long-running operations are awaited with a deadline in sim seconds (``Clock``): a hung
+  operation becomes a retryable error instead of a stuck orchestrator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from amlfs.clock import Clock
+from amlfs.errors import (
+    AzureError,
+    DataDiskGuardError,
+    PermanentAzureError,
+    RetryableAzureError,
+)
+from azure.core.exceptions import (
+    AzureError as SdkAzureError,
+)
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.polling import LROPoller
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.compute.models import (
+    CreationData,
+    DataDisk,
+    Disk,
+    DiskCreateOption,
+    DiskProperties,
+    DiskSku,
+    ImageDiskReference,
+    VirtualMachine,
+)
+
+__all__ = ["ComputeGateway", "DiskInfo", "VmInfo", "data_disk_layout", "map_azure_error"]
+
+T = TypeVar("T")
+
+# Codes of a failed long-running operation that are worth another try.
+RETRYABLE_CODES = {
+    "internalservererror",
+    "internalexecutionerror",
+    "operationpreempted",
+    "retryableerror",
+    "toomanyrequests",
+    "serviceunavailable",
+    "operationnotallowed",  # throttling answered as an operation error
+    "conflictingoperation",
+    "requesttimeout",
+    "gatewaytimeout",
+}
+
+
+def map_azure_error(err: Exception, what: str) -> AzureError:
+    """The project's error for an azure-core exception, naming the operation."""
+    if isinstance(err, AzureError):
+        return err
+    if isinstance(err, ServiceRequestError | ServiceResponseError):
+        return RetryableAzureError(f"{what}: connection failed: {type(err).__name__}")
+    if isinstance(err, HttpResponseError):
+        status = err.status_code
+        code = None
+        if err.error is not None:
+            code = err.error.code
+        message = err.error.message if err.error is not None and err.error.message else ""
+        text = f"{what}: {code or 'error'}{f' ({status})' if status else ''}: {message}".rstrip(
+            ": "
+        )
+        retryable = (
+            status in (408, 429)
+            or (status is not None and status >= 500)
+            or (status in (None, 200) and (code or "").lower() in RETRYABLE_CODES)
+        )
+        kind = RetryableAzureError if retryable else PermanentAzureError
+        return kind(text, code=code, status=status)
+    if isinstance(err, SdkAzureError):
+        return RetryableAzureError(f"{what}: {type(err).__name__}: {err.message}")
+    raise err
+
+
+def data_disk_layout(disks: list[DataDisk] | None) -> list[tuple[int, str]]:
+    """(lun, managed disk id) pairs, the identity of a VM's data disks."""
+    layout = []
+    for disk in disks or []:
+        disk_id = disk.managed_disk.id if disk.managed_disk is not None else None
+        layout.append((int(disk.lun), (disk_id or disk.name or "").lower()))
+    return sorted(layout)
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    id: str
+    name: str
+    image_id: str | None
+    tags: dict[str, str]
+    managed_by: str | None
+    provisioning_state: str | None
+    location: str
+    size_gb: int | None
+    sku: str | None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    id: str
+    name: str
+    location: str
+    os_disk_id: str
+    os_disk_name: str
+    power_state: str | None  # running, stopped, deallocated... (from the instance view)
+    data_disks: tuple[tuple[int, str], ...]
+
+
+def _disk_info(disk: Disk) -> DiskInfo:
+    image = None
+    creation = disk.creation_data
+    if creation is not None and creation.gallery_image_reference is not None:
+        image = creation.gallery_image_reference.id
+    return DiskInfo(
+        id=str(disk.id),
+        name=str(disk.name),
+        image_id=image,
+        tags=dict(disk.tags or {}),
+        managed_by=disk.managed_by,
+        provisioning_state=disk.provisioning_state,
+        location=str(disk.location),
+        size_gb=disk.disk_size_gb,
+        sku=disk.sku.name if disk.sku is not None else None,
+    )
+
+
+class ComputeGateway:
+    """Disks and VMs of one subscription, through one ``ComputeManagementClient``."""
+
+    def __init__(
+        self,
+        compute: ComputeManagementClient,
+        clock: Clock,
+        *,
+        lro_timeout_s: float = 1800.0,
+    ) -> None:
+        self.compute = compute
+        self.clock = clock
+        self.lro_timeout_s = lro_timeout_s
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (SdkAzureError, HttpResponseError) as err:
+            raise map_azure_error(err, what) from err
+
+    def _wait(self, what: str, poller: LROPoller[T], timeout_s: float | None = None) -> T:
+        limit = self.lro_timeout_s if timeout_s is None else timeout_s
+        try:
+            poller.wait(timeout=self.clock.to_real(limit))
+            if not poller.done():
+                raise RetryableAzureError(
+                    f"{what}: still running after {limit:.0f} s", code="OperationTimedOut"
+                )
+            return poller.result()
+        except (SdkAzureError, HttpResponseError) as err:
+            raise map_azure_error(err, what) from err
+
+    # ------------------------------------------------------------------ reads
+
+    def get_vm(self, resource_group: str, name: str) -> VirtualMachine:
+        return self._call(
+            f"get VM {name}", lambda: self.compute.virtual_machines.get(resource_group, name)
+        )
+
+    def vm_info(self, resource_group: str, name: str) -> VmInfo:
+        vm = self.get_vm(resource_group, name)
+        view = self._call(
+            f"instance view of {name}",
+            lambda: self.compute.virtual_machines.instance_view(resource_group, name),
+        )
+        power = None
+        for status in view.statuses or []:
+            if status.code and status.code.startswith("PowerState/"):
+                power = status.code.split("/", 1)[1]
+        storage = vm.storage_profile
+        assert storage is not None
+        assert storage.os_disk is not None
+        managed = storage.os_disk.managed_disk
+        os_disk_id = str(managed.id if managed is not None else "")
+        return VmInfo(
+            id=str(vm.id),
+            name=str(vm.name),
+            location=str(vm.location),
+            os_disk_id=os_disk_id,
+            os_disk_name=os_disk_id.rsplit("/", 1)[-1],
+            power_state=power,
+            data_disks=tuple(data_disk_layout(storage.data_disks)),
+        )
+
+    def get_disk(self, resource_group: str, name: str) -> DiskInfo | None:
+        try:
+            disk = self.compute.disks.get(resource_group, name)
+        except ResourceNotFoundError:
+            return None
+        except (SdkAzureError, HttpResponseError) as err:
+            raise map_azure_error(err, f"get disk {name}") from err
+        return _disk_info(disk)
+
+    def list_disks(self, resource_group: str) -> list[DiskInfo]:
+        return self._call(
+            f"list disks of {resource_group}",
+            lambda: [
+                _disk_info(d) for d in self.compute.disks.list_by_resource_group(resource_group)
+            ],
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    def create_os_disk(
+        self,
+        resource_group: str,
+        name: str,
+        *,
+        location: str,
+        image_version_id: str,
+        sku: str | None,
+        tags: dict[str, str],
+        timeout_s: float | None = None,
+    ) -> DiskInfo:
+        """Create (or find, if a previous attempt made it) an OS disk from a gallery image."""
+        existing = self.get_disk(resource_group, name)
+        if existing is not None and existing.provisioning_state == "Succeeded":
+            if (existing.image_id or "").lower() != image_version_id.lower():
+                raise PermanentAzureError(
+                    f"disk {name} exists from another image ({existing.image_id})",
+                    code="DiskExists",
+                )
+            return existing
+        body = Disk(
+            location=location,
+            sku=DiskSku(name=sku) if sku else None,
+            properties=DiskProperties(
+                creation_data=CreationData(
+                    create_option=DiskCreateOption.FROM_IMAGE,
+                    gallery_image_reference=ImageDiskReference(id=image_version_id),
+                )
+            ),
+            tags=tags,
+        )
+        what = f"create OS disk {name}"
+        poller = self._call(
+            what, lambda: self.compute.disks.begin_create_or_update(resource_group, name, body)
+        )
+        return _disk_info(self._wait(what, poller, timeout_s))
+
+    def delete_disk(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
+        what = f"delete disk {name}"
+        poller = self._call(what, lambda: self.compute.disks.begin_delete(resource_group, name))
+        self._wait(what, poller, timeout_s)
+
+    def tag_disk(self, resource_group: str, name: str, tags: dict[str, str]) -> None:
+        what = f"tag disk {name}"
+        poller = self._call(
+            what,
+            lambda: self.compute.disks.begin_update(resource_group, name, {"tags": tags}),
+        )
+        self._wait(what, poller)
+
+    def power_off(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
+        """Stop the VM without deallocating it (the swap keeps the VM's host)."""
+        what = f"power off VM {name}"
+        poller = self._call(
+            what,
+            lambda: self.compute.virtual_machines.begin_power_off(
+                resource_group, name, skip_shutdown=False
+            ),
+        )
+        self._wait(what, poller, timeout_s)
+
+    def start(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
+        what = f"start VM {name}"
+        poller = self._call(
+            what, lambda: self.compute.virtual_machines.begin_start(resource_group, name)
+        )
+        self._wait(what, poller, timeout_s)
+
+    def update_vm(
+        self,
+        resource_group: str,
+        current: VirtualMachine,
+        desired: VirtualMachine,
+        timeout_s: float | None = None,
+    ) -> VirtualMachine:
+        """PUT ``desired``; refused before sending if its data disks differ from ``current``."""
+        before = data_disk_layout(
+            current.storage_profile.data_disks if current.storage_profile else None
+        )
+        after = data_disk_layout(
+            desired.storage_profile.data_disks if desired.storage_profile else None
+        )
+        if before != after:
+            raise DataDiskGuardError(
+                f"refusing to update VM {current.name}: dataDisks would change from {before} "
+                f"to {after}; customer data disks are never modified"
+            )
+        what = f"update VM {current.name}"
+        name = str(current.name)
+        poller = self._call(
+            what,
+            lambda: self.compute.virtual_machines.begin_create_or_update(
+                resource_group, name, desired
+            ),
+        )
+        return self._wait(what, poller, timeout_s)
+
+    def swap_os_disk(
+        self, resource_group: str, name: str, new_disk: DiskInfo, timeout_s: float | None = None
+    ) -> None:
+        """Point the (stopped) VM's OS disk at ``new_disk``; data disks are carried unchanged."""
+        current = self.get_vm(resource_group, name)
+        desired = self.get_vm(resource_group, name)
+        storage = desired.storage_profile
+        assert storage is not None
+        assert storage.os_disk is not None
+        assert storage.os_disk.managed_disk is not None
+        if (storage.os_disk.managed_disk.id or "").lower() == new_disk.id.lower():
+            return  # already swapped (a retry after a lost answer)
+        storage.os_disk.managed_disk.id = new_disk.id
+        storage.os_disk.name = new_disk.name
+        self.update_vm(resource_group, current, desired, timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        return {"lro_timeout_s": self.lro_timeout_s}

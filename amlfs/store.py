@@ -1,0 +1,75 @@
+"""The durable state store: what cannot be rebuilt from Azure and the nodes.
+
+The node config captured before a swap (the fresh release disk does not have it) and the
+tunables recorded before suspend (once raised, the nodes no longer show the originals) are
+written here before the step that needs them, as JSON files replaced atomically (write, fsync,
+rename), readable by any worker that resumes the cluster. Files are created 0600: node config
+may hold credentials of the HSM agents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from amlfs.errors import StateStoreError
+
+__all__ = ["StateStore"]
+
+_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class StateStore:
+    """JSON documents under ``root``, addressed by a path of safe name parts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, *parts: str) -> Path:
+        for part in parts:
+            if not _SAFE.match(part) or part in (".", ".."):
+                raise StateStoreError(f"state store key part {part!r} is not a safe name")
+        return self.root.joinpath(*parts[:-1], parts[-1] + ".json")
+
+    def put(self, *parts: str, value: Any) -> None:
+        path = self._path(*parts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump(value, out, indent=1, sort_keys=True)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as err:
+            raise StateStoreError(f"cannot write {path}: {err.strerror}") from err
+
+    def get(self, *parts: str) -> Any | None:
+        path = self._path(*parts)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StateStoreError(f"cannot read {path}: {err.strerror}") from err
+        except json.JSONDecodeError as err:
+            raise StateStoreError(f"{path} is not valid JSON: {err}") from err
+
+    def delete(self, *parts: str) -> None:
+        self._path(*parts).unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return f"StateStore({str(self.root)!r})"
