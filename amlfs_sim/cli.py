@@ -57,6 +57,12 @@ def serve(
         f"amlfs-sim: {vms} VMs at {endpoint.arm_url} (time scale {time_scale}); "
         f"endpoint: {state_dir / 'endpoint.json'}"
     )
+    ssh = endpoint.ssh
+    typer.echo(
+        f"amlfs-sim: SSH on port {ssh['port']} of every node address, e.g. "
+        f"ssh -i {ssh['key_file']} -o UserKnownHostsFile={ssh['known_hosts']} "
+        f"-p {ssh['port']} {ssh['username']}@ADDRESS lctl dl"
+    )
     sys.stdout.flush()
     done.wait()
     emulator.stop()

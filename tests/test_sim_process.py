@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from amlfs.azure import StaticTokenCredential, compute_client
+from amlfs.errors import NodeUnreachableError
 from amlfs.models import parse_fleet
+from amlfs.ssh import SshConfig, SshPool, load_private_key
 from tests.conftest import SMALL_FLEET
 
 pytestmark = pytest.mark.process
@@ -72,6 +74,29 @@ def test_serve_process_swaps_a_disk_and_stops_on_sigterm(tmp_path: Path) -> None
         compute.virtual_machines.begin_power_off(rg, "eus01-oss0").result()
         vm = compute.virtual_machines.get(rg, "eus01-oss0", expand="instanceView")
         assert vm.instance_view.statuses[-1].code == "PowerState/stopped"
+        compute.close()
+        # Every running node answers over SSH at its fleet address; the stopped one does not.
+        ssh = endpoint["ssh"]
+        assert isinstance(ssh, dict)
+        pool = SshPool(
+            SshConfig(
+                username=ssh["username"],
+                key=load_private_key(Path(ssh["key_file"]).read_text()),
+                known_hosts=Path(ssh["known_hosts"]),
+                port=ssh["port"],
+                connect_timeout_s=5,
+            )
+        )
+        try:
+            for _, node in parse_fleet(yaml.safe_load(SMALL_FLEET.read_text())).iter_nodes():
+                shell = pool.shell(node.name, str(node.address))
+                if node.name == "eus01-oss0":
+                    with pytest.raises(NodeUnreachableError):
+                        shell.run(["lctl", "dl"])
+                else:
+                    assert " UP " in shell.run(["lctl", "dl"]).stdout
+        finally:
+            pool.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
