@@ -342,12 +342,48 @@ class Fleet(BaseModel):
 IMAGE_VERSION_TYPE = "Microsoft.Compute/galleries/images/versions"
 
 
+class ReleaseFile(BaseModel):
+    """A config file the release adds or replaces on nodes of the given roles."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    path: str
+    content: str
+    roles: list[Role] = list(Role)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/etc/") or ".." in value.split("/"):
+            raise ValueError(f"must be an absolute path under /etc/, got {value!r}")
+        return value
+
+
 class Release(BaseModel):
-    """What to install: a gallery image version and the version string that names it."""
+    """What to install: a gallery image version, the Lustre it runs, and its config changes.
+
+    ``files`` are overlaid on each node's restored config; ``tunables`` are set with
+    ``lctl set_param -P`` on the MGS after the swap (name -> value).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     image_id: str
     version: str
+    lustre_version: str | None = None  # checked on every node after the swap when given
+    files: list[ReleaseFile] = []
+    tunables: dict[str, str] = {}
+
+    @field_validator("tunables")
+    @classmethod
+    def _tunables(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, setting in value.items():
+            if not re.match(r"^[A-Za-z0-9_.*-]+$", name):
+                raise ValueError(f"tunable name {name!r} is not a Lustre parameter name")
+            if not re.match(r"^[A-Za-z0-9_.:,/-]+$", str(setting)):
+                raise ValueError(f"tunable {name}: value {setting!r} has unexpected characters")
+        return value
+
+    def files_for(self, role: Role) -> dict[str, str]:
+        return {f.path: f.content for f in self.files if role in f.roles}
 
     @field_validator("image_id")
     @classmethod

@@ -65,6 +65,9 @@ class FaultSpec(BaseModel):
     probability: float | None = Field(default=None, gt=0, le=1)
     retry_after_s: float = Field(default=10.0, ge=0)
     factor: float = Field(default=5.0, gt=0)
+    # hang: None stays InProgress until reset; a number finishes the operation that many sim
+    # seconds late (a stuck operation Azure eventually completes).
+    hang_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> FaultSpec:

@@ -78,8 +78,9 @@ def map_azure_error(err: Exception, what: str) -> AzureError:
         text = f"{what}: {code or 'error'}{f' ({status})' if status else ''}: {message}".rstrip(
             ": "
         )
+        # 409: the VM or disk is busy with another operation ("Retry after it completes").
         retryable = (
-            status in (408, 429)
+            status in (408, 409, 429)
             or (status is not None and status >= 500)
             or (status in (None, 200) and (code or "").lower() in RETRYABLE_CODES)
         )

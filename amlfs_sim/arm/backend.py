@@ -230,7 +230,10 @@ class ArmBackend:
             on_fail=on_fail,
             on_finish=on_finish,
         )
-        if self.faults.take(kind, target_name, (FaultMode.HANG,)) is not None:
+        hang = self.faults.take(kind, target_name, (FaultMode.HANG,))
+        if hang is not None and hang.hang_s is not None:
+            phases[0].duration += hang.hang_s  # stuck, then Azure finishes it after all
+        elif hang is not None:
             op.hang = True
         slow = self.faults.take(kind, target_name, (FaultMode.SLOW,))
         if slow is not None:

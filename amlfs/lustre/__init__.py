@@ -1,0 +1,1 @@
+"""Lustre procedures, commands and output parsers; no Prefect."""

@@ -1,0 +1,454 @@
+"""The Lustre side of an upgrade: suspend, config capture and restore, health, unsuspend.
+
+Every action is idempotent (it checks before it changes), so a retried step or a worker that
+resumes after a crash converges. Commands are argument lists, quoted by the SSH gateway.
+
+Suspend-prepare, in the deck's order: record the tunables the procedure changes, raise
+``timeout`` and the recovery windows with ``lctl set_param -P`` on the MGS (clients must
+survive the outage without eviction: Lustre evicts a client silent for ~1.5 x timeout), quiesce
+HSM (coordinator disabled, active requests drained), then drop client LNet traffic (TCP 988)
+on every server so the swap happens with no client I/O in flight. Unsuspend reverses it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from amlfs.clock import Clock
+from amlfs.errors import (
+    CommandFailedError,
+    HealthCheckError,
+    NodeError,
+    NodeUnreachableError,
+)
+from amlfs.lustre.parsers import (
+    all_up,
+    parse_devices,
+    parse_health_check,
+    parse_hsm_active_requests,
+    parse_hsm_agents,
+    parse_lustre_mounts,
+    parse_net_show,
+    parse_params,
+    parse_recovery_status,
+    parse_version,
+)
+from amlfs.models import Role
+from amlfs.ssh import NodeShell
+
+__all__ = [
+    "CLUSTER_FILES",
+    "BadReleaseError",
+    "LustreOps",
+    "NodeRef",
+    "SuspendPolicy",
+]
+
+T = TypeVar("T")
+
+LNET_PORT = 988
+FSNAME = "amlfs"
+# The files that make a node a member of its cluster; a fresh release disk has none of them.
+CLUSTER_FILES = (
+    "/etc/lnet.conf",
+    "/etc/modprobe.d/lustre.conf",
+    "/etc/ldev.conf",
+    "/etc/hostid",
+    "/etc/lhsmd/agent",
+    "/etc/amlfs/hydrator.conf",
+)
+SERVER_ROLES = (Role.MDS, Role.OSS)
+AGENT_ROLES = (Role.AGTPRI, Role.AGTSTD)
+PROBE_FILE = f"/lustre/{FSNAME}/.amlfs-maintenance-probe"
+
+
+class BadReleaseError(HealthCheckError):
+    """The release itself is broken on this node (Lustre modules do not load): no retry."""
+
+
+class SuspendPolicy(BaseModel):
+    """Tunables raised while a cluster is suspended, and how long to wait for things."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    timeout_s: int = Field(default=1200, ge=100, description="Lustre `timeout` while suspended")
+    recovery_time_soft_s: int = Field(default=1800, ge=60)
+    recovery_time_hard_s: int = Field(default=2700, ge=60)
+    client_cidr: str = Field(default="10.8.0.0/16", description="Customer client network")
+    hsm_drain_timeout_s: float = Field(default=300, gt=0)
+    poll_s: float = Field(default=2.0, gt=0, description="Between checks, sim seconds")
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    name: str
+    role: Role
+    address: str
+
+
+class ShellSource(Protocol):
+    def shell(self, name: str, address: str) -> NodeShell: ...
+
+
+@dataclass
+class Problems:
+    """What a health check found wrong, per node."""
+
+    items: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, node: str, problem: str) -> None:
+        self.items.setdefault(node, []).append(problem)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{node}: {', '.join(p)}" for node, p in sorted(self.items.items()))
+
+
+class LustreOps:
+    """Lustre procedures on the nodes of one cluster."""
+
+    def __init__(
+        self,
+        shells: ShellSource,
+        nodes: Sequence[NodeRef],
+        clock: Clock,
+        policy: SuspendPolicy | None = None,
+        log: Callable[[str], None] = lambda message: None,
+        parallelism: int = 16,
+    ) -> None:
+        self.shells = shells
+        self.nodes = list(nodes)
+        self.clock = clock
+        self.policy = policy or SuspendPolicy()
+        self.log = log
+        self.parallelism = parallelism
+        self.mds = next(n for n in self.nodes if n.role is Role.MDS)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def sh(self, node: NodeRef) -> NodeShell:
+        return self.shells.shell(node.name, node.address)
+
+    def servers(self) -> list[NodeRef]:
+        return [n for n in self.nodes if n.role in SERVER_ROLES]
+
+    def each(self, nodes: Iterable[NodeRef], fn: Callable[[NodeRef], T]) -> dict[str, T]:
+        """``fn`` on every node in parallel; the first error is raised after all finished."""
+        nodes = list(nodes)
+        if len(nodes) == 1:
+            return {nodes[0].name: fn(nodes[0])}
+        results: dict[str, T] = {}
+        errors: list[BaseException] = []
+        workers = max(1, min(self.parallelism, len(nodes)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(fn, node): node for node in nodes}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    results[futures[future].name] = future.result()
+                except BaseException as err:  # collected, re-raised below
+                    errors.append(err)
+        if errors:
+            raise errors[0]
+        return results
+
+    def firewall_rule(self) -> list[str]:
+        return [
+            "INPUT",
+            "-s",
+            self.policy.client_cidr,
+            "-p",
+            "tcp",
+            "--dport",
+            str(LNET_PORT),
+            "-j",
+            "DROP",
+        ]
+
+    # ------------------------------------------------------------------ capture
+
+    def capture_config(self, node: NodeRef) -> dict[str, str]:
+        """The cluster files present on ``node`` (path -> content)."""
+        files = {}
+        shell = self.sh(node)
+        for path in CLUSTER_FILES:
+            if shell.run(["test", "-e", path], check=False).status == 0:
+                files[path] = shell.run(["cat", path]).stdout
+        if "/etc/lnet.conf" not in files or "/etc/hostid" not in files:
+            raise HealthCheckError(
+                f"{node.name}: /etc/lnet.conf or /etc/hostid missing before the upgrade; "
+                "refusing to swap a node whose config cannot be restored"
+            )
+        return files
+
+    def record_tunables(self) -> dict[str, str]:
+        """The values suspend will change, read from the MDS before they are raised."""
+        out = self.sh(self.mds).run(
+            ["lctl", "get_param", "timeout", "mdt.*.recovery_time_soft", "mdt.*.recovery_time_hard"]
+        )
+        params = parse_params(out.stdout)
+        soft = next(v for k, v in params.items() if k.endswith(".recovery_time_soft"))
+        hard = next(v for k, v in params.items() if k.endswith(".recovery_time_hard"))
+        return {
+            "timeout": params["timeout"],
+            "recovery_time_soft": soft,
+            "recovery_time_hard": hard,
+        }
+
+    # ------------------------------------------------------------------ suspend
+
+    def suspend(self, saved: dict[str, str]) -> None:
+        """Raise timeouts (persistent), quiesce HSM, firewall client traffic on the servers."""
+        policy = self.policy
+        self.set_tunables(
+            {
+                "timeout": str(max(policy.timeout_s, int(saved["timeout"]))),
+                "recovery_time_soft": str(policy.recovery_time_soft_s),
+                "recovery_time_hard": str(policy.recovery_time_hard_s),
+            }
+        )
+        self.quiesce_hsm()
+        self.each(self.servers(), self.firewall_on)
+
+    def set_tunables(self, values: dict[str, str]) -> None:
+        mds = self.sh(self.mds)
+        mds.run(
+            [
+                "lctl",
+                "set_param",
+                "-P",
+                f"timeout={values['timeout']}",
+                f"*.*.recovery_time_soft={values['recovery_time_soft']}",
+                f"*.*.recovery_time_hard={values['recovery_time_hard']}",
+            ]
+        )
+
+    def quiesce_hsm(self) -> None:
+        mds = self.sh(self.mds)
+        mds.run(["lctl", "set_param", "mdt.*.hsm_control=disabled"])
+        deadline = self.clock.now() + self.policy.hsm_drain_timeout_s
+        while True:
+            out = mds.run(["lctl", "get_param", "-n", "mdt.*.hsm.active_requests"]).stdout
+            active = parse_hsm_active_requests(out)
+            if active == 0:
+                return
+            if self.clock.now() >= deadline:
+                raise HealthCheckError(
+                    f"{active} HSM requests still active {self.policy.hsm_drain_timeout_s:.0f} s "
+                    "after the coordinator was disabled"
+                )
+            self.clock.sleep(self.policy.poll_s)
+
+    def firewall_on(self, node: NodeRef) -> None:
+        shell = self.sh(node)
+        rule = self.firewall_rule()
+        if shell.run(["iptables", "-C", *rule], check=False).status != 0:
+            shell.run(["iptables", "-I", rule[0], "1", *rule[1:]])
+
+    def firewall_off(self, node: NodeRef) -> None:
+        shell = self.sh(node)
+        rule = self.firewall_rule()
+        for _ in range(10):  # every copy of the rule, in case a retry added two
+            if shell.run(["iptables", "-C", *rule], check=False).status != 0:
+                return
+            shell.run(["iptables", "-D", *rule])
+
+    def unsuspend(self, saved: dict[str, str]) -> None:
+        """Let clients back in, then restore the tunables and HSM."""
+        self.each(self.servers(), self.firewall_off)
+        self.set_tunables(saved)
+        self.sh(self.mds).run(["lctl", "set_param", "mdt.*.hsm_control=enabled"])
+
+    # ------------------------------------------------------------------ boot + restore
+
+    def wait_reachable(self, node: NodeRef, timeout_s: float) -> None:
+        deadline = self.clock.now() + timeout_s
+        while True:
+            try:
+                self.sh(node).run(["hostid"])
+                return
+            except NodeUnreachableError as err:
+                if self.clock.now() >= deadline:
+                    raise NodeUnreachableError(
+                        f"{node.name} not reachable over SSH {timeout_s:.0f} s after start: {err}",
+                        node=node.name,
+                    ) from err
+            self.clock.sleep(self.policy.poll_s)
+
+    def restore(
+        self,
+        node: NodeRef,
+        files: dict[str, str],
+        overlay: dict[str, str] | None = None,
+        *,
+        firewall: bool = True,
+    ) -> None:
+        """Bring a booted node back into its cluster: files, firewall, LNet, pools, targets."""
+        shell = self.sh(node)
+        wanted = dict(files)
+        wanted.update(overlay or {})
+        changed = False
+        for path, content in wanted.items():
+            current = shell.run(["cat", path], check=False)
+            if current.status != 0 or current.stdout != content:
+                shell.run(["tee", path], stdin=content.encode())
+                changed = True
+        if firewall and node.role in SERVER_ROLES:
+            self.firewall_on(node)
+        self._ensure_lnet(node, restart=changed)
+        if node.role in SERVER_ROLES:
+            imported = set(shell.run(["zpool", "list", "-H", "-o", "name"]).stdout.split())
+            for pool in _pools_of(wanted.get("/etc/ldev.conf", "")):
+                if pool not in imported:
+                    shell.run(["zpool", "import", pool])
+        self._ensure_service(node, "lustre")
+        if node.role in AGENT_ROLES:
+            self._ensure_service(node, "lhsmd")
+        if node.role is Role.AGTPRI:
+            self._ensure_service(node, "hydrator")
+
+    def _ensure_lnet(self, node: NodeRef, *, restart: bool) -> None:
+        shell = self.sh(node)
+        net = shell.run(["lnetctl", "net", "show"], check=False)
+        if net.status == 0 and parse_net_show(net.stdout) and not restart:
+            return
+        if (
+            net.status == 0
+            and parse_net_show(net.stdout)
+            and shell.run(["systemctl", "is-active", "lustre"], check=False).status == 0
+        ):
+            return  # Lustre is serving on it: never bounce LNet under mounted targets
+        try:
+            shell.run(["systemctl", "restart", "lnet"])
+        except CommandFailedError as err:
+            self._raise_if_bad_release(node, err)
+            raise
+
+    def _ensure_service(self, node: NodeRef, unit: str) -> None:
+        shell = self.sh(node)
+        if shell.run(["systemctl", "is-active", unit], check=False).status == 0:
+            return
+        try:
+            shell.run(["systemctl", "start", unit])
+        except CommandFailedError as err:
+            self._raise_if_bad_release(node, err)
+            raise
+
+    def _raise_if_bad_release(self, node: NodeRef, err: CommandFailedError) -> None:
+        probe = self.sh(node).run(["modprobe", "lustre"], check=False)
+        if probe.status != 0:
+            raise BadReleaseError(
+                f"{node.name}: Lustre modules do not load on this image "
+                f"({probe.stderr.strip() or 'modprobe failed'})"
+            ) from err
+
+    # ------------------------------------------------------------------ health
+
+    def check_node(self, node: NodeRef, lustre_version: str) -> list[str]:
+        """What is wrong with ``node`` for a suspended cluster on ``lustre_version``."""
+        problems: list[str] = []
+        shell = self.sh(node)
+        net = shell.run(["lnetctl", "net", "show"], check=False)
+        if net.status != 0 or not parse_net_show(net.stdout):
+            problems.append("LNet has no NIDs")
+            return problems
+        version = shell.run(["lctl", "get_param", "-n", "version"], check=False)
+        if version.status != 0:
+            return [*problems, "lctl cannot read the version (modules not loaded?)"]
+        if parse_version(version.stdout) != lustre_version:
+            problems.append(f"runs Lustre {parse_version(version.stdout)}, not {lustre_version}")
+        devices = parse_devices(shell.run(["lctl", "dl"]).stdout)
+        if not devices or not all_up(devices):
+            problems.append("lctl dl: not every device UP")
+        mounts = parse_lustre_mounts(shell.run(["mount", "-t", "lustre"]).stdout)
+        if node.role in SERVER_ROLES:
+            health = shell.run(["lctl", "get_param", "-n", "health_check"], check=False)
+            if health.status != 0 or not parse_health_check(health.stdout):
+                problems.append("health_check is not healthy")
+            if not any(m.svname for m in mounts):
+                problems.append("no target mounted")
+            recovery = shell.run(["lctl", "get_param", "*.*.recovery_status"], check=False).stdout
+            for name, text in parse_params(recovery).items():
+                status = parse_recovery_status(text).status
+                if status not in ("WAITING_FOR_CLIENTS", "RECOVERING", "COMPLETE"):
+                    problems.append(f"{name.split('.')[1]} recovery {status}")
+        elif not mounts:
+            problems.append("file system not mounted")
+        if node.role is Role.MDS:
+            agents = parse_hsm_agents(
+                shell.run(["lctl", "get_param", "-n", "mdt.*.hsm.agents"]).stdout
+            )
+            expected = sum(1 for n in self.nodes if n.role in AGENT_ROLES)
+            if len(agents) < expected:
+                problems.append(f"{len(agents)}/{expected} HSM agents registered")
+        return problems
+
+    def wait_healthy(self, nodes: Sequence[NodeRef], lustre_version: str, timeout_s: float) -> None:
+        deadline = self.clock.now() + timeout_s
+        while True:
+            problems = Problems()
+            for node in nodes:
+                try:
+                    for problem in self.check_node(node, lustre_version):
+                        problems.add(node.name, problem)
+                except NodeError as err:
+                    problems.add(node.name, str(err))
+            if not problems:
+                return
+            if self.clock.now() >= deadline:
+                raise HealthCheckError(f"not healthy after {timeout_s:.0f} s: {problems}")
+            self.clock.sleep(self.policy.poll_s)
+
+    def wait_serving(self, timeout_s: float, probe_id: str) -> None:
+        """After unsuspend: every target COMPLETE with no client evicted, lclient I/O works."""
+        deadline = self.clock.now() + timeout_s
+        while True:
+            problems = Problems()
+            for node in self.servers():
+                try:
+                    text = self.sh(node).run(["lctl", "get_param", "*.*.recovery_status"]).stdout
+                except NodeError as err:
+                    problems.add(node.name, str(err))
+                    continue
+                for name, value in parse_params(text).items():
+                    status = parse_recovery_status(value)
+                    if status.status != "COMPLETE":
+                        problems.add(node.name, f"{name.split('.')[1]} {status.status}")
+                    elif status.evicted:
+                        raise HealthCheckError(
+                            f"{node.name}: {name.split('.')[1]} evicted {status.evicted} clients"
+                        )
+            if not problems:
+                break
+            if self.clock.now() >= deadline:
+                raise HealthCheckError(f"recovery not complete after {timeout_s:.0f} s: {problems}")
+            self.clock.sleep(self.policy.poll_s)
+        self.probe(probe_id)
+
+    def probe(self, probe_id: str) -> None:
+        """Write, read back and remove a file through every in-cluster client."""
+        for node in (n for n in self.nodes if n.role is Role.LCLIENT):
+            shell = self.sh(node)
+            payload = f"amlfs-maintenance probe {probe_id}\n"
+            shell.run(["tee", PROBE_FILE], stdin=payload.encode())
+            read = shell.run(["cat", PROBE_FILE]).stdout
+            shell.run(["rm", "-f", PROBE_FILE])
+            if read != payload:
+                raise HealthCheckError(f"{node.name}: probe read back {read!r}, wrote {payload!r}")
+
+
+def _pools_of(ldev_conf: str) -> list[str]:
+    """Pools named in ldev.conf lines ``host foreign label zfs:pool/dataset``."""
+    pools = []
+    for line in ldev_conf.splitlines():
+        words = line.split()
+        if len(words) >= 4 and words[3].startswith("zfs:"):
+            pool = words[3][4:].split("/", 1)[0]
+            if pool not in pools:
+                pools.append(pool)
+    return pools

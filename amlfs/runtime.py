@@ -1,0 +1,145 @@
+"""Where and how to connect: ARM endpoint, credential, SSH access, clock, state store.
+
+Plain settings objects (pydantic, secrets as ``SecretStr``) that the Prefect Blocks turn into,
+so domain code builds its gateways without importing Prefect. ``from_endpoint`` reads the
+emulator's ``endpoint.json``; real Azure uses ``DefaultAzureCredential`` unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from amlfs.azure.client import StaticTokenCredential, compute_client
+from amlfs.azure.gateway import ComputeGateway
+from amlfs.clock import Clock, ScaledClock
+from amlfs.errors import InventoryError
+from amlfs.ssh import SshConfig, SshPool, load_private_key
+
+__all__ = ["AzureSettings", "Connections", "SshSettings", "from_endpoint"]
+
+
+class AzureSettings(BaseModel):
+    """How to reach ARM. ``credential``: default (DefaultAzureCredential / managed identity),
+    client_secret (service principal), or static_token (the emulator)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    arm_url: str | None = None
+    ca_file: str | None = None
+    credential: Literal["default", "client_secret", "static_token"] = "default"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    token: SecretStr | None = None
+    time_scale: float = Field(default=1.0, gt=0)
+    poll_interval_s: float = Field(default=2.0, gt=0, description="LRO polling, sim seconds")
+
+    def credential_object(self) -> object:
+        if self.credential == "static_token":
+            return StaticTokenCredential(self.token or SecretStr("emulator"))
+        if self.credential == "client_secret":
+            if not (self.tenant_id and self.client_id and self.client_secret):
+                raise InventoryError(
+                    "azure credential client_secret needs tenant_id, client_id and client_secret"
+                )
+            from azure.identity import ClientSecretCredential
+
+            return ClientSecretCredential(
+                self.tenant_id, self.client_id, self.client_secret.get_secret_value()
+            )
+        from azure.identity import DefaultAzureCredential
+
+        return DefaultAzureCredential()
+
+
+class SshSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    username: str
+    private_key: SecretStr
+    known_hosts: str  # path
+    port: int = Field(default=22, ge=1, le=65535)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    command_timeout_s: float = Field(default=60.0, gt=0)
+
+    def config(self, clock: Clock) -> SshConfig:
+        # Timeouts are real seconds on the wire; never shorter than a few seconds.
+        return SshConfig(
+            username=self.username,
+            key=load_private_key(self.private_key.get_secret_value()),
+            known_hosts=Path(self.known_hosts),
+            port=self.port,
+            connect_timeout_s=max(2.0, clock.to_real(self.connect_timeout_s)),
+            command_timeout_s=max(5.0, clock.to_real(self.command_timeout_s)),
+        )
+
+
+@dataclass
+class Connections:
+    """Gateways for one orchestrator process: ARM per subscription, one SSH pool, one clock."""
+
+    azure: AzureSettings
+    ssh: SshSettings
+    clock: Clock = field(default_factory=ScaledClock)
+    _gateways: dict[str, ComputeGateway] = field(default_factory=dict)
+    _pool: SshPool | None = None
+
+    @classmethod
+    def create(cls, azure: AzureSettings, ssh: SshSettings) -> Connections:
+        return cls(azure, ssh, ScaledClock(azure.time_scale))
+
+    def gateway(self, subscription_id: str) -> ComputeGateway:
+        gateway = self._gateways.get(subscription_id)
+        if gateway is None:
+            scale = self.azure.time_scale
+            client = compute_client(
+                subscription_id,
+                self.azure.credential_object(),  # type: ignore[arg-type]
+                arm_url=self.azure.arm_url,
+                ca_file=self.azure.ca_file,
+                polling_interval=self.clock.to_real(self.azure.poll_interval_s),
+                retry_backoff_factor=0.8 / scale,
+                retry_backoff_max=max(1.0, 60.0 / scale),
+            )
+            gateway = ComputeGateway(client, self.clock)
+            self._gateways[subscription_id] = gateway
+        return gateway
+
+    def shells(self) -> SshPool:
+        if self._pool is None:
+            self._pool = SshPool(self.ssh.config(self.clock))
+        return self._pool
+
+    def close(self) -> None:
+        for gateway in self._gateways.values():
+            gateway.compute.close()
+        self._gateways.clear()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def from_endpoint(path: str | Path) -> tuple[AzureSettings, SshSettings]:
+    """Settings for the emulator described by its ``endpoint.json``."""
+    try:
+        endpoint = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InventoryError(f"cannot read emulator endpoint {path}: {err}") from err
+    ssh = endpoint["ssh"]
+    azure = AzureSettings(
+        arm_url=endpoint["arm_url"],
+        ca_file=endpoint["ca_file"],
+        credential="static_token",
+        token=SecretStr("emulator"),
+        time_scale=endpoint["time_scale"],
+        poll_interval_s=2.0,
+    )
+    return azure, SshSettings(
+        username=ssh["username"],
+        private_key=SecretStr(Path(ssh["key_file"]).read_text()),
+        known_hosts=ssh["known_hosts"],
+        port=ssh["port"],
+    )

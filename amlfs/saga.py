@@ -1,0 +1,690 @@
+"""One cluster's upgrade by OS disk swap, as ordered steps with compensations.
+
+    preflight  read VMs + health                      (nothing changed yet)
+    prestage   create new OS disks, tagged            undo: delete them
+    capture    node config -> state store             (outside the downtime)
+    suspend    timeouts, HSM, firewall                undo: unsuspend
+    swap       stop, PUT new OS disk, start (all VMs in parallel)
+                                                      undo: swap the old disks back, restore
+    restore    config + release overlay, services, health on the release
+    unsuspend  firewall off, tunables, HSM            undo: suspend again
+    validate   recovery COMPLETE, 0 evicted, lclient probe
+    finalize   delete (or keep, tagged) the old disks (point of no return)
+
+A compensation is registered right after its step succeeds; on failure they run in reverse.
+Progress is journaled in the state store (with the captured config and tunables) before
+each step, and Azure's tags say which disk replaces which, so ``ClusterUpgrade.run`` after a
+crash of the orchestrator resumes: forward when the nodes were already verified on the
+release, else back to the old disks. Before each irreversible step the downtime budget and
+the window are checked with a predicted rollback reserved.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import functools
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from amlfs.azure.gateway import ComputeGateway, DiskInfo, VmInfo
+from amlfs.clock import Clock
+from amlfs.errors import (
+    AmlfsError,
+    DeadlineError,
+    HealthCheckError,
+    NodeUnreachableError,
+    RetryableAzureError,
+)
+from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
+from amlfs.models import Cluster, Release, Role
+from amlfs.store import StateStore
+
+__all__ = [
+    "ClusterUpgrade",
+    "Outcome",
+    "Predictions",
+    "StepRunner",
+    "UpgradePolicy",
+    "UpgradeResult",
+]
+
+T = TypeVar("T")
+StepRunner = Callable[[str, Callable[[], Any]], Any]
+
+TAG_RUN = "amlfs-run"
+TAG_VM = "amlfs-vm"
+TAG_REPLACES = "amlfs-replaces"
+TAG_RELEASE = "amlfs-release"
+KEEP_TAG = "amlfs-keep-until"
+CRASH_ENV = "AMLFS_TEST_CRASH_AT"  # test-only: "step:before|after" SIGKILLs this process there
+
+
+class Outcome(StrEnum):
+    UPGRADED = "upgraded"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed_needs_attention"
+    ALREADY_CURRENT = "already_current"
+
+
+class Predictions(BaseModel):
+    """Expected durations (sim seconds), used to decide whether a step still fits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    suspend_s: float = 30
+    swap_s: float = 180  # stop + PUT + start of one VM (all VMs run in parallel)
+    restore_s: float = 90
+    unsuspend_s: float = 30
+    validate_s: float = 60
+
+    @property
+    def downtime_s(self) -> float:
+        return self.suspend_s + self.swap_s + self.restore_s + self.unsuspend_s + self.validate_s
+
+    @property
+    def rollback_s(self) -> float:
+        return self.swap_s + self.restore_s + self.unsuspend_s + self.validate_s
+
+
+class UpgradePolicy(BaseModel):
+    """How one cluster is upgraded. Every field has a safe default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    downtime_budget_s: float = Field(default=1800, gt=0, description="Customer downtime cap")
+    keep_old_disks_days: int = Field(default=0, ge=0, description="0: delete old OS disks")
+    boot_timeout_s: float = Field(default=600, gt=0)
+    healthy_timeout_s: float = Field(default=600, gt=0)
+    serving_timeout_s: float = Field(default=600, gt=0)
+    lro_timeout_s: float = Field(default=900, gt=0)
+    attempts: int = Field(default=8, ge=1, description="Tries of a transiently failing call")
+    parallelism: int = Field(default=16, ge=1)
+    predictions: Predictions = Predictions()
+    suspend: SuspendPolicy = SuspendPolicy()
+
+
+class StepTiming(BaseModel):
+    name: str
+    started_s: float
+    ended_s: float
+    status: str  # ok, failed, compensated
+
+
+class UpgradeResult(BaseModel):
+    cluster: str
+    run_id: str
+    outcome: Outcome
+    reason: str = ""
+    release_before: str
+    release_after: str
+    steps: list[StepTiming] = []
+    downtime_observed_s: float = 0.0  # suspend start to validated, as the orchestrator saw it
+    elapsed_s: float = 0.0
+    resumed: bool = False
+
+
+@dataclass
+class _VmPlan:
+    node: NodeRef
+    old_disk: str
+    old_disk_id: str
+    new_disk: str
+    new_disk_id: str = ""
+
+
+@dataclass
+class _State:
+    """The journal: what a resuming worker needs beyond Azure's tags."""
+
+    run_id: str
+    release: str
+    phase: str = "started"
+    release_before: str = ""
+    tunables: dict[str, str] | None = None
+    vms: dict[str, dict[str, str]] = field(default_factory=dict)
+    suspended_at: float | None = None
+
+    def dump(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ClusterUpgrade:
+    """Upgrade ``cluster`` to ``release``; ``run()`` returns the result and never raises
+    for an upgrade failure (it rolls back and says why)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        release: Release,
+        *,
+        gateway: ComputeGateway,
+        shells: ShellSource,
+        store: StateStore,
+        clock: Clock,
+        policy: UpgradePolicy | None = None,
+        run_id: str | None = None,
+        window_end: dt.datetime | None = None,
+        now_utc: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        runner: StepRunner | None = None,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.cluster = cluster
+        self.release = release
+        self.gw = gateway
+        self.store = store
+        self.clock = clock
+        self.policy = policy or UpgradePolicy()
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.window_end = window_end
+        self.now_utc = now_utc
+        self.runner: StepRunner = runner or (lambda name, fn: fn())
+        self.log = log
+        self.nodes = [
+            NodeRef(n.name, n.role, str(n.address) if n.address else n.name) for n in cluster.nodes
+        ]
+        self.ops = LustreOps(
+            shells, self.nodes, clock, self.policy.suspend, log, self.policy.parallelism
+        )
+        self.rg = cluster.resource_group
+        self.timings: list[StepTiming] = []
+        self.undo: list[tuple[str, Callable[[], None]]] = []
+        self.started = clock.now()
+        self.state = _State(self.run_id, release.version)
+        self.plans: dict[str, _VmPlan] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _key(self, *parts: str) -> tuple[str, ...]:
+        return ("clusters", self.cluster.name, *parts)
+
+    def _journal(self, phase: str) -> None:
+        self.state.phase = phase
+        self.state.vms = {
+            name: {
+                "old_disk": p.old_disk,
+                "old_disk_id": p.old_disk_id,
+                "new_disk": p.new_disk,
+                "new_disk_id": p.new_disk_id,
+            }
+            for name, p in self.plans.items()
+        }
+        self.store.put(*self._key("run"), value=self.state.dump())
+
+    def _crash_point(self, step: str, when: str) -> None:
+        if os.environ.get(CRASH_ENV) == f"{step}:{when}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _step(self, name: str, fn: Callable[[], T]) -> T:
+        self._crash_point(name, "before")
+        start = self.clock.now()
+        self.log(f"{self.cluster.name}: {name}")
+        try:
+            result: T = self.runner(name, fn)
+        except BaseException:
+            self.timings.append(
+                StepTiming(name=name, started_s=start, ended_s=self.clock.now(), status="failed")
+            )
+            raise
+        self.timings.append(
+            StepTiming(name=name, started_s=start, ended_s=self.clock.now(), status="ok")
+        )
+        self._crash_point(name, "after")
+        return result
+
+    def _retry(self, what: str, fn: Callable[[], T], *, deadline: float | None = None) -> T:
+        """``fn`` with backoff on transient errors, never past ``deadline`` (sim time)."""
+
+        def before_sleep(state: Any) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            self.log(f"{self.cluster.name}: {what}: retrying after {err}")
+            if deadline is not None and self.clock.now() + state.upcoming_sleep > deadline:
+                raise DeadlineError(f"{what}: no time left to retry ({err})") from err
+
+        retrying = Retrying(
+            sleep=self.clock.sleep,
+            wait=wait_exponential(multiplier=5, min=5, max=60),
+            stop=stop_after_attempt(self.policy.attempts),
+            retry=retry_if_exception_type((RetryableAzureError, NodeUnreachableError)),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def _each(self, fn: Callable[[_VmPlan], None], plans: list[_VmPlan] | None = None) -> None:
+        """``fn`` for every VM in parallel; all run to the end, then the first error raises."""
+        plans = list(self.plans.values()) if plans is None else plans
+        errors: list[BaseException] = []
+        with concurrent.futures.ThreadPoolExecutor(
+            max(1, min(self.policy.parallelism, len(plans) or 1))
+        ) as pool:
+            for future in [pool.submit(fn, plan) for plan in plans]:
+                try:
+                    future.result()
+                except BaseException as err:  # collected, re-raised below
+                    errors.append(err)
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _downtime_so_far(self) -> float:
+        if self.state.suspended_at is None:
+            return 0.0
+        return self.clock.now() - self.state.suspended_at
+
+    def _check_room(self, step: str, remaining_s: float) -> None:
+        """Refuse ``step`` unless it, what follows and a rollback fit the budget and window."""
+        reserve = self.policy.predictions.rollback_s
+        need = self._downtime_so_far() + remaining_s + reserve
+        if need > self.policy.downtime_budget_s:
+            raise DeadlineError(
+                f"before {step}: downtime so far {self._downtime_so_far():.0f} s + predicted "
+                f"{remaining_s:.0f} s + rollback {reserve:.0f} s > budget "
+                f"{self.policy.downtime_budget_s:.0f} s"
+            )
+        if self.window_end is not None:
+            left = (self.window_end - self.now_utc()).total_seconds()
+            if remaining_s + reserve > left:
+                raise DeadlineError(
+                    f"before {step}: window ends in {left:.0f} s, need {remaining_s:.0f} s + "
+                    f"rollback {reserve:.0f} s"
+                )
+
+    def _lro_timeout(self) -> float:
+        """An ARM wait never eats the time a rollback needs."""
+        if self.state.suspended_at is None:
+            return self.policy.lro_timeout_s
+        left = (
+            self.policy.downtime_budget_s
+            - self._downtime_so_far()
+            - self.policy.predictions.rollback_s
+        )
+        return max(5.0, min(self.policy.lro_timeout_s, left))
+
+    def _swap_deadline(self) -> float | None:
+        if self.state.suspended_at is None:
+            return None
+        return (
+            self.state.suspended_at
+            + self.policy.downtime_budget_s
+            - self.policy.predictions.rollback_s
+        )
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> UpgradeResult:
+        journal = self.store.get(*self._key("run"))
+        if journal is not None and journal.get("phase") not in (None, "done"):
+            return self._resume(journal)
+        try:
+            vms = self._step("preflight", self.preflight)
+        except AmlfsError as err:
+            return self._result(
+                Outcome.FAILED, f"preflight: {err}", before=self.state.release_before
+            )
+        if all(self._on_release(vm) for vm in vms):
+            return self._result(Outcome.ALREADY_CURRENT, f"already on {self.release.version}")
+        try:
+            self.undo.append(("delete new disks", self.delete_new_disks))
+            self._step("prestage", self.prestage)
+            self._step("capture", self.capture)
+            self._check_room("suspend", self.policy.predictions.downtime_s)
+            self._step("suspend", self.suspend)
+            self.undo.append(("unsuspend", self.unsuspend))
+            self._check_room(
+                "swap", self.policy.predictions.downtime_s - self.policy.predictions.suspend_s
+            )
+            self.undo.append(("swap back", self.swap_back))
+            self._step("swap", self.swap)
+            pred = self.policy.predictions
+            self._check_room("restore", pred.restore_s + pred.unsuspend_s + pred.validate_s)
+            self._step("restore", self.restore)
+            self._step("unsuspend", self.unsuspend)
+            self.undo.append(("suspend again", self.suspend))
+            self._step("validate", self.validate)
+        except (AmlfsError, concurrent.futures.TimeoutError) as err:
+            self.log(f"{self.cluster.name}: upgrade failed, rolling back: {err}")
+            return self.rollback(f"{type(err).__name__}: {err}")
+        return self._finish_forward()
+
+    def _finish_forward(self) -> UpgradeResult:
+        self.undo.clear()
+        try:
+            self._step("finalize", self.finalize)
+        except AmlfsError as err:
+            # Upgraded and serving; only the old disks are left behind.
+            return self._result(Outcome.UPGRADED, f"old OS disks not removed: {err}")
+        return self._result(Outcome.UPGRADED, "")
+
+    def rollback(self, reason: str) -> UpgradeResult:
+        self._journal("rolling_back")
+        failures = []
+        for name, fn in reversed(self.undo):
+            start = self.clock.now()
+            try:
+                self.runner(f"rollback: {name}", fn)
+                status = "compensated"
+            except (AmlfsError, concurrent.futures.TimeoutError) as err:
+                failures.append(f"{name}: {err}")
+                status = "failed"
+            self.timings.append(
+                StepTiming(
+                    name=f"rollback: {name}",
+                    started_s=start,
+                    ended_s=self.clock.now(),
+                    status=status,
+                )
+            )
+        self.undo.clear()
+        if failures:
+            self._journal("needs_attention")
+            return self._result(
+                Outcome.FAILED, f"{reason}; rollback incomplete: {'; '.join(failures)}"
+            )
+        self._done()
+        return self._result(Outcome.ROLLED_BACK, reason)
+
+    def _result(self, outcome: Outcome, reason: str, before: str | None = None) -> UpgradeResult:
+        after = (
+            self.release.version
+            if outcome in (Outcome.UPGRADED, Outcome.ALREADY_CURRENT)
+            else (before or self.state.release_before)
+        )
+        downtime = 0.0
+        if self.state.suspended_at is not None:
+            ends = [t.ended_s for t in self.timings if t.status != "failed"]
+            downtime = (max(ends) if ends else self.clock.now()) - self.state.suspended_at
+        return UpgradeResult(
+            cluster=self.cluster.name,
+            run_id=self.run_id,
+            outcome=outcome,
+            reason=reason,
+            release_before=before or self.state.release_before,
+            release_after=after,
+            steps=list(self.timings),
+            downtime_observed_s=round(max(downtime, 0.0), 3),
+            elapsed_s=round(self.clock.now() - self.started, 3),
+            resumed=False,
+        )
+
+    def _done(self) -> None:
+        self.store.delete(*self._key("run"))
+        for node in self.nodes:
+            self.store.delete(*self._key("config", node.name))
+
+    # ------------------------------------------------------------------ steps
+
+    def _on_release(self, vm: VmInfo) -> bool:
+        disk = self.gw.get_disk(self.rg, vm.os_disk_name)
+        return disk is not None and (disk.image_id or "").lower() == self.release.image_id.lower()
+
+    def preflight(self) -> list[VmInfo]:
+        vms = []
+        for node in self.nodes:
+            vm = self._retry(
+                f"read VM {node.name}", functools.partial(self.gw.vm_info, self.rg, node.name)
+            )
+            if vm.power_state != "running":
+                raise HealthCheckError(f"VM {node.name} is {vm.power_state}, not running")
+            vms.append(vm)
+        first = self.gw.get_disk(self.rg, vms[0].os_disk_name)
+        self.state.release_before = (
+            (first.image_id or "").rsplit("/", 1)[-1] if first else "unknown"
+        )
+        if all(self._on_release(vm) for vm in vms):
+            return vms
+        # The cluster must be healthy before we touch it: otherwise a rollback has no target.
+        self.ops.wait_healthy(
+            self.nodes, self._version_of(first), self.policy.healthy_timeout_s / 4
+        )
+        for node, vm in zip(self.nodes, vms, strict=True):
+            self.plans[node.name] = _VmPlan(
+                node,
+                old_disk=vm.os_disk_name,
+                old_disk_id=vm.os_disk_id,
+                new_disk=f"{node.name}-osdisk-{self.release.version}",
+            )
+        self._journal("preflight")
+        return vms
+
+    def _version_of(self, disk: DiskInfo | None) -> str:
+        """The Lustre version nodes on ``disk`` run, as they report it (no image lookup)."""
+        mds = self.ops.sh(self.ops.mds)
+        out = self._retry(
+            "read the Lustre version", lambda: mds.run(["lctl", "get_param", "-n", "version"])
+        ).stdout
+        return out.strip().removeprefix("version=")
+
+    def prestage(self) -> None:
+        vm_location = self.cluster.region
+
+        def create(plan: _VmPlan) -> None:
+            old = self.gw.get_disk(self.rg, plan.old_disk)
+            disk = self._retry(
+                f"create {plan.new_disk}",
+                lambda: self.gw.create_os_disk(
+                    self.rg,
+                    plan.new_disk,
+                    location=old.location if old else vm_location,
+                    image_version_id=self.release.image_id,
+                    sku=old.sku if old else None,
+                    tags={
+                        TAG_RUN: self.run_id,
+                        TAG_VM: plan.node.name,
+                        TAG_REPLACES: plan.old_disk,
+                        TAG_RELEASE: self.release.version,
+                    },
+                    timeout_s=self.policy.lro_timeout_s,
+                ),
+            )
+            plan.new_disk_id = disk.id
+
+        try:
+            self._each(create)
+        finally:
+            self._journal("prestaged")
+
+    def capture(self) -> None:
+        def one(node: NodeRef) -> None:
+            files = self.ops.capture_config(node)
+            self.store.put(*self._key("config", node.name), value=files)
+
+        self.ops.each(self.nodes, one)
+        self._journal("captured")
+
+    def suspend(self) -> None:
+        if self.state.tunables is None:
+            self.state.tunables = self.ops.record_tunables()
+            self._journal("suspending")
+        if self.state.suspended_at is None:
+            self.state.suspended_at = self.clock.now()
+        self._journal("suspending")
+        self.ops.suspend(self.state.tunables)
+        self._journal("suspended")
+
+    def swap(self) -> None:
+        self._journal("swapping")
+        deadline = self._swap_deadline()
+
+        def one(plan: _VmPlan) -> None:
+            self._swap_vm(plan, plan.new_disk, plan.new_disk_id, deadline)
+
+        self._each(one)
+        self._journal("swapped")
+
+    def _swap_vm(self, plan: _VmPlan, disk_name: str, disk_id: str, deadline: float | None) -> None:
+        name = plan.node.name
+        current = self._retry(
+            f"read VM {name}", lambda: self.gw.vm_info(self.rg, name), deadline=deadline
+        )
+        if current.os_disk_id.lower() != disk_id.lower():
+            if current.power_state not in ("stopped", "deallocated"):
+                self._retry(
+                    f"stop {name}",
+                    lambda: self.gw.power_off(self.rg, name, self._lro_timeout()),
+                    deadline=deadline,
+                )
+            target = DiskInfo(disk_id, disk_name, None, {}, None, None, "", None, None)
+            self._retry(
+                f"swap {name} to {disk_name}",
+                lambda: self.gw.swap_os_disk(self.rg, name, target, self._lro_timeout()),
+                deadline=deadline,
+            )
+        current = self._retry(
+            f"read VM {name}", lambda: self.gw.vm_info(self.rg, name), deadline=deadline
+        )
+        if current.power_state != "running":
+            self._retry(
+                f"start {name}",
+                lambda: self.gw.start(self.rg, name, self._lro_timeout()),
+                deadline=deadline,
+            )
+
+    def restore(self) -> None:
+        expected = self.release.lustre_version
+        self._restore_nodes(self.release)
+        self._apply_release_tunables()
+        self.ops.wait_healthy(
+            self.nodes, expected or self._version_now(), self.policy.healthy_timeout_s
+        )
+        self._journal("restored")
+
+    def _version_now(self) -> str:
+        return self._version_of(None)
+
+    def _restore_nodes(self, release: Release | None) -> None:
+        def one(node: NodeRef) -> None:
+            self.ops.wait_reachable(node, self.policy.boot_timeout_s)
+            files = self.store.get(*self._key("config", node.name))
+            if files is None:
+                raise HealthCheckError(f"{node.name}: no captured config in the state store")
+            overlay = release.files_for(node.role) if release is not None else None
+            self.ops.restore(node, files, overlay)
+
+        # MDS first: OSTs and clients register with the MGS.
+        mds = [n for n in self.nodes if n.role is Role.MDS]
+        self.ops.each(mds, one)
+        self.ops.each([n for n in self.nodes if n.role is not Role.MDS], one)
+
+    def _apply_release_tunables(self) -> None:
+        if self.release.tunables:
+            self.ops.sh(self.ops.mds).run(
+                ["lctl", "set_param", "-P", *(f"{k}={v}" for k, v in self.release.tunables.items())]
+            )
+
+    def unsuspend(self) -> None:
+        if self.state.tunables is None:
+            return  # never suspended
+        self.ops.unsuspend(self.state.tunables)
+        self._journal("unsuspended")
+
+    def validate(self) -> None:
+        self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
+        self._journal("validated")
+
+    def finalize(self) -> None:
+        self._journal("finalizing")
+        keep_until = None
+        if self.policy.keep_old_disks_days:
+            keep_until = (
+                (self.now_utc() + dt.timedelta(days=self.policy.keep_old_disks_days))
+                .date()
+                .isoformat()
+            )
+
+        def one(plan: _VmPlan) -> None:
+            if keep_until is not None:
+                self._retry(
+                    f"tag {plan.old_disk}",
+                    lambda: self.gw.tag_disk(
+                        self.rg, plan.old_disk, {KEEP_TAG: keep_until, TAG_RUN: self.run_id}
+                    ),
+                )
+            else:
+                self._retry(
+                    f"delete {plan.old_disk}", lambda: self.gw.delete_disk(self.rg, plan.old_disk)
+                )
+
+        self._each(one)
+        self._done()
+
+    # ------------------------------------------------------------------ compensations
+
+    def swap_back(self) -> None:
+        """Every VM back on its old OS disk, its config and services restored and healthy."""
+
+        def one(plan: _VmPlan) -> None:
+            self._swap_vm(plan, plan.old_disk, plan.old_disk_id, None)
+
+        self._each(one)
+        self._restore_nodes(None)
+        self.ops.wait_healthy(self.nodes, self._version_now(), self.policy.healthy_timeout_s)
+
+    def delete_new_disks(self) -> None:
+        def one(plan: _VmPlan) -> None:
+            disk = self.gw.get_disk(self.rg, plan.new_disk)
+            if disk is None:
+                return
+            if disk.managed_by:
+                raise HealthCheckError(f"{plan.new_disk} is still attached to {disk.managed_by}")
+            self._retry(
+                f"delete {plan.new_disk}", lambda: self.gw.delete_disk(self.rg, plan.new_disk)
+            )
+
+        self._each(one)
+
+    # ------------------------------------------------------------------ resume after a crash
+
+    def _resume(self, journal: dict[str, Any]) -> UpgradeResult:
+        """A previous run stopped mid-way: rebuild from Azure + the journal, then converge."""
+        self.state = _State(**journal)
+        self.run_id = self.state.run_id
+        self.log(
+            f"{self.cluster.name}: resuming run {self.run_id} interrupted at {self.state.phase}"
+        )
+        by_name = {n.name: n for n in self.nodes}
+        for name, vm in self.state.vms.items():
+            self.plans[name] = _VmPlan(
+                by_name[name],
+                vm["old_disk"],
+                vm["old_disk_id"],
+                vm["new_disk"],
+                vm.get("new_disk_id", ""),
+            )
+        # Azure is the truth for disk ids: a disk created but not journaled is found by name.
+        for plan in self.plans.values():
+            if not plan.new_disk_id:
+                disk = self.gw.get_disk(self.rg, plan.new_disk)
+                if disk is not None and disk.tags.get(TAG_VM) == plan.node.name:
+                    plan.new_disk_id = disk.id
+        released = self.release.version == self.state.release
+        phase = self.state.phase
+        if released and phase in ("validated", "finalizing"):
+            result = self._finish_forward()
+        elif released and phase in ("restored", "unsuspended"):
+            try:
+                self._step("unsuspend", self.unsuspend)
+                self.undo.append(("delete new disks", self.delete_new_disks))
+                self.undo.append(("unsuspend", self.unsuspend))
+                self.undo.append(("swap back", self.swap_back))
+                self.undo.append(("suspend again", self.suspend))
+                self._step("validate", self.validate)
+            except AmlfsError as err:
+                result = self.rollback(f"resumed at {phase}, validation failed: {err}")
+            else:
+                result = self._finish_forward()
+        else:
+            self.undo = [("delete new disks", self.delete_new_disks)]
+            if self.state.tunables is not None:
+                self.undo.append(("unsuspend", self.unsuspend))
+                self.undo.append(("swap back", self.swap_back))
+            result = self.rollback(f"resumed after the orchestrator stopped at {phase}")
+        result.resumed = True
+        return result
