@@ -26,6 +26,7 @@ import datetime as dt
 import functools
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,7 +150,8 @@ class _State:
     release_before: str = ""
     tunables: dict[str, str] | None = None
     vms: dict[str, dict[str, str]] = field(default_factory=dict)
-    suspended_at: float | None = None
+    suspended_at: float | None = None  # this process's clock
+    suspended_wall: float | None = None  # Unix time, to carry the downtime across a resume
 
     def dump(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -198,6 +200,7 @@ class ClusterUpgrade:
         self.started = clock.now()
         self.state = _State(self.run_id, release.version)
         self.plans: dict[str, _VmPlan] = {}
+        self.serving_again_at: float | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -399,8 +402,12 @@ class ClusterUpgrade:
         )
         downtime = 0.0
         if self.state.suspended_at is not None:
-            ends = [t.ended_s for t in self.timings if t.status != "failed"]
-            downtime = (max(ends) if ends else self.clock.now()) - self.state.suspended_at
+            # Until validated serving, or the end of the rollback that brought service back.
+            end = self.serving_again_at
+            if end is None:
+                ends = [t.ended_s for t in self.timings if t.name.startswith("rollback")]
+                end = max(ends) if ends else self.clock.now()
+            downtime = end - self.state.suspended_at
         return UpgradeResult(
             cluster=self.cluster.name,
             run_id=self.run_id,
@@ -503,10 +510,12 @@ class ClusterUpgrade:
         if self.state.tunables is None:
             self.state.tunables = self.ops.record_tunables()
             self._journal("suspending")
+        self.ops.prepare(self.state.tunables)
         if self.state.suspended_at is None:
-            self.state.suspended_at = self.clock.now()
+            self.state.suspended_at = self.clock.now()  # clients lose service from here
+            self.state.suspended_wall = time.time()
         self._journal("suspending")
-        self.ops.suspend(self.state.tunables)
+        self.ops.each(self.ops.servers(), self.ops.firewall_on)
         self._journal("suspended")
 
     def swap(self) -> None:
@@ -587,6 +596,7 @@ class ClusterUpgrade:
 
     def validate(self) -> None:
         self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
+        self.serving_again_at = self.clock.now()
         self._journal("validated")
 
     def finalize(self) -> None:
@@ -646,6 +656,10 @@ class ClusterUpgrade:
         """A previous run stopped mid-way: rebuild from Azure + the journal, then converge."""
         self.state = _State(**journal)
         self.run_id = self.state.run_id
+        if self.state.suspended_wall is not None:
+            # The downtime so far, in this process's clock (sim seconds on the same scale).
+            gone = (time.time() - self.state.suspended_wall) * self.clock.time_scale
+            self.state.suspended_at = self.clock.now() - gone
         self.log(
             f"{self.cluster.name}: resuming run {self.run_id} interrupted at {self.state.phase}"
         )

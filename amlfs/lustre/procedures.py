@@ -204,6 +204,11 @@ class LustreOps:
 
     def suspend(self, saved: dict[str, str]) -> None:
         """Raise timeouts (persistent), quiesce HSM, firewall client traffic on the servers."""
+        self.prepare(saved)
+        self.each(self.servers(), self.firewall_on)
+
+    def prepare(self, saved: dict[str, str]) -> None:
+        """The part of suspend that clients do not notice: tunables up, HSM drained."""
         policy = self.policy
         self.set_tunables(
             {
@@ -213,7 +218,6 @@ class LustreOps:
             }
         )
         self.quiesce_hsm()
-        self.each(self.servers(), self.firewall_on)
 
     def set_tunables(self, values: dict[str, str]) -> None:
         mds = self.sh(self.mds)
