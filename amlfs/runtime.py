@@ -36,7 +36,7 @@ class AzureSettings(BaseModel):
     client_secret: SecretStr | None = None
     token: SecretStr | None = None
     time_scale: float = Field(default=1.0, gt=0)
-    poll_interval_s: float = Field(default=2.0, gt=0, description="LRO polling, sim seconds")
+    poll_interval_s: float = Field(default=1.0, gt=0, description="LRO polling, sim seconds")
 
     def credential_object(self) -> object:
         if self.credential == "static_token":
@@ -135,7 +135,7 @@ def from_endpoint(path: str | Path) -> tuple[AzureSettings, SshSettings]:
         credential="static_token",
         token=SecretStr("emulator"),
         time_scale=endpoint["time_scale"],
-        poll_interval_s=2.0,
+        poll_interval_s=1.0,
     )
     return azure, SshSettings(
         username=ssh["username"],

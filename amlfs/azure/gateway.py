@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -329,7 +330,7 @@ class ComputeGateway:
     ) -> None:
         """Point the (stopped) VM's OS disk at ``new_disk``; data disks are carried unchanged."""
         current = self.get_vm(resource_group, name)
-        desired = self.get_vm(resource_group, name)
+        desired = copy.deepcopy(current)
         storage = desired.storage_profile
         assert storage is not None
         assert storage.os_disk is not None

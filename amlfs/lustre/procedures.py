@@ -80,7 +80,7 @@ class SuspendPolicy(BaseModel):
     recovery_time_hard_s: int = Field(default=2700, ge=60)
     client_cidr: str = Field(default="10.8.0.0/16", description="Customer client network")
     hsm_drain_timeout_s: float = Field(default=300, gt=0)
-    poll_s: float = Field(default=2.0, gt=0, description="Between checks, sim seconds")
+    poll_s: float = Field(default=1.0, gt=0, description="Between checks, sim seconds")
 
 
 @dataclass(frozen=True)
@@ -394,14 +394,18 @@ class LustreOps:
 
     def wait_healthy(self, nodes: Sequence[NodeRef], lustre_version: str, timeout_s: float) -> None:
         deadline = self.clock.now() + timeout_s
+
+        def check(node: NodeRef) -> list[str]:
+            try:
+                return self.check_node(node, lustre_version)
+            except NodeError as err:
+                return [str(err)]
+
         while True:
             problems = Problems()
-            for node in nodes:
-                try:
-                    for problem in self.check_node(node, lustre_version):
-                        problems.add(node.name, problem)
-                except NodeError as err:
-                    problems.add(node.name, str(err))
+            for name, found in self.each(nodes, check).items():
+                for problem in found:
+                    problems.add(name, problem)
             if not problems:
                 return
             if self.clock.now() >= deadline:

@@ -1,0 +1,134 @@
+"""P1: client downtime of one cluster upgrade vs the emulator's critical path, and vs a naive order.
+
+Not a test: prints a table and a final ``key=value`` line. For each run an emulator serves
+``examples/fleet-small.yaml`` and one cluster is upgraded to 2.15.6 with the real SDK and SSH.
+
+* measured downtime: the emulator's customer view (``downtime_total``: from the first
+  firewalled/stopped server to every target COMPLETE with clients back), never the
+  orchestrator's own figure;
+* critical path: what physics allows, from the emulator's timeline: the slowest VM's
+  power-off + swap + start operations, plus the recovery replay once clients reconnect;
+* naive order: disks created inside the downtime and the VMs swapped one at a time.
+
+    .venv/bin/python bench/downtime.py [--runs 3] [--time-scale 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from amlfs.models import load_release
+from amlfs.runtime import Connections, from_endpoint
+from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy
+from amlfs.store import StateStore
+from amlfs_sim import Emulator
+from amlfs_sim.nodes.lustre import REPLAY_SECONDS
+from amlfs_sim.spec import load_world
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = "lustre-eus-01"
+
+
+def critical_path(timeline: dict[str, Any], vms: set[str]) -> float:
+    per_vm: dict[str, float] = {}
+    for op in timeline["operations"]:
+        counted = op["kind"] in ("vm.power_off", "vm.put", "vm.start")
+        if (
+            counted
+            and op["target"] in vms
+            and op["end"] is not None
+            and op["status"] == "Succeeded"
+        ):
+            per_vm[op["target"]] = per_vm.get(op["target"], 0.0) + op["end"] - op["start"]
+    return max(per_vm.values()) + REPLAY_SECONDS
+
+
+def one_run(seed: int, time_scale: float, naive: bool) -> tuple[float, float, float]:
+    world = load_world(REPO / "examples" / "fleet-small.yaml")
+    release = load_release(REPO / "examples" / "release-2.15.6.yaml")
+    cluster = world.fleet.cluster(CLUSTER)
+    with tempfile.TemporaryDirectory() as tmp:
+        emulator = Emulator(world, Path(tmp) / "sim", time_scale=time_scale, seed=seed)
+        endpoint = emulator.start()
+        try:
+            azure, ssh = from_endpoint(Path(tmp) / "sim" / "endpoint.json")
+            connections = Connections.create(azure, ssh)
+            try:
+                result = ClusterUpgrade(
+                    cluster,
+                    release,
+                    gateway=connections.gateway(cluster.subscription_id),
+                    shells=connections.shells(),
+                    store=StateStore(Path(tmp) / "state"),
+                    clock=connections.clock,
+                    policy=UpgradePolicy(naive_order=naive),
+                ).run()
+            finally:
+                connections.close()
+            if result.outcome is not Outcome.UPGRADED:
+                raise SystemExit(f"run {seed}: {result.outcome}: {result.reason}")
+            with httpx.Client(verify=str(endpoint.ca_file), timeout=30) as http:
+                state = http.get(
+                    f"{endpoint.control_url}/state", params={"cluster": CLUSTER}
+                ).json()
+                timeline = http.get(f"{endpoint.control_url}/timeline").json()
+        finally:
+            emulator.stop()
+    measured = float(state["clusters"][CLUSTER]["downtime_total"])
+    critical = critical_path(timeline, {n.name for n in cluster.nodes})
+    return measured, critical, result.downtime_observed_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--time-scale", type=float, default=20.0)
+    args = parser.parse_args()
+
+    rows = []
+    for seed in range(1, args.runs + 1):
+        measured, critical, seen = one_run(seed, args.time_scale, naive=False)
+        naive, naive_critical, _ = one_run(seed, args.time_scale, naive=True)
+        rows.append((seed, measured, critical, seen, naive, naive_critical))
+
+    table = Table(title=f"P1 downtime of one cluster ({CLUSTER}, 6 VMs), sim seconds")
+    for column in (
+        "seed",
+        "measured",
+        "critical path",
+        "ratio",
+        "orchestrator saw",
+        "naive",
+        "naive / measured",
+    ):
+        table.add_column(column, justify="right")
+    for seed, measured, critical, seen, naive, _ in rows:
+        table.add_row(
+            str(seed),
+            f"{measured:.1f}",
+            f"{critical:.1f}",
+            f"{measured / critical:.3f}",
+            f"{seen:.1f}",
+            f"{naive:.1f}",
+            f"{measured / naive:.2f}",
+        )
+    Console().print(table)
+    ratios = [m / c for _, m, c, _, _, _ in rows]
+    vs_naive = [m / n for _, m, _, _, n, _ in rows]
+    print(
+        f"p1_ratio_median={statistics.median(ratios):.3f} p1_ratio_max={max(ratios):.3f} "
+        f"target_ratio<=1.10 vs_naive_median={statistics.median(vs_naive):.2f} "
+        f"target_vs_naive<=0.50 runs={len(rows)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
