@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m amlfs_sim.demo
+	$(BIN)/python -m flows.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -51,6 +51,7 @@ from amlfs.models import Cluster, Release, Role
 from amlfs.store import StateStore
 
 __all__ = [
+    "AbortRequestedError",
     "ClusterUpgrade",
     "Outcome",
     "Predictions",
@@ -68,6 +69,10 @@ TAG_REPLACES = "amlfs-replaces"
 TAG_RELEASE = "amlfs-release"
 KEEP_TAG = "amlfs-keep-until"
 CRASH_ENV = "AMLFS_TEST_CRASH_AT"  # test-only: "step:before|after" SIGKILLs this process there
+
+
+class AbortRequestedError(AmlfsError):
+    """An operator aborted the fleet run: this cluster rolls back."""
 
 
 class Outcome(StrEnum):
@@ -181,6 +186,7 @@ class ClusterUpgrade:
         now_utc: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         runner: StepRunner | None = None,
         log: Callable[[str], None] = lambda message: None,
+        should_abort: Callable[[], bool] = lambda: False,
     ) -> None:
         self.cluster = cluster
         self.release = release
@@ -192,6 +198,7 @@ class ClusterUpgrade:
         self.window_end = window_end
         self.now_utc = now_utc
         self.runner: StepRunner = runner or (lambda name, fn: fn())
+        self.should_abort = should_abort
         self.log = log
         self.nodes = [
             NodeRef(n.name, n.role, str(n.address) if n.address else n.name) for n in cluster.nodes
@@ -232,6 +239,8 @@ class ClusterUpgrade:
 
     def _step(self, name: str, fn: Callable[[], T]) -> T:
         self._crash_point(name, "before")
+        if name != "finalize" and self.should_abort():
+            raise AbortRequestedError(f"operator abort before {name}")
         start = self.clock.now()
         self.log(f"{self.cluster.name}: {name}")
         try:

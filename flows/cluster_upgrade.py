@@ -84,6 +84,8 @@ def run_cluster_upgrade(
     window_end: dt.datetime | None = None,
     log: Any = None,
     runner: Any = None,
+    should_abort: Any = None,
+    now_utc: Any = None,
 ) -> UpgradeResult:
     upgrade = ClusterUpgrade(
         cluster,
@@ -97,6 +99,8 @@ def run_cluster_upgrade(
         window_end=window_end,
         runner=runner,
         log=log or (lambda message: None),
+        should_abort=should_abort or (lambda: False),
+        **({"now_utc": now_utc} if now_utc is not None else {}),
     )
     return upgrade.run()
 

@@ -1,0 +1,354 @@
+"""A fleet's maintenance run: which clusters, in which waves, how many at a time, when to stop.
+
+``plan_fleet`` decides per cluster (selected? already on the release? inside a window with
+room for an upgrade and a rollback?) without changing anything. ``FleetRunner`` runs the
+admitted clusters wave by wave through an injected ``upgrade`` function, never exceeding the
+caps (overall, per subscription, per region), stopping admission when the error budget is
+spent or an operator halts, asking in-flight clusters to roll back on abort, and recording
+every result in the state store so a stopped run resumes without redoing finished clusters.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from amlfs.errors import InventoryError
+from amlfs.models import Cluster, Fleet, Release
+from amlfs.schedule import ErrorBudget, Prediction, admit, order_waves, wave_may_open
+from amlfs.store import StateStore
+
+__all__ = [
+    "ClusterSelector",
+    "FleetPolicy",
+    "FleetRunner",
+    "FleetSummary",
+    "PlanRow",
+    "plan_fleet",
+]
+
+FINAL = ("upgraded", "rolled_back", "already_current", "failed_needs_attention")
+
+
+class ClusterSelector(BaseModel):
+    """Which clusters a run considers; empty lists select everything."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    names: list[str] = Field(default=[], description="Cluster names")
+    regions: list[str] = []
+    waves: list[str] = []
+    tags: dict[str, str] = Field(default={}, description="Every tag must match")
+
+    def matches(self, cluster: Cluster) -> bool:
+        return (
+            (not self.names or cluster.name in self.names)
+            and (not self.regions or cluster.region in self.regions)
+            and (not self.waves or cluster.wave in self.waves)
+            and all(cluster.tags.get(k) == v for k, v in self.tags.items())
+        )
+
+
+class FleetPolicy(BaseModel):
+    """Waves, caps and the error budget of a fleet run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    waves: list[str] = Field(default=["canary", "wave1", "wave2", "wave3"])
+    max_parallel: int = Field(default=10, ge=1, description="Clusters in flight, overall")
+    max_per_subscription: int = Field(default=5, ge=1)
+    max_per_region: int = Field(default=5, ge=1)
+    error_budget: int | str = Field(
+        default=1, description="Failed clusters tolerated: a count or a percentage like '10%'"
+    )
+    success_threshold: float = Field(default=1.0, ge=0, le=1, description="To open next wave")
+    bake_s: float = Field(default=0.0, ge=0, description="Wait after a wave before the next")
+    override_window: bool = Field(default=False, description="Hotfix: ignore windows")
+    reason: str | None = Field(default=None, description="Why (required with override)")
+
+    @field_validator("error_budget")
+    @classmethod
+    def _budget(cls, value: int | str) -> int | str:
+        ErrorBudget.parse(value, selected=100)  # raises InventoryError naming the value
+        return value
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    cluster: str
+    wave: str
+    subscription_id: str
+    region: str
+    window: str
+    window_end: dt.datetime | None
+    current_release: str | None
+    run: bool
+    skipped: bool
+    reason: str
+    predicted_downtime_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["window_end"] = self.window_end.isoformat() if self.window_end else None
+        return out
+
+
+def plan_fleet(
+    fleet: Fleet,
+    release: Release,
+    selector: ClusterSelector,
+    policy: FleetPolicy,
+    now: dt.datetime,
+    prediction: Prediction,
+    predicted_downtime_s: float,
+    current_release: Callable[[Cluster], str | None] = lambda cluster: None,
+) -> list[PlanRow]:
+    """Per selected cluster: will it run now, and why (not). Changes nothing."""
+    if policy.override_window and not (policy.reason or "").strip():
+        raise InventoryError("override_window needs a reason (it is recorded with the run)")
+    rows = []
+    known = set(policy.waves)
+    for wave, clusters in order_waves(
+        [c for c in fleet.clusters if selector.matches(c)], policy.waves
+    ):
+        for cluster in clusters:
+            current = current_release(cluster)
+            decision = admit(
+                cluster,
+                now,
+                prediction,
+                fleet_blackouts=fleet.blackout_dates,
+                current_release=current,
+                target_release=release.version,
+                override_window=policy.override_window,
+            )
+            reason = decision.reason
+            if policy.override_window and decision.admitted:
+                reason = f"{reason} [{policy.reason}]"
+            if wave not in known and decision.admitted:
+                reason += f" (wave {wave!r} is not in the wave order: runs last)"
+            rows.append(
+                PlanRow(
+                    cluster=cluster.name,
+                    wave=wave,
+                    subscription_id=cluster.subscription_id,
+                    region=cluster.region,
+                    window=str(decision.window) if decision.window else "none",
+                    window_end=decision.window.end if decision.window else None,
+                    current_release=current,
+                    run=decision.admitted,
+                    skipped=decision.skipped,
+                    reason=reason,
+                    predicted_downtime_s=predicted_downtime_s if decision.admitted else 0.0,
+                )
+            )
+    return rows
+
+
+Control = Literal["run", "halt", "abort"]
+
+
+@dataclass
+class FleetSummary:
+    run_name: str
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    not_started: dict[str, str] = field(default_factory=dict)
+    waves: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    max_in_flight: int = 0
+
+    def counts(self) -> Counter[str]:
+        return Counter(str(r["outcome"]) for r in self.results.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_name": self.run_name,
+            "results": self.results,
+            "not_started": self.not_started,
+            "waves": self.waves,
+            "stopped": self.stopped,
+            "max_in_flight": self.max_in_flight,
+            "counts": dict(self.counts()),
+        }
+
+
+class FleetRunner:
+    """Run ``upgrade(cluster)`` for the planned clusters within the caps and the budget."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        rows: Sequence[PlanRow],
+        policy: FleetPolicy,
+        upgrade: Callable[[Cluster, Callable[[], bool]], dict[str, Any]],
+        store: StateStore,
+        run_name: str,
+        *,
+        control: Callable[[], Control] = lambda: "run",
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        sleep: Callable[[float], None] = lambda seconds: None,
+        on_result: Callable[[FleetSummary, str], None] = lambda summary, cluster: None,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.fleet = fleet
+        self.rows = [r for r in rows if r.run]
+        self.policy = policy
+        self.upgrade = upgrade
+        self.store = store
+        self.run_name = run_name
+        self.control = control
+        self.now = now
+        self.sleep = sleep
+        self.on_result = on_result
+        self.log = log
+        self.abort = threading.Event()
+        self.summary = FleetSummary(run_name)
+        record = store.get("fleet-runs", run_name) or {}
+        self.previous: dict[str, dict[str, Any]] = {
+            name: result
+            for name, result in (record.get("results") or {}).items()
+            if result.get("outcome") in FINAL
+        }
+        self.budget = ErrorBudget.parse(policy.error_budget, selected=max(1, len(self.rows)))
+
+    def _save(self) -> None:
+        self.store.put("fleet-runs", self.run_name, value=self.summary.as_dict())
+
+    def failures(self) -> int:
+        return sum(
+            1
+            for r in self.summary.results.values()
+            if r["outcome"] in ("rolled_back", "failed_needs_attention")
+        )
+
+    def run(self) -> FleetSummary:
+        by_wave: dict[str, list[PlanRow]] = {}
+        for row in self.rows:
+            by_wave.setdefault(row.wave, []).append(row)
+        previous_results: list[bool] = []
+        previous_end: dt.datetime | None = None
+        for wave, rows in by_wave.items():
+            may, why = wave_may_open(
+                previous_results,
+                success_threshold=self.policy.success_threshold,
+                finished_at=previous_end,
+                bake=dt.timedelta(seconds=self.policy.bake_s),
+                now=self.now(),
+            )
+            if not may and previous_end is not None and "bake" in why:
+                wait = previous_end + dt.timedelta(seconds=self.policy.bake_s) - self.now()
+                self.log(f"wave {wave}: baking {wait.total_seconds():.0f} s")
+                self.sleep(max(0.0, wait.total_seconds()))
+                may, why = wave_may_open(
+                    previous_results,
+                    success_threshold=self.policy.success_threshold,
+                    finished_at=previous_end,
+                    bake=dt.timedelta(seconds=self.policy.bake_s),
+                    now=self.now(),
+                )
+            if not may or self.summary.stopped:
+                reason = self.summary.stopped or f"wave {wave} not opened: {why}"
+                for row in rows:
+                    self.summary.not_started[row.cluster] = reason
+                self.summary.waves.append({"wave": wave, "opened": False, "reason": reason})
+                self.summary.stopped = self.summary.stopped or reason
+                continue
+            results = self._run_wave(wave, rows)
+            previous_results = [r["outcome"] in ("upgraded", "already_current") for r in results]
+            previous_end = self.now()
+        self._save()
+        return self.summary
+
+    def _stop_reason(self) -> str | None:
+        control = self.control()
+        if control == "abort":
+            self.abort.set()
+            return "aborted by operator"
+        if control == "halt":
+            return "halted by operator"
+        if self.budget.exhausted(self.failures()):
+            return f"error budget spent ({self.failures()} failed, budget {self.budget})"
+        return None
+
+    def _run_wave(self, wave: str, rows: list[PlanRow]) -> list[dict[str, Any]]:
+        self.log(f"wave {wave}: {len(rows)} clusters")
+        clusters = {c.name: c for c in self.fleet.clusters}
+        queue = list(rows)
+        running: dict[concurrent.futures.Future[dict[str, Any]], PlanRow] = {}
+        results: list[dict[str, Any]] = []
+        per_sub: Counter[str] = Counter()
+        per_region: Counter[str] = Counter()
+        with concurrent.futures.ThreadPoolExecutor(self.policy.max_parallel) as pool:
+            while queue or running:
+                stop = self._stop_reason()
+                if stop is not None and queue:
+                    self.summary.stopped = stop
+                    for row in queue:
+                        self.summary.not_started[row.cluster] = stop
+                    queue = []
+                admitted = True
+                while queue and admitted and len(running) < self.policy.max_parallel:
+                    admitted = False
+                    for row in queue:
+                        if row.cluster in self.previous:
+                            queue.remove(row)
+                            result = dict(self.previous[row.cluster], resumed_from_record=True)
+                            self.summary.results[row.cluster] = result
+                            results.append(result)
+                            admitted = True
+                            break
+                        if (
+                            per_sub[row.subscription_id] < self.policy.max_per_subscription
+                            and per_region[row.region] < self.policy.max_per_region
+                        ):
+                            queue.remove(row)
+                            per_sub[row.subscription_id] += 1
+                            per_region[row.region] += 1
+                            future = pool.submit(
+                                self.upgrade, clusters[row.cluster], self.abort.is_set
+                            )
+                            running[future] = row
+                            self.summary.max_in_flight = max(
+                                self.summary.max_in_flight, len(running)
+                            )
+                            self.log(f"{row.cluster}: started ({len(running)} in flight)")
+                            admitted = True
+                            break
+                if not running:
+                    continue
+                done, _ = concurrent.futures.wait(
+                    running, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    row = running.pop(future)
+                    per_sub[row.subscription_id] -= 1
+                    per_region[row.region] -= 1
+                    try:
+                        result = future.result()
+                    except Exception as err:  # an orchestrator bug must not lose the fleet
+                        result = {
+                            "cluster": row.cluster,
+                            "outcome": "failed_needs_attention",
+                            "reason": f"{type(err).__name__}: {err}",
+                        }
+                    result["wave"] = wave
+                    self.summary.results[row.cluster] = result
+                    results.append(result)
+                    self._save()
+                    self.on_result(self.summary, row.cluster)
+        self.summary.waves.append(
+            {
+                "wave": wave,
+                "opened": True,
+                "clusters": len(rows),
+                "succeeded": sum(
+                    1 for r in results if r["outcome"] in ("upgraded", "already_current")
+                ),
+            }
+        )
+        return results
