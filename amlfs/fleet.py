@@ -74,7 +74,10 @@ class FleetPolicy(BaseModel):
     @field_validator("error_budget")
     @classmethod
     def _budget(cls, value: int | str) -> int | str:
-        ErrorBudget.parse(value, selected=100)  # raises InventoryError naming the value
+        try:
+            ErrorBudget.parse(value, selected=100)
+        except InventoryError as err:
+            raise ValueError(str(err)) from None
         return value
 
 
@@ -233,6 +236,8 @@ class FleetRunner:
         previous_results: list[bool] = []
         previous_end: dt.datetime | None = None
         for wave, rows in by_wave.items():
+            if not self.summary.stopped:
+                self.summary.stopped = self._stop_reason()
             may, why = wave_may_open(
                 previous_results,
                 success_threshold=self.policy.success_threshold,

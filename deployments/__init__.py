@@ -1,0 +1,1 @@
+"""The three ways maintenance starts, as Prefect deployments of ``fleet-maintenance``."""

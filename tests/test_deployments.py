@@ -1,0 +1,141 @@
+"""The three triggers as deployments served to a real ``prefect server``, runs created through
+its REST API (the hotfix the way an operator's curl does it), judged on the emulator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, SMALL_FLEET, PrefectServer, Sim
+
+pytestmark = pytest.mark.integration
+
+RELEASE_FILE = REPO / "examples" / "release-2.15.6.yaml"
+NAMES = ("amlfs-weekly-tick", "amlfs-manual", "amlfs-hotfix")
+IN_EUS_WINDOW = "2026-12-01T02:05:00+00:00"  # Tuesday: lustre-eus-01's window, nobody else's
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture
+def served(
+    sim: Sim, prefect_server: PrefectServer, tmp_path: Path
+) -> Iterator[dict[str, dict[str, Any]]]:
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deployments.serve",
+            "--fleet",
+            str(SMALL_FLEET),
+            "--release",
+            str(RELEASE_FILE),
+            "--endpoint",
+            str(sim.emulator.state_dir / "endpoint.json"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=prefect_server.env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < len(NAMES):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError((tmp_path / "serve.log").read_text())
+            response = httpx.post(f"{prefect_server.url}/deployments/filter", json={}, timeout=10)
+            found = {d["name"]: d for d in response.json() if d["name"] in NAMES}
+            time.sleep(0.5)
+        yield found
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def trigger(server: PrefectServer, deployment: dict[str, Any], params: dict[str, Any]) -> str:
+    """What an operator's curl does: POST /api/deployments/{id}/create_flow_run."""
+    merged = {**deployment["parameters"]["params"], **params}
+    response = httpx.post(
+        f"{server.url}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"params": merged}},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def wait_run(server: PrefectServer, run_id: str, timeout_s: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{server.url}/flow_runs/{run_id}", timeout=10).json()
+        if run["state_type"] in TERMINAL:
+            return run  # type: ignore[no-any-return]
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout_s} s")
+
+
+def versions(sim: Sim, cluster: str) -> set[str]:
+    return {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state(cluster)["vms"]}
+
+
+def test_three_deployments_and_runs_through_the_api(
+    sim: Sim, prefect_server: PrefectServer, served: dict[str, dict[str, Any]]
+) -> None:
+    weekly = served["amlfs-weekly-tick"]
+    schedules = httpx.get(
+        f"{prefect_server.url}/deployments/{weekly['id']}/schedules", timeout=10
+    ).json()
+    assert [s["schedule"]["cron"] for s in schedules] == ["*/15 * * * *"]
+    assert served["amlfs-manual"]["parameter_openapi_schema"]["properties"]["params"]
+
+    # Hotfix outside the window without an override: planned, refused, nothing changes.
+    refused = trigger(
+        prefect_server,
+        served["amlfs-hotfix"],
+        {"selector": {"names": ["lustre-weu-01"]}, "at": IN_EUS_WINDOW},
+    )
+    assert wait_run(prefect_server, refused)["state_type"] == "COMPLETED"
+    assert versions(sim, "lustre-weu-01") == {"2.15.5"}
+
+    # Hotfix with the override and a reason: upgraded now.
+    hotfix = trigger(
+        prefect_server,
+        served["amlfs-hotfix"],
+        {
+            "selector": {"names": ["lustre-weu-01"]},
+            "policy": {"override_window": True, "reason": "CVE-2026-0001"},
+            "at": IN_EUS_WINDOW,
+        },
+    )
+    assert wait_run(prefect_server, hotfix)["state_type"] == "COMPLETED"
+    assert versions(sim, "lustre-weu-01") == {"2.15.6"}
+
+    # The weekly tick at the start of lustre-eus-01's window upgrades that cluster only.
+    tick = trigger(prefect_server, weekly, {"at": "2026-12-01T02:00:00+00:00"})
+    assert wait_run(prefect_server, tick)["state_type"] == "COMPLETED"
+    assert versions(sim, "lustre-eus-01") == {"2.15.6"}
+    assert versions(sim, "lustre-scus-01") == {"2.15.5"}
+
+    # The manual deployment defaults to a dry run: it completes and changes nothing.
+    operations = len(sim.timeline()["operations"])
+    manual = trigger(prefect_server, served["amlfs-manual"], {})
+    assert wait_run(prefect_server, manual)["state_type"] == "COMPLETED"
+    assert len(sim.timeline()["operations"]) == operations
+    state = sim.state()
+    assert state["leaked_disks"] == []
+    assert state["data_disk_changes"] == []
