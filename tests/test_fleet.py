@@ -79,7 +79,7 @@ def test_hotfix_outside_the_window_needs_an_override_and_a_reason(
 ) -> None:
     refused = plan(sim, conns, FleetPolicy(), IN_EUS_WINDOW, names=["lustre-weu-01"])
     assert [r.run for r in refused] == [False]
-    with pytest.raises(ValidationError, match="needs policy.reason"):
+    with pytest.raises(ValidationError, match=r"needs policy\.reason"):
         FleetParams(
             fleet_file="f",
             release_file="r",
@@ -218,9 +218,9 @@ def test_abort_rolls_back_in_flight_clusters(sim: Sim, conns: Connections, tmp_p
 
 
 def test_fleet_params_reject_bad_input_by_name() -> None:
-    with pytest.raises(ValidationError, match="selector.names is empty"):
+    with pytest.raises(ValidationError, match=r"selector\.names is empty"):
         FleetParams(fleet_file=str(SMALL_FLEET), release_file="r", mode="hotfix")
-    with pytest.raises(ValidationError, match="error_budget|percentage|budget"):
+    with pytest.raises(ValidationError, match=r"percentage such as"):
         FleetParams(
             fleet_file=str(SMALL_FLEET), release_file="r", policy=FleetPolicy(error_budget="lots")
         )
