@@ -124,5 +124,152 @@ def upgrade_cluster(
         raise typer.Exit(1)
 
 
+@app.command()
+def plan(
+    fleet: Annotated[Path, typer.Option(help="Fleet inventory YAML")],
+    release: Annotated[Path, typer.Option(help="Release YAML")],
+    endpoint: Annotated[
+        Path | None, typer.Option(help="amlfs-sim endpoint.json (else Azure, default credential)")
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option(help="Evaluate windows at this UTC instant (ISO 8601)")
+    ] = None,
+    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters")] = None,
+    override_window: Annotated[bool, typer.Option(help="Hotfix: ignore windows")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (with --override-window)")] = None,
+) -> None:
+    """Dry run: per cluster its window, wave, current release, whether it would run and why.
+
+    Reads Azure (the OS disk of each cluster's MDS) and changes nothing.
+    """
+    import datetime as dt
+
+    from amlfs.fleet import ClusterSelector, FleetPolicy, plan_fleet
+    from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
+    from amlfs.saga import UpgradePolicy
+    from amlfs.schedule import Prediction
+
+    console = Console()
+    try:
+        parsed = load_fleet(fleet)
+        parsed_release = load_release(release)
+        now = dt.datetime.fromisoformat(at) if at else dt.datetime.now(dt.UTC)
+        if now.tzinfo is None:
+            raise InventoryError(f"--at {at!r} needs a timezone, e.g. {at}+00:00")
+        policy = FleetPolicy(override_window=override_window, reason=reason)
+        if endpoint is not None:
+            azure, ssh = from_endpoint(endpoint)
+        else:
+            azure = AzureSettings()
+            ssh = SshSettings(username="-", private_key="-", known_hosts="-")
+    except (InventoryError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from err
+    predictions = UpgradePolicy().predictions
+    prediction = Prediction(
+        dt.timedelta(seconds=210 + predictions.downtime_s),
+        dt.timedelta(seconds=predictions.rollback_s),
+    )
+    connections = Connections.create(azure, ssh)
+
+    def current(c: object) -> str | None:
+        from flows.fleet_maintenance import _current_release
+
+        return _current_release(connections, c)  # type: ignore[arg-type]
+
+    try:
+        rows = plan_fleet(
+            parsed,
+            parsed_release,
+            ClusterSelector(names=cluster or []),
+            policy,
+            now,
+            prediction,
+            predictions.downtime_s,
+            current_release=current,
+        )
+    except InventoryError as err:
+        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from err
+    finally:
+        connections.close()
+    table = Table(title=f"plan for {parsed_release.version} as of {now:%a %Y-%m-%d %H:%M} UTC")
+    for column in ("cluster", "wave", "window", "current", "runs", "predicted downtime", "why"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.cluster,
+            row.wave,
+            row.window.split(": ", 1)[-1],
+            row.current_release or "?",
+            "[green]yes[/]" if row.run else "no",
+            f"{row.predicted_downtime_s / 60:.1f} min" if row.run else "",
+            row.reason,
+        )
+    console.print(table)
+
+
+@app.command()
+def status(
+    run_name: Annotated[str | None, typer.Argument(help="Fleet run name (default: all)")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+) -> None:
+    """Show a running or finished fleet run from the state store (updated per cluster)."""
+    from amlfs.store import StateStore
+
+    store = StateStore(state_dir)
+    runs_dir = state_dir / "fleet-runs"
+    names = [run_name] if run_name else sorted(p.stem for p in runs_dir.glob("*.json"))
+    if not names:
+        Console(stderr=True).print(f"no fleet run recorded under {runs_dir}")
+        raise typer.Exit(1)
+    console = Console()
+    for name in names:
+        record = store.get("fleet-runs", name)
+        if record is None:
+            Console(stderr=True).print(f"no fleet run named {name!r} under {runs_dir}")
+            raise typer.Exit(1)
+        table = Table(title=f"fleet run {name}: {record.get('counts', {})}")
+        for column in ("cluster", "wave", "result", "release", "downtime", "reason"):
+            table.add_column(column)
+        for cluster, result in record["results"].items():
+            view = result.get("customer_view") or {}
+            downtime = view.get("downtime_total", result.get("downtime_observed_s", 0))
+            table.add_row(
+                cluster,
+                result.get("wave", ""),
+                result["outcome"],
+                f"{result.get('release_before', '')} -> {result.get('release_after', '')}",
+                f"{downtime:.0f} s",
+                result.get("reason", ""),
+            )
+        for cluster, reason in record.get("not_started", {}).items():
+            table.add_row(cluster, "", "not started", "", "", reason)
+        console.print(table)
+        if record.get("stopped"):
+            console.print(f"stopped admitting: {record['stopped']}")
+
+
+@app.command()
+def control(
+    action: Annotated[str, typer.Argument(help="run | halt | abort")],
+) -> None:
+    """Steer running fleet runs via the Prefect Variable they read between admissions.
+
+    halt: admit no more clusters, let in-flight ones finish; abort: also roll back in-flight
+    clusters; run: back to normal. Resume a stopped run by starting it again with the same
+    run_name.
+    """
+    if action not in ("run", "halt", "abort"):
+        Console(stderr=True).print(f"[red]error:[/] action must be run, halt or abort: {action!r}")
+        raise typer.Exit(2)
+    from prefect.variables import Variable
+
+    from flows.fleet_maintenance import CONTROL_VARIABLE
+
+    Variable.set(CONTROL_VARIABLE, action, overwrite=True)
+    Console().print(f"{CONTROL_VARIABLE} = {action}")
+
+
 if __name__ == "__main__":
     app()
