@@ -26,6 +26,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	$(BIN)/python bench/downtime.py
 	$(BIN)/python bench/sim_capacity.py
 
 clean:
