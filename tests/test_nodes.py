@@ -225,8 +225,7 @@ def test_recovery_completes_only_after_clients_can_reach_the_server(sim: Sim) ->
     oss.run(["systemctl", "restart", "lustre"])
     sim.sleep(60)
     status = oss.run(["lctl", "get_param", "-n", "obdfilter.*.recovery_status"]).stdout
-    assert status.startswith("status: WAITING_FOR_CLIENTS"), status
-    assert "connected_clients: 0/4" in status
+    assert status == "status: WAITING_FOR_CLIENTS\n", status
     oss.run(["iptables", "-D", "INPUT", *FIREWALL])
     sim.sleep(2)
     assert target_row(sim, "eus01-oss0")["recovery"] in ("RECOVERING", "COMPLETE")

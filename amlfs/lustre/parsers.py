@@ -133,10 +133,10 @@ def parse_recovery_status(text: str) -> RecoveryStatus:
         value = fields.get(key)
         if value is None:
             return None, None
-        done, _, total = value.partition("/")
-        if not done.isdigit() or not total.isdigit():
-            raise _fail("recovery_status", f"{key}: {value}", "expected N/TOTAL")
-        return int(done), int(total)
+        done, slash, total = value.partition("/")
+        if not done.isdigit() or (slash and not total.isdigit()):
+            raise _fail("recovery_status", f"{key}: {value}", "expected N or N/TOTAL")
+        return int(done), int(total) if slash else None
 
     connected, total = fraction("connected_clients")
     completed, total_completed = fraction("completed_clients")

@@ -61,18 +61,21 @@ def format_recovery_status(
     completed: int,
     evicted: int,
 ) -> str:
+    """A target's ``recovery_status`` the way Lustre 2.15 prints each state
+    (lprocfs_recovery_status_seq_show): WAITING_FOR_CLIENTS prints nothing more; RECOVERING
+    counts ``connected_clients`` as N/M and ``completed_clients`` as N; COMPLETE as N/M."""
     if status == "COMPLETE":
         return (
             f"status: COMPLETE\nrecovery_start: {start}\nrecovery_duration: {duration}\n"
             f"completed_clients: {completed}/{total_clients}\nreplayed_requests: 0\n"
             f"last_transno: 4294967296\nVBR: DISABLED\nIR: ENABLED\n"
         )
-    if status == "INACTIVE":
-        return "status: INACTIVE\n"
+    if status in ("INACTIVE", "WAITING_FOR_CLIENTS"):
+        return f"status: {status}\n"
     return (
         f"status: {status}\nrecovery_start: {start}\ntime_remaining: {time_remaining}\n"
         f"connected_clients: {connected}/{total_clients}\nreq_replay_clients: 0\n"
-        f"lock_repay_clients: 0\ncompleted_clients: {completed}/{total_clients}\n"
+        f"lock_repay_clients: 0\ncompleted_clients: {completed}\n"
         f"evicted_clients: {evicted}\nreplayed_requests: 0\nqueued_requests: 0\n"
         f"next_transno: 4294967297\n"
     )
