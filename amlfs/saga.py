@@ -48,6 +48,7 @@ from amlfs.errors import (
 )
 from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
+from amlfs.reconcile import inspect_cluster
 from amlfs.store import StateStore
 
 __all__ = [
@@ -338,9 +339,23 @@ class ClusterUpgrade:
     # ------------------------------------------------------------------ run
 
     def run(self) -> UpgradeResult:
-        journal = self.store.get(*self._key("run"))
-        if journal is not None and journal.get("phase") not in (None, "done"):
-            return self._resume(journal)
+        try:
+            position = inspect_cluster(self.cluster, self.gw, self.store)
+        except AmlfsError as err:
+            return self._result(Outcome.FAILED, f"cannot read the cluster's state: {err}")
+        if position.interrupted:
+            assert position.journal is not None
+            return self._resume(position.journal)
+        for disk in position.orphans:
+            # Left by a run that died before journaling it: ours, unattached, not kept.
+            self.log(f"{self.cluster.name}: deleting {disk.name}, left by an earlier run")
+            try:
+                self._retry(
+                    f"delete {disk.name}",
+                    functools.partial(self.gw.delete_disk, self.rg, disk.name),
+                )
+            except AmlfsError as err:
+                self.log(f"{self.cluster.name}: could not delete {disk.name}: {err}")
         try:
             vms = self._step("preflight", self.preflight)
         except AmlfsError as err:

@@ -210,3 +210,36 @@ def test_a_body_changing_data_disks_is_refused_before_it_is_sent(
         gateway.update_vm(rg, current, desired)
     assert sim.state()["requests"] == requests_before  # nothing reached ARM
     assert sim.state()["violations"] == []
+
+
+def test_disks_left_by_a_run_that_died_unjournaled_are_removed(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    from azure.mgmt.compute.models import (
+        CreationData,
+        Disk,
+        DiskCreateOption,
+        DiskProperties,
+        DiskSku,
+        ImageDiskReference,
+    )
+
+    compute = sim.compute()
+    orphan = Disk(
+        location=sim.cluster.region,
+        sku=DiskSku(name="Premium_LRS"),
+        properties=DiskProperties(
+            creation_data=CreationData(
+                create_option=DiskCreateOption.FROM_IMAGE,
+                gallery_image_reference=ImageDiskReference(id=BAD_RELEASE.image_id),
+            )
+        ),
+        tags={"amlfs-vm": "eus01-oss0", "amlfs-run": "dead", "amlfs-release": "2.15.7"},
+    )
+    compute.disks.begin_create_or_update(
+        sim.cluster.resource_group, "eus01-oss0-osdisk-2.15.7", orphan
+    ).result()
+    assert sim.state()["leaked_disks"] == ["eus01-oss0-osdisk-2.15.7"]
+    result = upgrade(sim, conns, tmp_path)
+    assert result.outcome is Outcome.UPGRADED, result.reason
+    assert_customer_safe(sim, "2.15.6")
