@@ -271,5 +271,98 @@ def control(
     Console().print(f"{CONTROL_VARIABLE} = {action}")
 
 
+@app.command("run-fleet")
+def run_fleet(
+    fleet: Annotated[Path, typer.Option(help="Fleet inventory YAML")],
+    release: Annotated[Path, typer.Option(help="Release YAML")],
+    endpoint: Annotated[
+        Path | None, typer.Option(help="amlfs-sim endpoint.json (else the saved Blocks)")
+    ] = None,
+    run_name: Annotated[str, typer.Option(help="Same name again: resume that run")] = "cli",
+    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters")] = None,
+    hotfix_reason: Annotated[
+        str | None, typer.Option(help="Hotfix now, outside windows, for this reason")
+    ] = None,
+    at: Annotated[str | None, typer.Option(help="Evaluate windows at (ISO 8601, UTC)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Plan only")] = False,
+    max_parallel: Annotated[int, typer.Option(help="Clusters in flight")] = 10,
+    state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+) -> None:
+    """Run the fleet-maintenance flow from here, with a live progress bar."""
+    import datetime as dt
+    import os
+    import threading
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from amlfs.fleet import ClusterSelector, FleetPolicy
+    from amlfs.store import StateStore
+    from flows.fleet_maintenance import FleetParams, fleet_maintenance
+
+    try:
+        parsed = load_fleet(fleet)
+        params = FleetParams(
+            fleet_file=str(fleet),
+            release_file=str(release),
+            mode="hotfix" if hotfix_reason else "manual",
+            selector=ClusterSelector(names=cluster or []),
+            policy=FleetPolicy(
+                max_parallel=max_parallel,
+                override_window=bool(hotfix_reason),
+                reason=hotfix_reason,
+            ),
+            dry_run=dry_run,
+            at=dt.datetime.fromisoformat(at) if at else None,
+            run_name=run_name,
+            state_dir=str(state_dir),
+            emulator_endpoint=str(endpoint) if endpoint else None,
+        )
+    except (InventoryError, ValueError) as err:
+        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        raise typer.Exit(2) from err
+    selected = [c.name for c in parsed.clusters if not cluster or c.name in cluster]
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["summary"] = fleet_maintenance(params)
+        except Exception as err:  # shown below; the flow run records it too
+            outcome["error"] = err
+
+    thread = threading.Thread(target=work, name="fleet-run", daemon=True)
+    thread.start()
+    store = StateStore(state_dir)
+    console = Console()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"fleet run {run_name}", total=len(selected), last="")
+        while thread.is_alive():
+            thread.join(0.5)
+            record = store.get("fleet-runs", run_name) or {}
+            results = record.get("results", {})
+            last = next(reversed(results.items()), None) if results else None
+            progress.update(
+                task,
+                completed=len(results) + len(record.get("not_started", {})),
+                last=f"{last[0]}: {last[1]['outcome']}" if last else "",
+            )
+    if "error" in outcome:
+        Console(stderr=True).print(f"[red]fleet run failed:[/] {outcome['error']}")
+        raise typer.Exit(1)
+    summary = outcome["summary"]
+    assert isinstance(summary, dict)
+    if dry_run:
+        for row in summary["plan"]:
+            console.print(f"{row['cluster']}: {'run' if row['run'] else 'no'} ({row['reason']})")
+        return
+    status(run_name, state_dir)
+
+
 if __name__ == "__main__":
     app()

@@ -224,3 +224,43 @@ def test_fleet_params_reject_bad_input_by_name() -> None:
         FleetParams(
             fleet_file=str(SMALL_FLEET), release_file="r", policy=FleetPolicy(error_budget="lots")
         )
+
+
+def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from amlfs.cli import app
+
+    runner = CliRunner()
+    planned = runner.invoke(
+        app,
+        [
+            "plan",
+            "--fleet",
+            str(SMALL_FLEET),
+            "--release",
+            str(REPO / "examples" / "release-2.15.6.yaml"),
+            "--endpoint",
+            str(sim.emulator.state_dir / "endpoint.json"),
+            "--at",
+            IN_EUS_WINDOW.isoformat(),
+        ],
+        env={"COLUMNS": "250"},
+    )
+    assert planned.exit_code == 0, planned.output
+    assert "inside its window" in planned.output
+    assert "outside its window" in planned.output
+    assert sim.timeline()["operations"] == []
+
+    policy = FleetPolicy(override_window=True, reason="test", error_budget=3)
+    rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=["lustre-scus-01"])
+    store = StateStore(tmp_path)
+    FleetRunner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "w48").run()
+    shown = runner.invoke(
+        app, ["status", "w48", "--state-dir", str(tmp_path)], env={"COLUMNS": "250"}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "lustre-scus-01" in shown.output
+    assert "upgraded" in shown.output
+    missing = runner.invoke(app, ["status", "nope", "--state-dir", str(tmp_path)])
+    assert missing.exit_code == 1
