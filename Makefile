@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-p4 clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/downtime.py
+	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6
 	$(BIN)/python bench/sim_capacity.py
+
+# P4: 1,000 clusters x 8 VMs in one window (long: see bench/RESULTS.md)
+bench-p4: $(STAMP)
+	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 300 --subscriptions 8 --time-scale 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

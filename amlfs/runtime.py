@@ -84,6 +84,7 @@ class Connections:
     azure: AzureSettings
     ssh: SshSettings
     clock: Clock = field(default_factory=ScaledClock)
+    pool_size: int = 64  # HTTPS connections per ARM host (many VMs in flight at once)
     _gateways: dict[str, ComputeGateway] = field(default_factory=dict)
     _pool: SshPool | None = None
 
@@ -103,6 +104,7 @@ class Connections:
                 polling_interval=self.clock.to_real(self.azure.poll_interval_s),
                 retry_backoff_factor=0.8 / scale,
                 retry_backoff_max=max(1.0, 60.0 / scale),
+                pool_size=self.pool_size,
             )
             gateway = ComputeGateway(client, self.clock)
             self._gateways[subscription_id] = gateway

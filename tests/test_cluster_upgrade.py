@@ -131,6 +131,26 @@ FAULTS: dict[str, tuple[dict[str, Any], Outcome]] = {
         {"kind": "vm.start", "target": "eus01-oss0", "mode": "hang", "hang_s": 200, "count": 1},
         Outcome.UPGRADED,
     ),
+    # Transient API errors and 429 storms at each step that calls ARM: retried, upgraded.
+    **{
+        f"api-error-on-{kind}": (
+            {"kind": kind, "code": "InternalServerError", "count": 1, "target": target},
+            Outcome.UPGRADED,
+        )
+        for kind, target in (
+            ("disk.create", "eus01-mds0*"),
+            ("vm.power_off", "eus01-oss0"),
+            ("vm.start", "eus01-agtpri0"),
+            ("disk.delete", "eus01-oss1*"),
+        )
+    },
+    **{
+        f"429-storm-on-{kind}": (
+            {"kind": kind, "mode": "throttle", "retry_after_s": 5, "count": 3},
+            Outcome.UPGRADED,
+        )
+        for kind in ("disk.create", "vm.put", "vm.start", "disk.delete", "vm.get")
+    },
     "disk-create-refused": (
         {
             "kind": "disk.create",

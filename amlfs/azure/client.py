@@ -36,10 +36,31 @@ def compute_client(
     arm_url: str | None = None,
     ca_file: str | None = None,
     polling_interval: float | None = None,
+    pool_size: int | None = None,
     **kwargs: Any,
 ) -> ComputeManagementClient:
-    """A Compute client; ``arm_url``/``ca_file`` point it at the emulator or a sovereign cloud."""
+    """A Compute client; ``arm_url``/``ca_file`` point it at the emulator or a sovereign cloud.
+
+    ``pool_size``: HTTPS connections kept per host. The default (10) makes a fleet run with
+    many VMs in flight open and drop a TLS connection per request.
+    """
     options: dict[str, Any] = dict(kwargs)
+    if pool_size is not None:
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        from azure.core.pipeline.transport import RequestsTransport
+
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        transport_options: dict[str, Any] = {}
+        if ca_file is not None:  # a transport of our own does not see connection_verify
+            transport_options["connection_verify"] = ca_file
+        options["transport"] = RequestsTransport(
+            session=session, session_owner=True, **transport_options
+        )
     if arm_url is not None:
         options["base_url"] = arm_url
         options["credential_scopes"] = [ARM_SCOPE]

@@ -241,6 +241,14 @@ class ComputeGateway:
     ) -> DiskInfo:
         """Create (or find, if a previous attempt made it) an OS disk from a gallery image."""
         existing = self.get_disk(resource_group, name)
+        if (
+            existing is not None
+            and existing.provisioning_state == "Failed"
+            and not existing.managed_by
+        ):
+            # A create that failed leaves the disk behind, unusable: start over.
+            self.delete_disk(resource_group, name, timeout_s)
+            existing = None
         if existing is not None and existing.provisioning_state == "Succeeded":
             if (existing.image_id or "").lower() != image_version_id.lower():
                 raise PermanentAzureError(
@@ -263,7 +271,10 @@ class ComputeGateway:
         poller = self._call(
             what, lambda: self.compute.disks.begin_create_or_update(resource_group, name, body)
         )
-        return _disk_info(self._wait(what, poller, timeout_s))
+        disk = _disk_info(self._wait(what, poller, timeout_s))
+        if disk.provisioning_state not in (None, "Succeeded"):
+            raise RetryableAzureError(f"{what}: disk is {disk.provisioning_state}")
+        return disk
 
     def delete_disk(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
         what = f"delete disk {name}"

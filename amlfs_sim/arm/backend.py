@@ -455,7 +455,14 @@ class ArmBackend:
             ]
         else:
             phases = [self._noop_phase()]
-        return self._vm_operation(vm, "vm.power_off", phases)
+        # A stop that fails leaves the VM running (it never got to stopped).
+        running = vm.power_state is PowerState.RUNNING
+        return self._vm_operation(
+            vm,
+            "vm.power_off",
+            phases,
+            on_fail=(lambda at: self._set_power(vm, PowerState.RUNNING, at)) if running else None,
+        )
 
     def start(self, vm: VirtualMachine) -> Operation:
         self._check_idle(vm, "start")
@@ -501,7 +508,14 @@ class ArmBackend:
                 commit=True,
             )
         ]
-        return self._vm_operation(vm, "vm.deallocate", phases)
+        # A stop that fails leaves the VM running (it never got to stopped).
+        running = vm.power_state is PowerState.RUNNING
+        return self._vm_operation(
+            vm,
+            "vm.deallocate",
+            phases,
+            on_fail=(lambda at: self._set_power(vm, PowerState.RUNNING, at)) if running else None,
+        )
 
     def update_vm(self, vm: VirtualMachine, body: dict[str, Any], *, patch: bool) -> Operation:
         """PUT or PATCH of an existing VM: tags, an OS disk swap, and (guarded) data disks."""

@@ -1,0 +1,231 @@
+"""P2-P4: a generated fleet upgraded against an emulator process; makespan vs its lower bound,
+orchestrator CPU per node, failures and throttling.
+
+Not a test: prints a table and a final ``key=value`` line. The emulator runs as its own
+process (``amlfs-sim serve``, throttling on, time-scaled); the orchestrator is this process:
+``amlfs.fleet.FleetRunner`` with the cluster saga (real SDK over HTTPS, real paramiko), all
+clusters in one wave, windows overridden (the run measures throughput, not the calendar).
+
+* P2 makespan / lower bound. The bound, in sim seconds, is the largest of:
+  - one cluster's shortest possible upgrade: mean disk create + HSM drain + power off + swap +
+    start + recovery replay + disk delete (the emulator's mean durations);
+  - ceil(clusters / parallel slots) x that, slots = min(max_parallel, subscriptions x
+    per-subscription cap, regions x per-region cap);
+  - Azure's write buckets: per subscription, (VM writes - burst) / rate and the same for disk
+    writes (3 VM writes and 2 disk writes per VM).
+* P3 orchestrator CPU seconds (user + system of this process, all threads) per node upgraded.
+* P4 run with ``--clusters 1000 --nodes 8``: clusters upgraded, throttled requests, failures.
+
+    .venv/bin/python bench/fleet_scale.py [--clusters 100] [--nodes 6] [--time-scale 20]
+        [--max-parallel 25] [--subscriptions 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, PlanRow, plan_fleet
+from amlfs.models import Cluster, load_release, parse_fleet
+from amlfs.runtime import Connections, from_endpoint
+from amlfs.saga import UpgradePolicy
+from amlfs.schedule import Prediction
+from amlfs.store import StateStore
+from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
+from amlfs_sim.nodes.lustre import HSM_DRAIN_SECONDS, REPLAY_SECONDS
+from amlfs_sim.spec import Durations
+from flows.cluster_upgrade import run_cluster_upgrade
+
+REPO = Path(__file__).resolve().parent.parent
+GALLERY_SUB = "4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01"
+IMAGES = "/subscriptions/{sub}/resourceGroups/rg-amlfs-images/providers/Microsoft.Compute/galleries/amlfsgallery/images/amlfs-lustre/versions/{v}"
+
+
+def lower_bound(clusters: int, nodes: int, slots: int, subscriptions: int) -> tuple[float, str]:
+    d = Durations()
+
+    def mean(r: Any) -> float:
+        return float((r.low + r.high) / 2)
+
+    one = (
+        mean(d.disk_create)
+        + HSM_DRAIN_SECONDS  # HSM requests in flight finish before the swap
+        + mean(d.power_off)
+        + mean(d.swap)
+        + mean(d.start)
+        + REPLAY_SECONDS
+        + mean(d.disk_delete)
+    )
+    rounds = math.ceil(clusters / slots) * one
+    per_sub = math.ceil(clusters / subscriptions) * nodes
+    vm_writes = max(0.0, (3 * per_sub - 1500) / (500 / 60))
+    disk_writes = max(0.0, (2 * per_sub - 1500) / (500 / 60))
+    bound = max(one, rounds, vm_writes, disk_writes)
+    why = (
+        f"one cluster {one:.0f} s; {math.ceil(clusters / slots)} rounds of {slots} slots "
+        f"{rounds:.0f} s; write buckets {max(vm_writes, disk_writes):.0f} s"
+    )
+    return bound, why
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=6)
+    parser.add_argument("--time-scale", type=float, default=20.0)
+    parser.add_argument("--max-parallel", type=int, default=25)
+    parser.add_argument("--subscriptions", type=int, default=4)
+    args = parser.parse_args()
+
+    data = generate_fleet(args.clusters, args.nodes, subscriptions=args.subscriptions)
+    image = IMAGES.format(sub=GALLERY_SUB, v="{v}")
+    data["emulator"] = {
+        "initial_image": image.format(v="2.15.5"),
+        "images": [
+            {"id": image.format(v="2.15.5"), "lustre_version": "2.15.5"},
+            {"id": image.format(v="2.15.6"), "lustre_version": "2.15.6"},
+        ],
+    }
+    fleet = parse_fleet({k: v for k, v in data.items() if k != "emulator"})
+    release = load_release(REPO / "examples" / "release-2.15.6.yaml")
+    regions = len({c.region for c in fleet.clusters})
+    policy = FleetPolicy(
+        waves=["all"],
+        max_parallel=args.max_parallel,
+        max_per_subscription=args.max_parallel,
+        max_per_region=args.max_parallel,
+        error_budget=args.clusters,
+        override_window=True,
+        reason="benchmark",
+    )
+    slots = min(
+        args.max_parallel, args.subscriptions * args.max_parallel, regions * args.max_parallel
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet_file = Path(tmp) / "fleet.yaml"
+        fleet_file.write_text(dump_fleet_yaml(data))
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amlfs_sim.cli",
+                "serve",
+                "--fleet",
+                str(fleet_file),
+                "--state-dir",
+                str(Path(tmp) / "sim"),
+                "--time-scale",
+                str(args.time_scale),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            endpoint_file = Path(tmp) / "sim" / "endpoint.json"
+            deadline = time.monotonic() + 300
+            while not endpoint_file.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("amlfs-sim serve did not come up")
+                time.sleep(0.2)
+            endpoint = json.loads(endpoint_file.read_text())
+            azure, ssh = from_endpoint(endpoint_file)
+            connections = Connections.create(azure, ssh)
+            store = StateStore(Path(tmp) / "state")
+            rows = plan_fleet(
+                fleet,
+                release,
+                ClusterSelector(),
+                policy,
+                fleet_now(),
+                Prediction(*(__import__("datetime").timedelta(minutes=m) for m in (10, 6))),
+                390.0,
+            )
+            rows = [PlanRow(**{**r.__dict__, "wave": "all"}) for r in rows]
+            upgrade_policy = UpgradePolicy()
+
+            def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+                result = run_cluster_upgrade(
+                    cluster, release, connections, store, upgrade_policy, should_abort=should_abort
+                )
+                return result.model_dump(mode="json")
+
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            sim0 = connections.clock.now()
+            summary = FleetRunner(fleet, rows, policy, upgrade, store, "bench").run()
+            makespan = connections.clock.now() - sim0
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            connections.close()
+            context = ssl.create_default_context(cafile=endpoint["ca_file"])
+            state = httpx.get(
+                f"{endpoint['control_url']}/state", verify=context, timeout=120
+            ).json()
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+
+    counts = summary.counts()
+    upgraded = counts.get("upgraded", 0)
+    failures = sum(v for k, v in counts.items() if k != "upgraded")
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    nodes_done = upgraded * args.nodes
+    bound, why = lower_bound(args.clusters, args.nodes, slots, args.subscriptions)
+    downtimes = sorted(
+        c["downtime_total"] for c in state["clusters"].values() if c["downtime_intervals"]
+    )
+    table = Table(
+        title=f"fleet run: {args.clusters} clusters x {args.nodes} VMs, time scale {args.time_scale:g}"
+    )
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("clusters upgraded / failed", f"{upgraded} / {failures}", "all / 0")
+    table.add_row("makespan (sim s)", f"{makespan:.0f}", "")
+    table.add_row("lower bound (sim s)", f"{bound:.0f}", why)
+    table.add_row("P2 makespan / lower bound", f"{makespan / bound:.2f}", "<= 1.2")
+    table.add_row("P3 orchestrator CPU s per node", f"{cpu / max(nodes_done, 1):.3f}", "<= 0.2")
+    table.add_row("throttled requests (429)", str(state["throttled_requests"]), "")
+    table.add_row("ARM requests", str(state["requests"]), "")
+    table.add_row(
+        "customer downtime median / max (sim s)",
+        f"{downtimes[len(downtimes) // 2]:.0f} / {downtimes[-1]:.0f}" if downtimes else "-",
+        "<= 1800",
+    )
+    table.add_row(
+        "evictions / data-disk changes / leaked disks",
+        f"{sum(c['evictions'] for c in state['clusters'].values())} / "
+        f"{len(state['data_disk_changes'])} / {len(state['leaked_disks'])}",
+        "0 / 0 / 0",
+    )
+    table.add_row("max clusters in flight", str(summary.max_in_flight), f"<= {args.max_parallel}")
+    Console().print(table)
+    print(
+        f"clusters={args.clusters} nodes={args.nodes} upgraded={upgraded} failures={failures} "
+        f"makespan_s={makespan:.0f} lower_bound_s={bound:.0f} p2_ratio={makespan / bound:.2f} "
+        f"p3_cpu_s_per_node={cpu / max(nodes_done, 1):.3f} throttled={state['throttled_requests']} "
+        f"evictions={sum(c['evictions'] for c in state['clusters'].values())} "
+        f"leaked={len(state['leaked_disks'])} cpu_count={os.cpu_count()}"
+    )
+
+
+def fleet_now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
+
+
+if __name__ == "__main__":
+    main()
