@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint bench bench-p4 clean
+.PHONY: install demo test lint bench bench-p4 scaleout-demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 # P4: 1,000 clusters x 8 VMs in one window (long: see bench/RESULTS.md)
 bench-p4: $(STAMP)
 	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 300 --subscriptions 8 --time-scale 2
+
+# Prefect server on the local PostgreSQL, a process pool, 2 workers; torn down at the end.
+scaleout-demo: $(STAMP)
+	$(BIN)/python -m deployments.scaleout --workers 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -287,6 +287,13 @@ def run_fleet(
     dry_run: Annotated[bool, typer.Option(help="Plan only")] = False,
     max_parallel: Annotated[int, typer.Option(help="Clusters in flight")] = 10,
     state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+    cluster_deployment: Annotated[
+        str | None,
+        typer.Option(help="Scale-out: each cluster as a run of this deployment on workers"),
+    ] = None,
+    dead_run_after: Annotated[
+        float, typer.Option(help="Scale-out: seconds of heartbeat silence = dead worker")
+    ] = 30.0,
 ) -> None:
     """Run the fleet-maintenance flow from here, with a live progress bar."""
     import datetime as dt
@@ -317,6 +324,8 @@ def run_fleet(
             run_name=run_name,
             state_dir=str(state_dir),
             emulator_endpoint=str(endpoint) if endpoint else None,
+            cluster_deployment=cluster_deployment,
+            dead_run_after_s=dead_run_after,
         )
     except (InventoryError, ValueError) as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)

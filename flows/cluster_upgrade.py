@@ -9,7 +9,11 @@ interrupted upgrade (the journal is in the state store, the truth in Azure and t
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +109,48 @@ def run_cluster_upgrade(
     return upgrade.run()
 
 
+HEARTBEAT_S = 2.0  # real seconds between liveness records of a running cluster flow
+
+
+def _heartbeat(store: StateStore, key: str, stop: threading.Event) -> None:
+    """Record that this flow run is alive, where, until ``stop``: a fleet flow that dispatched
+    it to a worker declares it dead (and starts a follow-up run) when the record goes stale."""
+    while True:
+        store.put(
+            "cluster-runs",
+            key,
+            value={"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()},
+        )
+        if stop.wait(HEARTBEAT_S):
+            return
+
+
 @flow(name="cluster-upgrade", persist_result=False, log_prints=False)
 def cluster_upgrade(params: ClusterUpgradeParams) -> dict[str, Any]:
     """Upgrade one cluster; returns the result (outcome, reason, timings, downtime)."""
+    from prefect.runtime import flow_run
+    from prefect.variables import Variable
+
     from tasks import run_step
 
     logger = get_run_logger()
+    store = StateStore(params.state_dir)
+    run_key = str(flow_run.get_id() or "local")
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(store, run_key, stop), daemon=True)
+    beat.start()
+    try:
+        out = _cluster_upgrade(params, logger, run_step, Variable)
+    finally:
+        stop.set()
+        beat.join(timeout=10)
+    store.put("cluster-results", run_key, value=out)
+    return out
+
+
+def _cluster_upgrade(
+    params: ClusterUpgradeParams, logger: Any, run_step: Any, variable: Any
+) -> dict[str, Any]:
     fleet = load_fleet(params.fleet_file)
     cluster = fleet.cluster(params.cluster)
     release = load_release(params.release_file)
@@ -127,6 +167,8 @@ def cluster_upgrade(params: ClusterUpgradeParams) -> dict[str, Any]:
             window_end=params.window_end,
             log=logger.info,
             runner=run_step,
+            # The fleet's operator control: abort rolls this cluster back too.
+            should_abort=lambda: variable.get("amlfs-fleet-control", default="run") == "abort",
         )
     finally:
         connections.close()

@@ -63,6 +63,18 @@ class FleetParams(BaseModel):
         default=None, description="Evaluate windows as of this UTC instant (rehearsals)"
     )
     run_name: str | None = Field(default=None, description="Same name: resume that run")
+    dead_run_after_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Scale-out: real seconds without a heartbeat before a cluster run is dead",
+    )
+    cluster_deployment: str | None = Field(
+        default=None,
+        description=(
+            "Scale-out: run each cluster as a flow run of this deployment "
+            "(e.g. cluster-upgrade/amlfs-cluster-upgrade) on a work pool; empty: in this process"
+        ),
+    )
     state_dir: str = ".amlfs-state"
     emulator_endpoint: str | None = None
     azure_block: str = "amlfs-azure"
@@ -205,7 +217,36 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
     window_ends = {r.cluster: r.window_end for r in rows}
     context = contextvars.copy_context()
 
+    def dispatched(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+        assert params.cluster_deployment is not None
+        cluster_params = ClusterUpgradeParams(
+            fleet_file=params.fleet_file,
+            cluster=cluster.name,
+            release_file=params.release_file,
+            policy=params.upgrade,
+            state_dir=params.state_dir,
+            emulator_endpoint=params.emulator_endpoint,
+            azure_block=params.azure_block,
+            ssh_block=params.ssh_block,
+            window_end=None if params.policy.override_window else window_ends[cluster.name],
+        ).model_dump(mode="json")
+        out = context.copy().run(
+            run_on_workers,
+            params.cluster_deployment,
+            cluster.name,
+            cluster_params,
+            store,
+            logger,
+            params.dead_run_after_s,
+        )
+        if params.policy.override_window:
+            out["override"] = params.policy.reason
+        return out
+
     def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+        if params.cluster_deployment:
+            return dispatched(cluster, should_abort)
+
         def job() -> dict[str, Any]:
             result = run_cluster_upgrade(
                 cluster,
@@ -280,6 +321,68 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
         f"; stopped: {summary.stopped}" if summary.stopped else "",
     )
     return out
+
+
+FOLLOW_UPS = 2
+
+
+def run_on_workers(
+    deployment: str,
+    cluster: str,
+    cluster_params: dict[str, Any],
+    store: StateStore,
+    logger: Any,
+    dead_after_s: float = 30.0,
+) -> dict[str, Any]:
+    """One cluster as a flow run on the work pool; a run whose worker died is marked crashed
+    and followed by a new run, which resumes the cluster from its journal."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    reason = ""
+    for attempt in range(1 + FOLLOW_UPS):
+        run = run_deployment(
+            name=deployment,
+            parameters={"params": cluster_params},
+            timeout=0,
+            flow_run_name=f"{cluster}-{attempt}" if attempt else cluster,
+        )
+        assert isinstance(run, FlowRun)
+        logger.info("%s: dispatched as flow run %s", cluster, run.id)
+        started = time.time()
+        with get_client(sync_client=True) as client:
+            while True:
+                time.sleep(1.0)
+                current = client.read_flow_run(run.id)
+                state = current.state
+                if state is not None and state.is_final():
+                    break
+                beat = store.get("cluster-runs", str(run.id))
+                last = beat["at"] if beat else started
+                if state is not None and state.is_running() and time.time() - last > dead_after_s:
+                    reason = f"flow run {run.id} silent for {time.time() - last:.0f} s"
+                    logger.warning(
+                        "%s: %s: marking it crashed, starting a follow-up", cluster, reason
+                    )
+                    client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+                    break
+        if state is not None and state.is_completed():
+            result = store.get("cluster-results", str(run.id))
+            if result is not None:
+                result["flow_run"] = str(run.id)
+                result["follow_ups"] = attempt
+                return dict(result)
+            reason = f"flow run {run.id} completed without a result"
+        elif state is not None and not state.is_crashed() and reason == "":
+            reason = f"flow run {run.id} ended {state.type.value}: {state.message}"
+            break
+        elif state is not None and state.is_crashed() and not reason:
+            reason = f"flow run {run.id} crashed: {state.message}"
+    return {"cluster": cluster, "outcome": "failed_needs_attention", "reason": reason}
 
 
 def _markdown(

@@ -1,0 +1,301 @@
+"""Scale-out on one machine: a Prefect server on PostgreSQL, a process work pool, N workers,
+and the fleet flow dispatching each cluster as its own flow run (``run_deployment``).
+
+    make scaleout-demo        # = python -m deployments.scaleout --workers 2
+
+On several machines the same pieces run apart: the server (and its PostgreSQL) on one,
+``prefect worker start --pool amlfs-process`` on each worker machine (with this repo, the
+Blocks, and a state directory shared by all of them, e.g. NFS), and the fleet flow anywhere.
+``ScaleOut`` is also what the scale-out test uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+POOL = "amlfs-process"
+CLUSTER_DEPLOYMENT = "cluster-upgrade/amlfs-cluster-upgrade"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _create_database(name: str, dsn: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def create() -> None:
+        conn = await asyncpg.connect(f"{dsn}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+
+
+def _drop_database(name: str, dsn: str) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(f"{dsn}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+class ScaleOut:
+    """Server on PostgreSQL + pool + workers, started in ``__enter__``, stopped in ``__exit__``."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        workers: int = 2,
+        dsn: str = "postgresql://postgres@127.0.0.1:5432",
+        database: str | None = None,
+    ) -> None:
+        self.home = home
+        self.workers_wanted = workers
+        self.dsn = dsn
+        self.database = database or f"amlfs_scaleout_{os.getpid()}"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.server: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Any] = []
+        base = dict(os.environ)
+        base.update(
+            {
+                "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_ENABLED": "false",
+                "PREFECT_LOGGING_LEVEL": "WARNING",
+            }
+        )
+        self.server_env = dict(base)
+        self.server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = (
+            f"{dsn.replace('postgresql://', 'postgresql+asyncpg://')}/{self.database}"
+        )
+        self.env = dict(base)
+        self.env["PREFECT_API_URL"] = self.url
+        self.env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+
+    def _log(self, name: str) -> Any:
+        handle = (self.home / f"{name}.log").open("w")
+        self._logs.append(handle)
+        return handle
+
+    def __enter__(self) -> ScaleOut:
+        self.home.mkdir(parents=True, exist_ok=True)
+        _create_database(self.database, self.dsn)
+        self.server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=self.server_env,
+            stdout=self._log("server"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "work-pool",
+                "create",
+                POOL,
+                "--type",
+                "process",
+                "--overwrite",
+            ],
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        subprocess.run(
+            [sys.executable, "-m", "deployments.scaleout", "--register"],
+            env=self.env,
+            check=True,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+        )
+        for index in range(self.workers_wanted):
+            self.start_worker(index)
+        return self
+
+    def start_worker(self, index: int) -> subprocess.Popen[bytes]:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--type",
+                "process",
+                "--name",
+                f"amlfs-worker-{index}",
+                "--limit",
+                "4",
+            ],
+            env=self.env,
+            cwd=REPO,
+            stdout=self._log(f"worker-{index}"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.workers.append(worker)
+        return worker
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for proc in [*self.workers, *([self.server] if self.server else [])]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in [*self.workers, *([self.server] if self.server else [])]:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for handle in self._logs:
+            handle.close()
+        try:
+            _drop_database(self.database, self.dsn)
+        except Exception as err:  # teardown goes on; the name says which database is left
+            print(f"could not drop database {self.database}: {err}", file=sys.stderr)
+
+
+def register() -> None:
+    """Deploy ``cluster-upgrade`` from this checkout onto the process pool."""
+    from flows.cluster_upgrade import cluster_upgrade
+
+    cluster_upgrade.from_source(  # type: ignore[attr-defined]
+        source=str(REPO), entrypoint="flows/cluster_upgrade.py:cluster_upgrade"
+    ).deploy(
+        name="amlfs-cluster-upgrade",
+        work_pool_name=POOL,
+        print_next_steps=False,
+        ignore_warnings=True,
+    )
+
+
+def demo(workers: int) -> int:
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=150)
+    with (
+        tempfile.TemporaryDirectory(prefix="amlfs-scaleout-") as tmp,
+        ScaleOut(Path(tmp) / "prefect", workers=workers) as scale,
+    ):
+        console.print(
+            f"prefect server on PostgreSQL database {scale.database} at {scale.url}, "
+            f"work pool {POOL}, {workers} workers"
+        )
+        os.environ.update({k: v for k, v in scale.env.items() if k.startswith("PREFECT_")})
+        from amlfs.fleet import ClusterSelector, FleetPolicy
+        from amlfs_sim.server import Emulator
+        from flows.fleet_maintenance import FleetParams, fleet_maintenance
+
+        emulator = Emulator.from_fleet_file(
+            REPO / "examples" / "fleet-small.yaml", Path(tmp) / "sim", time_scale=50
+        )
+        with emulator:
+            names = [c.name for c in emulator.world.fleet.clusters]
+            summary = fleet_maintenance(
+                FleetParams(
+                    fleet_file=str(REPO / "examples" / "fleet-small.yaml"),
+                    release_file=str(REPO / "examples" / "release-2.15.6.yaml"),
+                    mode="hotfix",
+                    selector=ClusterSelector(names=names),
+                    policy=FleetPolicy(override_window=True, reason="scale-out demo"),
+                    emulator_endpoint=str(Path(tmp) / "sim" / "endpoint.json"),
+                    state_dir=str(Path(tmp) / "state"),
+                    cluster_deployment=CLUSTER_DEPLOYMENT,
+                    run_name="scaleout-demo",
+                )
+            )
+    table = Table(title="scale-out demo: each cluster a flow run on the work pool")
+    for column in ("cluster", "result", "release", "flow run", "downtime"):
+        table.add_column(column)
+    for name, result in summary["results"].items():
+        view = result.get("customer_view") or {}
+        table.add_row(
+            name,
+            result["outcome"],
+            f"{result.get('release_before')} -> {result.get('release_after')}",
+            str(result.get("flow_run", "")),
+            f"{view.get('downtime_total', 0):.0f} s",
+        )
+    console.print(table)
+    return 0 if set(summary["counts"]) <= {"upgraded"} else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--register", action="store_true", help="deploy cluster-upgrade only")
+    args = parser.parse_args()
+    if args.register:
+        register()
+        return 0
+    return demo(args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
