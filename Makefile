@@ -27,12 +27,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/downtime.py
-	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6
+	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6 --time-scale 4
 	$(BIN)/python bench/sim_capacity.py
 
 # P4: 1,000 clusters x 8 VMs in one window (long: see bench/RESULTS.md)
 bench-p4: $(STAMP)
-	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 300 --subscriptions 8 --time-scale 2
+	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 200 --subscriptions 8 --time-scale 1
 
 # Prefect server on the local PostgreSQL, a process pool, 2 workers; torn down at the end.
 scaleout-demo: $(STAMP)
