@@ -2,7 +2,8 @@
 
 Each takes a command's stdout and returns typed values, or raises ``NodeOutputError``
 naming the command and the line it could not read: a node answering something unexpected
-stops the procedure instead of being misread. Formats: see tests/data/lustre-2.15/SOURCES.md.
+stops the procedure instead of being misread. No I/O here. The formats, and the Lustre
+source each one comes from, are listed in tests/data/lustre-2.15/SOURCES.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import yaml
 from amlfs.errors import NodeOutputError
 
 __all__ = [
+    "RECOVERY_STATES",
     "Device",
     "HsmAgent",
     "LustreMount",
@@ -33,17 +35,28 @@ __all__ = [
     "parse_version",
 ]
 
-RECOVERY_STATES = ("COMPLETE", "INACTIVE", "WAITING_FOR_CLIENTS", "RECOVERING", "WAITING")
-_PARAM_LINE = re.compile(r"^([A-Za-z0-9_-]+(?:\.[A-Za-z0-9_*-]+)*)=(.*)$")
-_VERSION = re.compile(r"^\d+\.\d+\.\d+(?:[._-][0-9A-Za-z._-]+)?$")
+# lprocfs_recovery_status_seq_show: WAITING is a DNE target waiting for other MDTs.
+RECOVERY_STATES = ("INACTIVE", "COMPLETE", "WAITING", "WAITING_FOR_CLIENTS", "RECOVERING")
+
+# A parameter line of `lctl get_param`: NAME=VALUE. Names are dotted paths whose parts may
+# hold NIDs (ldlm.namespaces.MGC10.0.0.4@tcp.lru_size) or client instances (llite.amlfs-ffff…).
+_PARAM = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.@:*-]*)=(.*)$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(?:\.\d+)?(?:[_-][0-9A-Za-z._-]+)?$")
+_MOUNT = re.compile(r"^(\S+) on (.+) type lustre \(([^)]*)\)$")
+_AGENT = re.compile(r"^uuid=(\S+) archive_id=(\S+) requests=\[.*\]$")
 
 
-def _fail(command: str, line: str, why: str) -> NodeOutputError:
+def _error(command: str, line: str, why: str) -> NodeOutputError:
     return NodeOutputError(f"`{command}` output: {why}: {line[:200]!r}")
+
+
+# ---------------------------------------------------------------------------- lctl dl
 
 
 @dataclass(frozen=True)
 class Device:
+    """One line of ``lctl dl``; status is UP, ST (stopping), IN (inactive), AT or --."""
+
     index: int
     status: str
     type: str
@@ -53,45 +66,60 @@ class Device:
 
 
 def parse_devices(text: str) -> list[Device]:
-    """``lctl dl``: ``idx status type name uuid refcount`` per line."""
+    """``lctl dl``: ``index status type name uuid refcount`` per line."""
     devices = []
     for line in text.splitlines():
         if not line.strip():
             continue
         words = line.split()
         if len(words) != 6 or not words[0].isdigit() or not words[5].isdigit():
-            raise _fail("lctl dl", line, "expected 6 columns: index status type name uuid refs")
+            raise _error("lctl dl", line, "expected 6 columns: index status type name uuid refs")
         devices.append(Device(int(words[0]), words[1], words[2], words[3], words[4], int(words[5])))
     return devices
 
 
 def all_up(devices: Sequence[Device]) -> bool:
+    """Whether every device is set up and not stopping (``UP``)."""
     return all(d.status == "UP" for d in devices)
 
 
+# ---------------------------------------------------------------------- lctl get_param
+
+
 def parse_params(text: str) -> dict[str, str]:
-    """``lctl get_param`` without ``-n``: ``name=value``; a multi-line value follows ``name=``."""
+    """``lctl get_param`` without ``-n``: ``name=value`` lines, in order.
+
+    lctl prints ``name=`` alone and the value on the following lines when the value holds
+    a newline or is long (recovery_status, hsm.agents). Inside such a value only a dotted
+    ``a.b=`` line starts the next parameter, so value lines like ``uuid=…`` stay in it.
+    lctl prints nothing at all for an empty value, so absent names mean empty files.
+    """
     params: dict[str, str] = {}
-    current: str | None = None
+    name: str | None = None
     lines: list[str] = []
+    multi_line = False
     for line in text.splitlines():
-        match = _PARAM_LINE.match(line)
-        if match and ":" not in match.group(1):
-            if current is not None:
-                params[current] = "\n".join(lines)
-            current, first = match.group(1), match.group(2)
-            lines = [first] if first else []
-        elif current is not None:
+        match = _PARAM.match(line)
+        starts = match is not None and (not multi_line or "." in match.group(1))
+        if match is not None and starts:
+            if name is not None:
+                params[name] = "\n".join(lines)
+            name, first = match.group(1), match.group(2)
+            multi_line = first == ""
+            lines = [] if multi_line else [first]
+        elif multi_line:
             lines.append(line)
         elif line.strip():
-            raise _fail("lctl get_param", line, "expected name=value")
-    if current is not None:
-        params[current] = "\n".join(lines)
+            raise _error("lctl get_param", line, "expected name=value")
+    if name is not None:
+        params[name] = "\n".join(lines)
     return params
 
 
 @dataclass(frozen=True)
 class RecoveryStatus:
+    """A target's ``recovery_status``; fields absent in the state's output are None."""
+
     status: str
     recovery_start: int | None = None
     recovery_duration: int | None = None
@@ -103,31 +131,34 @@ class RecoveryStatus:
 
 
 def parse_recovery_status(text: str) -> RecoveryStatus:
-    """A target's ``recovery_status`` (YAML-like ``key: value`` lines)."""
+    """``lctl get_param -n *.*.recovery_status`` for one target (``key: value`` lines).
+
+    COMPLETE prints ``completed_clients: N/M`` with N = M minus the evicted clients and no
+    ``evicted_clients`` line, so there ``evicted`` is M - N; RECOVERING prints
+    ``connected_clients: N/M``, ``completed_clients: N`` and ``evicted_clients``.
+    """
     fields: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
             continue
         key, sep, value = line.partition(":")
-        if not sep:
-            raise _fail("recovery_status", line, "expected key: value")
+        if not sep or not key.strip():
+            raise _error("recovery_status", line, "expected key: value")
         fields[key.strip()] = value.strip()
     status = fields.get("status")
+    if status is None:
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        raise _error("recovery_status", first, "no status line")
     if status not in RECOVERY_STATES:
-        raise _fail(
-            "recovery_status",
-            text.strip().splitlines()[0] if text.strip() else "",
-            f"unknown status {status!r}",
-        )
+        raise _error("recovery_status", f"status: {status}", "unknown status")
 
     def number(key: str) -> int | None:
         value = fields.get(key)
         if value is None:
             return None
-        try:
-            return int(value)
-        except ValueError as err:
-            raise _fail("recovery_status", f"{key}: {value}", "not an integer") from err
+        if not value.isdigit():
+            raise _error("recovery_status", f"{key}: {value}", "expected an integer")
+        return int(value)
 
     def fraction(key: str) -> tuple[int | None, int | None]:
         value = fields.get(key)
@@ -135,11 +166,16 @@ def parse_recovery_status(text: str) -> RecoveryStatus:
             return None, None
         done, slash, total = value.partition("/")
         if not done.isdigit() or (slash and not total.isdigit()):
-            raise _fail("recovery_status", f"{key}: {value}", "expected N or N/TOTAL")
+            raise _error("recovery_status", f"{key}: {value}", "expected N or N/TOTAL")
         return int(done), int(total) if slash else None
 
     connected, total = fraction("connected_clients")
-    completed, total_completed = fraction("completed_clients")
+    completed, completed_of = fraction("completed_clients")
+    if total is None:
+        total = completed_of
+    evicted = number("evicted_clients")
+    if evicted is None and completed is not None and completed_of is not None:
+        evicted = completed_of - completed
     return RecoveryStatus(
         status=status,
         recovery_start=number("recovery_start"),
@@ -147,121 +183,148 @@ def parse_recovery_status(text: str) -> RecoveryStatus:
         time_remaining=number("time_remaining"),
         connected=connected,
         completed=completed,
-        total=total if total is not None else total_completed,
-        evicted=number("evicted_clients") or 0,
+        total=total,
+        evicted=evicted or 0,
     )
 
 
+def parse_health_check(text: str) -> bool:
+    """``lctl get_param -n health_check``: True only for exactly ``healthy``.
+
+    2.15 prints ``healthy``, ``NOT HEALTHY`` or ``LBUG``; older releases listed the
+    unhealthy devices before ``NOT HEALTHY``. Anything but ``healthy`` is False.
+    """
+    return text.strip() == "healthy"
+
+
+def parse_version(text: str) -> str:
+    """``lctl get_param [-n] version``: ``2.15.5`` (a ``version=`` prefix is allowed)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise _error("lctl get_param version", text.strip(), "expected one line")
+    value = lines[0].removeprefix("version=")
+    if not _VERSION.match(value):
+        raise _error("lctl get_param version", lines[0], "not a Lustre version")
+    return value
+
+
+# ------------------------------------------------------------------------------ LNet
+
+
 def parse_net_show(text: str) -> list[str]:
-    """``lnetctl net show``: the NIDs of every network but loopback."""
+    """``lnetctl net show``: the NIDs of every network but loopback (``0@lo``)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise NodeOutputError(f"`lnetctl net show` output is not YAML: {err}") from err
     if data is None:
         return []
-    if not isinstance(data, dict) or not isinstance(data.get("net"), list):
-        raise _fail("lnetctl net show", text.strip()[:80], "expected a 'net' list")
+    if not isinstance(data, dict) or not isinstance(data.get("net") or [], list):
+        first = text.strip().splitlines()[0]
+        raise _error("lnetctl net show", first, "expected a 'net:' list")
     nids = []
-    for net in data["net"]:
-        for ni in (net or {}).get("local NI(s)") or []:
-            nid = str((ni or {}).get("nid", ""))
-            if nid and not nid.endswith("@lo"):
+    for net in data.get("net") or []:
+        nis = net.get("local NI(s)") if isinstance(net, dict) else None
+        if not isinstance(nis, list):
+            raise _error("lnetctl net show", str(net), "expected 'local NI(s)' under a net")
+        for ni in nis:
+            if not isinstance(ni, dict) or "nid" not in ni:
+                raise _error("lnetctl net show", str(ni), "expected a 'nid' in a local NI")
+            nid = str(ni["nid"])
+            if not nid.endswith("@lo"):
                 nids.append(nid)
     return nids
 
 
-def parse_health_check(text: str) -> bool:
-    """``lctl get_param -n health_check``: exactly ``healthy``, or not."""
-    return text.strip() == "healthy"
-
-
-def parse_version(text: str) -> str:
-    """``lctl get_param [-n] version``: ``2.15.5`` (``version=`` prefix allowed)."""
-    value = text.strip()
-    if "\n" in value:
-        value = value.splitlines()[0].strip()
-    value = value.removeprefix("version=").removeprefix("lustre: ").strip()
-    if not _VERSION.match(value):
-        raise _fail("lctl get_param version", value, "not a Lustre version")
-    return value
+# ---------------------------------------------------------------------------- mounts
 
 
 @dataclass(frozen=True)
 class LustreMount:
+    """One ``mount -t lustre`` line; flag options map to None."""
+
     device: str
     mountpoint: str
     options: dict[str, str | None]
 
     @property
     def svname(self) -> str | None:
+        """The target a server mount serves (``amlfs-MDT0000``, ``MGS``); None on clients."""
         return self.options.get("svname")
 
 
-_MOUNT = re.compile(r"^(\S+) on (\S+) type lustre \(([^)]*)\)$")
-
-
 def parse_lustre_mounts(text: str) -> list[LustreMount]:
-    """``mount -t lustre``: ``DEV on DIR type lustre (opts)`` per line."""
+    """``mount -t lustre``: ``DEVICE on DIR type lustre (OPTIONS)`` per line."""
     mounts = []
     for line in text.splitlines():
         if not line.strip():
             continue
         match = _MOUNT.match(line.strip())
         if not match:
-            raise _fail("mount -t lustre", line, "expected 'DEV on DIR type lustre (OPTIONS)'")
+            raise _error("mount -t lustre", line, "expected 'DEVICE on DIR type lustre (OPTIONS)'")
         options: dict[str, str | None] = {}
-        for option in match.group(3).split(","):
+        for option in filter(None, match.group(3).split(",")):
             key, sep, value = option.partition("=")
             options[key] = value if sep else None
         mounts.append(LustreMount(match.group(1), match.group(2), options))
     return mounts
 
 
+# ------------------------------------------------------------------------------- HSM
+
+
 def parse_hsm_active_requests(text: str) -> int:
-    """``mdt.*.hsm.active_requests``: one request per line."""
+    """``lctl get_param -n mdt.*.hsm.active_requests``: the number of request lines.
+
+    An empty list prints nothing. Lines of ``hsm.actions`` (``lrh=[…] fid=…``) count too.
+    """
     count = 0
     for line in text.splitlines():
         if not line.strip():
             continue
-        if "action=" not in line:
-            raise _fail("hsm.active_requests", line, "expected a request with action=")
+        if not line.startswith(("fid=[", "lrh=[")) or " action=" not in line:
+            raise _error("hsm.active_requests", line, "expected 'fid=[…] … action=…'")
         count += 1
     return count
 
 
 @dataclass(frozen=True)
 class HsmAgent:
+    """A registered copytool; ``archive_ids`` is empty for ``archive_id=ANY``."""
+
     uuid: str
     archive_ids: list[int]
 
 
 def parse_hsm_agents(text: str) -> list[HsmAgent]:
-    """``mdt.*.hsm.agents``: ``uuid=... archive_id=N[,M] requests=[...]`` per line."""
+    """``lctl get_param -n mdt.*.hsm.agents``: ``uuid=U archive_id=N[,M]|ANY requests=[…]``."""
     agents = []
     for line in text.splitlines():
         if not line.strip():
             continue
-        fields = dict(
-            part.split("=", 1) for part in line.split() if "=" in part and not part.startswith("[")
-        )
-        if "uuid" not in fields or "archive_id" not in fields:
-            raise _fail("hsm.agents", line, "expected uuid= and archive_id=")
-        ids = fields["archive_id"]
-        try:
-            archive_ids = [] if ids in ("ANY", "") else [int(x) for x in ids.split(",")]
-        except ValueError as err:
-            raise _fail("hsm.agents", line, "archive_id is not a list of integers") from err
-        agents.append(HsmAgent(fields["uuid"], archive_ids))
+        match = _AGENT.match(line.strip())
+        if not match:
+            raise _error("hsm.agents", line, "expected 'uuid=… archive_id=… requests=[…]'")
+        ids = match.group(2)
+        if ids == "ANY":
+            archive_ids = []
+        elif all(part.isdigit() for part in ids.split(",")):
+            archive_ids = [int(part) for part in ids.split(",")]
+        else:
+            raise _error("hsm.agents", line, "archive_id is neither ANY nor integers")
+        agents.append(HsmAgent(match.group(1), archive_ids))
     return agents
 
 
+# -------------------------------------------------------------------------- firewall
+
+
 def parse_iptables_rules(text: str) -> list[str]:
-    """``iptables -S``: the ``-A`` rules (policies and chain creations are left out)."""
+    """``iptables -S``: the ``-A`` rules in order (``-P`` policies, ``-N`` chains left out)."""
     rules = []
     for line in text.splitlines():
         if line.startswith("-A "):
-            rules.append(line.strip())
+            rules.append(line.rstrip())
         elif line.strip() and not line.startswith(("-P ", "-N ")):
-            raise _fail("iptables -S", line, "expected -P, -N or -A lines")
+            raise _error("iptables -S", line, "expected -P, -N or -A lines")
     return rules
