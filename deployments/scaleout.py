@@ -30,10 +30,45 @@ POOL = "amlfs-process"
 CLUSTER_DEPLOYMENT = "cluster-upgrade/amlfs-cluster-upgrade"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_prefect_server(
+    port: int, env: dict[str, str], log: Any, log_path: Path, timeout_s: float = 120
+) -> subprocess.Popen[bytes]:
+    """``prefect server start`` on 127.0.0.1:``port`` (its own session), once /health answers."""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"prefect server did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _create_database(name: str, dsn: str) -> None:
@@ -82,7 +117,7 @@ class ScaleOut:
         self.workers_wanted = workers
         self.dsn = dsn
         self.database = database or f"amlfs_scaleout_{os.getpid()}"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -112,33 +147,9 @@ class ScaleOut:
     def __enter__(self) -> ScaleOut:
         self.home.mkdir(parents=True, exist_ok=True)
         _create_database(self.database, self.dsn)
-        self.server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
-            env=self.server_env,
-            stdout=self._log("server"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.server = start_prefect_server(
+            self.port, self.server_env, self._log("server"), self.home / "server.log"
         )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((self.home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
         subprocess.run(
             [
                 sys.executable,
