@@ -6,6 +6,7 @@ never used by the orchestrator. ``state`` and ``timeline`` are what tests assert
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
@@ -92,6 +93,8 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
             "clusters": backend.customer_view(cluster) if backend.customer_view else {},
             "requests": backend.requests,
             "throttled_requests": backend.throttler.throttled_count,
+            "ssh": backend.ssh_stats() if backend.ssh_stats else {},
+            "process_cpu_s": round(time.process_time(), 3),
         }
 
 

@@ -94,6 +94,7 @@ class Emulator:
         self.nodes = NodeFleet(self.backend)
         self.backend.customer_view = self.nodes.report
         self.ssh = SshServer(self.nodes, self.state_dir, seed=seed, port=ssh_port)
+        self.backend.ssh_stats = self.ssh.describe
         self.times = SimTime()
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []

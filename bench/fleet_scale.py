@@ -167,13 +167,16 @@ def main() -> None:
                 )
                 return result.model_dump(mode="json")
 
+            context = ssl.create_default_context(cafile=endpoint["ca_file"])
+            state0 = httpx.get(
+                f"{endpoint['control_url']}/state", verify=context, timeout=120
+            ).json()
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             sim0 = connections.clock.now()
             summary = FleetRunner(fleet, rows, policy, upgrade, store, "bench").run()
             makespan = connections.clock.now() - sim0
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             connections.close()
-            context = ssl.create_default_context(cafile=endpoint["ca_file"])
             state = httpx.get(
                 f"{endpoint['control_url']}/state", verify=context, timeout=120
             ).json()
@@ -202,7 +205,18 @@ def main() -> None:
     table.add_row("P2 makespan / lower bound", f"{makespan / bound:.2f}", "<= 1.2")
     table.add_row("P3 orchestrator CPU s per node", f"{cpu / max(nodes_done, 1):.3f}", "<= 0.2")
     table.add_row("throttled requests (429)", str(state["throttled_requests"]), "")
-    table.add_row("ARM requests", str(state["requests"]), "")
+    per_node = max(nodes_done, 1)
+    sim_cpu = state["process_cpu_s"] - state0["process_cpu_s"]
+    arm_requests = state["requests"] - state0["requests"]
+    ssh_commands = state["ssh"]["commands"] - state0["ssh"]["commands"]
+    ssh_sessions = state["ssh"]["accepted"] - state0["ssh"]["accepted"]
+    table.add_row("emulator CPU s per node", f"{sim_cpu / per_node:.3f}", "")
+    table.add_row(
+        "ARM requests / SSH commands / SSH sessions per node",
+        f"{arm_requests / per_node:.1f} / {ssh_commands / per_node:.1f} / "
+        f"{ssh_sessions / per_node:.1f}",
+        "",
+    )
     table.add_row(
         "customer downtime median / max (sim s)",
         f"{downtimes[len(downtimes) // 2]:.0f} / {downtimes[-1]:.0f}" if downtimes else "-",
@@ -221,7 +235,9 @@ def main() -> None:
         f"makespan_s={makespan:.0f} lower_bound_s={bound:.0f} p2_ratio={makespan / bound:.2f} "
         f"p3_cpu_s_per_node={cpu / max(nodes_done, 1):.3f} throttled={state['throttled_requests']} "
         f"evictions={sum(c['evictions'] for c in state['clusters'].values())} "
-        f"leaked={len(state['leaked_disks'])} cpu_count={os.cpu_count()}"
+        f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
+        f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
+        f"cpu_count={os.cpu_count()}"
     )
 
 
