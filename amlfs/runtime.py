@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from amlfs.azure.client import StaticTokenCredential, compute_client
-from amlfs.azure.gateway import ComputeGateway
+from amlfs.azure.gateway import ComputeGateway, OperationTimes
 from amlfs.clock import Clock, ScaledClock
 from amlfs.errors import InventoryError
 from amlfs.ssh import SshConfig, SshPool, load_private_key
@@ -85,6 +85,8 @@ class Connections:
     ssh: SshSettings
     clock: Clock = field(default_factory=ScaledClock)
     pool_size: int = 64  # HTTPS connections per ARM host (many VMs in flight at once)
+    # Learned operation durations, shared by the subscriptions' gateways (first-poll delay).
+    times: OperationTimes = field(default_factory=OperationTimes)
     _gateways: dict[str, ComputeGateway] = field(default_factory=dict)
     _pool: SshPool | None = None
 
@@ -106,7 +108,7 @@ class Connections:
                 retry_backoff_max=max(1.0, 60.0 / scale),
                 pool_size=self.pool_size,
             )
-            gateway = ComputeGateway(client, self.clock)
+            gateway = ComputeGateway(client, self.clock, times=self.times)
             self._gateways[subscription_id] = gateway
         return gateway
 

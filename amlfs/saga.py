@@ -317,8 +317,12 @@ class ClusterUpgrade:
                 )
 
     def _lro_timeout(self) -> float:
-        """An ARM wait never eats the time a rollback needs."""
-        if self.state.suspended_at is None:
+        """An ARM wait never eats the time a rollback needs; the rollback's own waits use it.
+
+        (A rollback that gave up on a 5 s wait because its own reserve was "spent" left the
+        cluster failed_needs_attention: the flaky slow-swap test of session 2.)
+        """
+        if self.state.suspended_at is None or self.state.phase == "rolling_back":
             return self.policy.lro_timeout_s
         left = (
             self.policy.downtime_budget_s

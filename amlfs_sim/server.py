@@ -119,6 +119,7 @@ class Emulator:
             create_app(self.backend, self.times),
             ssl_certfile=str(tls.cert_file),
             ssl_keyfile=str(tls.key_file),
+            http="httptools",
             log_level="warning",
             access_log=False,
             lifespan="off",

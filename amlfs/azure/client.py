@@ -52,6 +52,12 @@ def compute_client(
         from azure.core.pipeline.transport import RequestsTransport
 
         session = requests.Session()
+        # requests re-reads the proxy variables from the environment on every request (~10%
+        # of the orchestrator's CPU in the fleet profile): resolve them once, here.
+        session.proxies.update(
+            requests.utils.get_environ_proxies(arm_url or "https://management.azure.com")
+        )
+        session.trust_env = False
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         session.mount("https://", adapter)
         session.mount("http://", adapter)

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,8 +46,16 @@ from azure.mgmt.compute.models import (
     ImageDiskReference,
     VirtualMachine,
 )
+from azure.mgmt.core.polling.arm_polling import ARMPolling
 
-__all__ = ["ComputeGateway", "DiskInfo", "VmInfo", "data_disk_layout", "map_azure_error"]
+__all__ = [
+    "ComputeGateway",
+    "DiskInfo",
+    "OperationTimes",
+    "VmInfo",
+    "data_disk_layout",
+    "map_azure_error",
+]
 
 T = TypeVar("T")
 
@@ -101,6 +111,60 @@ def data_disk_layout(disks: list[DataDisk] | None) -> list[tuple[int, str]]:
     return sorted(layout)
 
 
+class OperationTimes:
+    """How long each kind of long-running operation took lately, to skip pointless polls.
+
+    Polling an operation that cannot be done yet is the orchestrator's largest cost at fleet
+    scale (and counts against Azure's GetOperation limit). Once ``min_samples`` operations of a
+    kind have been seen, the first poll of the next one waits ``margin`` x the ``quantile`` of
+    the recent durations; later polls keep the normal interval. An operation faster than that
+    is seen at most ``margin`` x quantile late, so the detection latency of a typical one is
+    unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        window: int = 64,
+        min_samples: int = 8,
+        quantile: float = 0.1,
+        margin: float = 0.9,
+    ) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self.quantile = quantile
+        self.margin = margin
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self._seen.setdefault(kind, deque(maxlen=self.window)).append(seconds)
+
+    def first_poll_after(self, kind: str) -> float:
+        """Sim seconds to wait before the first poll of a new operation of ``kind``."""
+        with self._lock:
+            seen = sorted(self._seen.get(kind, ()))
+        if len(seen) < self.min_samples:
+            return 0.0
+        return self.margin * seen[int(self.quantile * (len(seen) - 1))]
+
+
+class _FirstPollLater(ARMPolling):
+    """ARM polling whose first poll waits ``first_delay`` real seconds (or Retry-After)."""
+
+    def __init__(self, interval: float, first_delay: float, base_url: str) -> None:
+        super().__init__(interval, path_format_arguments={"endpoint": base_url})
+        self._first_delay = first_delay
+
+    def _delay(self) -> None:
+        first, self._first_delay = self._first_delay, 0.0
+        if first > 0:
+            self._sleep(max(first, self._extract_delay()))
+        else:
+            super()._delay()
+
+
 @dataclass(frozen=True)
 class DiskInfo:
     id: str
@@ -153,13 +217,32 @@ class ComputeGateway:
         *,
         lro_timeout_s: float = 1800.0,
         slow_poll_s: float = 5.0,
+        times: OperationTimes | None = None,
     ) -> None:
         self.compute = compute
         self.clock = clock
         self.lro_timeout_s = lro_timeout_s
+        self.times = times if times is not None else OperationTimes()
         # Disk operations run outside the customer's downtime: poll them less often (polling
         # the SDK's LROs was the orchestrator's largest CPU cost in the fleet profile).
         self.slow_poll = clock.to_real(slow_poll_s)
+        self.poll = float(compute._config.polling_interval)
+
+    def _polling(
+        self, kind: str, timeout_s: float | None, interval: float | None = None
+    ) -> _FirstPollLater:
+        """The polling method for a new operation of ``kind`` (see ``OperationTimes``).
+
+        The first poll never waits more than half the caller's timeout: a short wait (a
+        rollback's, a retry of an operation that is already done) still sees the result.
+        """
+        limit = self.lro_timeout_s if timeout_s is None else timeout_s
+        first = min(self.times.first_poll_after(kind), limit / 2)
+        return _FirstPollLater(
+            self.poll if interval is None else interval,
+            self.clock.to_real(first),
+            str(self.compute._config.base_url),
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -169,7 +252,16 @@ class ComputeGateway:
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
 
-    def _wait(self, what: str, poller: LROPoller[T], timeout_s: float | None = None) -> T:
+    def _wait(
+        self,
+        what: str,
+        poller: LROPoller[T],
+        timeout_s: float | None = None,
+        *,
+        kind: str | None = None,
+        started: float | None = None,
+    ) -> T:
+        """The operation's result; its duration is learned under ``kind`` if it succeeded."""
         limit = self.lro_timeout_s if timeout_s is None else timeout_s
         try:
             poller.wait(timeout=self.clock.to_real(limit))
@@ -177,9 +269,16 @@ class ComputeGateway:
                 raise RetryableAzureError(
                     f"{what}: still running after {limit:.0f} s", code="OperationTimedOut"
                 )
-            return poller.result()
+            result = poller.result()
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
+        if kind is not None and started is not None:
+            took = self.clock.now() - started
+            # An operation answered at once (already stopped, a retry) says nothing of how
+            # long the real work takes.
+            if took >= self.poll / self.clock.to_real(1.0):
+                self.times.observe(kind, took)
+        return result
 
     # ------------------------------------------------------------------ reads
 
@@ -272,26 +371,28 @@ class ComputeGateway:
             tags=tags,
         )
         what = f"create OS disk {name}"
+        started = self.clock.now()
+        polling = self._polling("disk.create", timeout_s, self.slow_poll)
         poller = self._call(
             what,
             lambda: self.compute.disks.begin_create_or_update(
-                resource_group, name, body, polling_interval=self.slow_poll
+                resource_group, name, body, polling=polling
             ),
         )
-        disk = _disk_info(self._wait(what, poller, timeout_s))
+        disk = _disk_info(self._wait(what, poller, timeout_s, kind="disk.create", started=started))
         if disk.provisioning_state not in (None, "Succeeded"):
             raise RetryableAzureError(f"{what}: disk is {disk.provisioning_state}")
         return disk
 
     def delete_disk(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
         what = f"delete disk {name}"
+        started = self.clock.now()
+        polling = self._polling("disk.delete", timeout_s, self.slow_poll)
         poller = self._call(
             what,
-            lambda: self.compute.disks.begin_delete(
-                resource_group, name, polling_interval=self.slow_poll
-            ),
+            lambda: self.compute.disks.begin_delete(resource_group, name, polling=polling),
         )
-        self._wait(what, poller, timeout_s)
+        self._wait(what, poller, timeout_s, kind="disk.delete", started=started)
 
     def tag_disk(self, resource_group: str, name: str, tags: dict[str, str]) -> None:
         what = f"tag disk {name}"
@@ -306,20 +407,27 @@ class ComputeGateway:
     def power_off(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
         """Stop the VM without deallocating it (the swap keeps the VM's host)."""
         what = f"power off VM {name}"
+        started = self.clock.now()
+        polling = self._polling("vm.power_off", timeout_s)
         poller = self._call(
             what,
             lambda: self.compute.virtual_machines.begin_power_off(
-                resource_group, name, skip_shutdown=False
+                resource_group, name, skip_shutdown=False, polling=polling
             ),
         )
-        self._wait(what, poller, timeout_s)
+        self._wait(what, poller, timeout_s, kind="vm.power_off", started=started)
 
     def start(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
         what = f"start VM {name}"
+        started = self.clock.now()
+        polling = self._polling("vm.start", timeout_s)
         poller = self._call(
-            what, lambda: self.compute.virtual_machines.begin_start(resource_group, name)
+            what,
+            lambda: self.compute.virtual_machines.begin_start(
+                resource_group, name, polling=polling
+            ),
         )
-        self._wait(what, poller, timeout_s)
+        self._wait(what, poller, timeout_s, kind="vm.start", started=started)
 
     def update_vm(
         self,
@@ -342,13 +450,15 @@ class ComputeGateway:
             )
         what = f"update VM {current.name}"
         name = str(current.name)
+        started = self.clock.now()
+        polling = self._polling("vm.put", timeout_s)
         poller = self._call(
             what,
             lambda: self.compute.virtual_machines.begin_create_or_update(
-                resource_group, name, desired
+                resource_group, name, desired, polling=polling
             ),
         )
-        return self._wait(what, poller, timeout_s)
+        return self._wait(what, poller, timeout_s, kind="vm.put", started=started)
 
     def swap_os_disk(
         self, resource_group: str, name: str, new_disk: DiskInfo, timeout_s: float | None = None
