@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from azure.mgmt.compute.models import DataDisk, ManagedDiskParameters
 
+from amlfs.azure.gateway import OperationTimes
 from amlfs.errors import DataDiskGuardError
 from amlfs.models import Release, load_release
 from amlfs.runtime import Connections, from_endpoint
@@ -263,3 +264,41 @@ def test_disks_left_by_a_run_that_died_unjournaled_are_removed(
     result = upgrade(sim, conns, tmp_path)
     assert result.outcome is Outcome.UPGRADED, result.reason
     assert_customer_safe(sim, "2.15.6")
+
+
+def test_operation_times_learn_a_first_poll_delay_only_from_enough_samples() -> None:
+    times = OperationTimes(min_samples=3, quantile=0.0, margin=0.5)
+    times.observe("vm.start", 40.0)
+    times.observe("vm.start", 30.0)
+    assert times.first_poll_after("vm.start") == 0.0  # two samples are not enough
+    times.observe("vm.start", 50.0)
+    assert times.first_poll_after("vm.start") == 15.0  # 0.5 x the fastest
+    assert times.first_poll_after("vm.put") == 0.0  # kinds are learned apart
+
+
+def test_a_learned_first_poll_skips_polls_but_still_sees_the_operation_end(
+    sim: Sim, conns: Connections
+) -> None:
+    gateway = conns.gateway(sim.cluster.subscription_id)
+    rg = sim.cluster.resource_group
+    for _ in range(8):  # power-offs have taken 19 s: first poll after 0.9 x 19 = 17.1 s
+        gateway.times.observe("vm.power_off", 19.0)
+    before = sim.state()["requests"]
+    gateway.power_off(rg, "eus01-oss0")
+    requests = sim.state()["requests"] - before
+    took = [
+        op["end"] - op["start"]
+        for op in sim.timeline()["operations"]
+        if op["kind"] == "vm.power_off" and op["target"] == "eus01-oss0"
+    ][-1]
+    # The emulator's LRO answers carry Retry-After 3 s (azure-core honours it over the
+    # interval): 1 POST + polls every 3 s from 17.1 s on, where polling from the start would
+    # take about took / 3 + 2 requests.
+    assert requests <= 4 + (took - 17.1) / 3, (requests, took)
+    assert {vm["name"]: vm["power_state"] for vm in sim.state()["vms"]}["eus01-oss0"] == "stopped"
+
+    # A learned delay far longer than the caller's timeout is capped at half of it.
+    for _ in range(64):
+        gateway.times.observe("vm.start", 5000.0)
+    gateway.start(rg, "eus01-oss0", timeout_s=200)
+    assert {vm["name"]: vm["power_state"] for vm in sim.state()["vms"]}["eus01-oss0"] == "running"
