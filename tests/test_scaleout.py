@@ -93,7 +93,8 @@ def test_worker_killed_mid_swap_the_cluster_is_picked_up_again(
         assert fleet_run.returncode == 0, out
     record = json.loads((state_dir / "fleet-runs" / "scaleout.json").read_text())
     result = record["results"][CLUSTER]
-    assert result["follow_ups"] == 1, result
+    # On failure show the fleet run's own log too: which attempt ended how.
+    assert result.get("follow_ups") == 1, (result, out[-4000:])
     assert result["outcome"] in ("rolled_back", "upgraded"), result
     state = control.get("/state", params={"cluster": CLUSTER}).json()
     control.close()
