@@ -317,11 +317,8 @@ class ClusterUpgrade:
                 )
 
     def _lro_timeout(self) -> float:
-        """An ARM wait never eats the time a rollback needs; the rollback's own waits use it.
-
-        (A rollback that gave up on a 5 s wait because its own reserve was "spent" left the
-        cluster failed_needs_attention: the flaky slow-swap test of session 2.)
-        """
+        """An ARM wait never eats the time a rollback needs; the rollback's own waits use it
+        (with the reserve counted as spent they would get the 5 s floor and give up)."""
         if self.state.suspended_at is None or self.state.phase == "rolling_back":
             return self.policy.lro_timeout_s
         left = (

@@ -228,22 +228,6 @@ class ComputeGateway:
         self.slow_poll = clock.to_real(slow_poll_s)
         self.poll = float(compute._config.polling_interval)
 
-    def _polling(
-        self, kind: str, timeout_s: float | None, interval: float | None = None
-    ) -> _FirstPollLater:
-        """The polling method for a new operation of ``kind`` (see ``OperationTimes``).
-
-        The first poll never waits more than half the caller's timeout: a short wait (a
-        rollback's, a retry of an operation that is already done) still sees the result.
-        """
-        limit = self.lro_timeout_s if timeout_s is None else timeout_s
-        first = min(self.times.first_poll_after(kind), limit / 2)
-        return _FirstPollLater(
-            self.poll if interval is None else interval,
-            self.clock.to_real(first),
-            str(self.compute._config.base_url),
-        )
-
     # ------------------------------------------------------------------ plumbing
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -252,16 +236,7 @@ class ComputeGateway:
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
 
-    def _wait(
-        self,
-        what: str,
-        poller: LROPoller[T],
-        timeout_s: float | None = None,
-        *,
-        kind: str | None = None,
-        started: float | None = None,
-    ) -> T:
-        """The operation's result; its duration is learned under ``kind`` if it succeeded."""
+    def _wait(self, what: str, poller: LROPoller[T], timeout_s: float | None = None) -> T:
         limit = self.lro_timeout_s if timeout_s is None else timeout_s
         try:
             poller.wait(timeout=self.clock.to_real(limit))
@@ -269,15 +244,37 @@ class ComputeGateway:
                 raise RetryableAzureError(
                     f"{what}: still running after {limit:.0f} s", code="OperationTimedOut"
                 )
-            result = poller.result()
+            return poller.result()
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
-        if kind is not None and started is not None:
-            took = self.clock.now() - started
-            # An operation answered at once (already stopped, a retry) says nothing of how
-            # long the real work takes.
-            if took >= self.poll / self.clock.to_real(1.0):
-                self.times.observe(kind, took)
+
+    def _lro(
+        self,
+        what: str,
+        kind: str,
+        begin: Callable[[_FirstPollLater], LROPoller[T]],
+        timeout_s: float | None,
+        interval: float | None = None,
+    ) -> T:
+        """Start an operation of ``kind`` with ``begin(polling)``, wait for it, learn its time.
+
+        The first poll never waits more than half the caller's timeout: a short wait (a
+        retry of an operation that is already done) still sees the result.
+        """
+        limit = self.lro_timeout_s if timeout_s is None else timeout_s
+        first = min(self.times.first_poll_after(kind), limit / 2)
+        polling = _FirstPollLater(
+            self.poll if interval is None else interval,
+            self.clock.to_real(first),
+            str(self.compute._config.base_url),
+        )
+        started = self.clock.now()
+        result = self._wait(what, self._call(what, lambda: begin(polling)), timeout_s)
+        took = self.clock.now() - started
+        # An operation answered at once (already stopped, a retry) says nothing of how long
+        # the real work takes.
+        if took >= self.poll / self.clock.to_real(1.0):
+            self.times.observe(kind, took)
         return result
 
     # ------------------------------------------------------------------ reads
@@ -371,28 +368,28 @@ class ComputeGateway:
             tags=tags,
         )
         what = f"create OS disk {name}"
-        started = self.clock.now()
-        polling = self._polling("disk.create", timeout_s, self.slow_poll)
-        poller = self._call(
+        created = self._lro(
             what,
-            lambda: self.compute.disks.begin_create_or_update(
+            "disk.create",
+            lambda polling: self.compute.disks.begin_create_or_update(
                 resource_group, name, body, polling=polling
             ),
+            timeout_s,
+            self.slow_poll,
         )
-        disk = _disk_info(self._wait(what, poller, timeout_s, kind="disk.create", started=started))
+        disk = _disk_info(created)
         if disk.provisioning_state not in (None, "Succeeded"):
             raise RetryableAzureError(f"{what}: disk is {disk.provisioning_state}")
         return disk
 
     def delete_disk(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
-        what = f"delete disk {name}"
-        started = self.clock.now()
-        polling = self._polling("disk.delete", timeout_s, self.slow_poll)
-        poller = self._call(
-            what,
-            lambda: self.compute.disks.begin_delete(resource_group, name, polling=polling),
+        self._lro(
+            f"delete disk {name}",
+            "disk.delete",
+            lambda polling: self.compute.disks.begin_delete(resource_group, name, polling=polling),
+            timeout_s,
+            self.slow_poll,
         )
-        self._wait(what, poller, timeout_s, kind="disk.delete", started=started)
 
     def tag_disk(self, resource_group: str, name: str, tags: dict[str, str]) -> None:
         what = f"tag disk {name}"
@@ -406,28 +403,24 @@ class ComputeGateway:
 
     def power_off(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
         """Stop the VM without deallocating it (the swap keeps the VM's host)."""
-        what = f"power off VM {name}"
-        started = self.clock.now()
-        polling = self._polling("vm.power_off", timeout_s)
-        poller = self._call(
-            what,
-            lambda: self.compute.virtual_machines.begin_power_off(
+        self._lro(
+            f"power off VM {name}",
+            "vm.power_off",
+            lambda polling: self.compute.virtual_machines.begin_power_off(
                 resource_group, name, skip_shutdown=False, polling=polling
             ),
+            timeout_s,
         )
-        self._wait(what, poller, timeout_s, kind="vm.power_off", started=started)
 
     def start(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
-        what = f"start VM {name}"
-        started = self.clock.now()
-        polling = self._polling("vm.start", timeout_s)
-        poller = self._call(
-            what,
-            lambda: self.compute.virtual_machines.begin_start(
+        self._lro(
+            f"start VM {name}",
+            "vm.start",
+            lambda polling: self.compute.virtual_machines.begin_start(
                 resource_group, name, polling=polling
             ),
+            timeout_s,
         )
-        self._wait(what, poller, timeout_s, kind="vm.start", started=started)
 
     def update_vm(
         self,
@@ -448,17 +441,15 @@ class ComputeGateway:
                 f"refusing to update VM {current.name}: dataDisks would change from {before} "
                 f"to {after}; customer data disks are never modified"
             )
-        what = f"update VM {current.name}"
         name = str(current.name)
-        started = self.clock.now()
-        polling = self._polling("vm.put", timeout_s)
-        poller = self._call(
-            what,
-            lambda: self.compute.virtual_machines.begin_create_or_update(
+        return self._lro(
+            f"update VM {name}",
+            "vm.put",
+            lambda polling: self.compute.virtual_machines.begin_create_or_update(
                 resource_group, name, desired, polling=polling
             ),
+            timeout_s,
         )
-        return self._wait(what, poller, timeout_s, kind="vm.put", started=started)
 
     def swap_os_disk(
         self, resource_group: str, name: str, new_disk: DiskInfo, timeout_s: float | None = None
