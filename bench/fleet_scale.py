@@ -58,6 +58,12 @@ GALLERY_SUB = "4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01"
 IMAGES = "/subscriptions/{sub}/resourceGroups/rg-amlfs-images/providers/Microsoft.Compute/galleries/amlfsgallery/images/amlfs-lustre/versions/{v}"
 
 
+def _delta(before: dict[str, int], after: dict[str, int]) -> list[tuple[str, int]]:
+    """Counts by kind that grew during the run, largest first."""
+    grown = {k: v - before.get(k, 0) for k, v in after.items()}
+    return sorted(((k, v) for k, v in grown.items() if v), key=lambda kv: -kv[1])
+
+
 def lower_bound(clusters: int, nodes: int, slots: int, subscriptions: int) -> tuple[float, str]:
     d = Durations()
     rng = random.Random(0)
@@ -232,6 +238,23 @@ def main() -> None:
     )
     table.add_row("max clusters in flight", str(summary.max_in_flight), f"<= {args.max_parallel}")
     Console().print(table)
+    breakdown = Table(title="per node, by kind")
+    breakdown.add_column("ARM request kind")
+    breakdown.add_column("per node", justify="right")
+    breakdown.add_column("SSH command")
+    breakdown.add_column("per node", justify="right")
+    arm_kinds = _delta(state0["requests_by_kind"], state["requests_by_kind"])
+    ssh_heads = _delta(state0["ssh"]["commands_by_head"], state["ssh"]["commands_by_head"])
+    for i in range(max(len(arm_kinds), len(ssh_heads))):
+        arm = arm_kinds[i] if i < len(arm_kinds) else ("", 0)
+        ssh = ssh_heads[i] if i < len(ssh_heads) else ("", 0)
+        breakdown.add_row(
+            arm[0],
+            f"{arm[1] / per_node:.2f}" if arm[0] else "",
+            ssh[0],
+            f"{ssh[1] / per_node:.2f}" if ssh[0] else "",
+        )
+    Console().print(breakdown)
     print(
         f"clusters={args.clusters} nodes={args.nodes} upgraded={upgraded} failures={failures} "
         f"makespan_s={makespan:.0f} lower_bound_s={bound:.0f} p2_ratio={makespan / bound:.2f} "

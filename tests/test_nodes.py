@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from azure.mgmt.compute.models import (
 
 from amlfs.errors import CommandFailedError, NodeUnreachableError
 from amlfs.ssh import NodeShell, SshPool
+from amlfs.ssh.gateway import CommandResult, batch_command, split_batch
 from tests.conftest import Sim
 
 GALLERY = (
@@ -314,3 +317,60 @@ def test_shell_reuses_its_connection(sim: Sim) -> None:
     for _ in range(5):
         shell.run(["hostid"])
     assert sim.emulator.ssh.accepted - before <= 1
+
+
+# A batch mixing what splitting must keep exact: no trailing newline, blank lines, a
+# non-zero exit with stderr, shell syntax inside one argument.
+BATCH = [
+    ["test", "-e", "/nonexistent/amlfs"],
+    ["printf", "no newline"],
+    ["printf", "two\\n\\n"],
+    ["cat", "/nonexistent/amlfs"],
+    ["echo", "it's; $HOME > /tmp/x"],
+    ["true"],
+]
+
+
+def _shell_batch(shell_binary: str) -> list[CommandResult]:
+    command, marker = batch_command(BATCH)
+    done = subprocess.run([shell_binary, "-c", command], capture_output=True, text=True)
+    results = split_batch(CommandResult(done.returncode, done.stdout, done.stderr), marker, 6)
+    assert results is not None, (done.stdout, done.stderr)
+    return results
+
+
+@pytest.mark.parametrize("shell_binary", ["bash", "sh"])
+def test_a_batch_splits_back_exactly_under_a_real_posix_shell(shell_binary: str) -> None:
+    if shutil.which(shell_binary) is None:
+        pytest.skip(f"no {shell_binary} here")
+    results = _shell_batch(shell_binary)
+    assert [r.status for r in results] == [1, 0, 0, 1, 0, 0]
+    assert [r.stdout for r in results] == [
+        "",
+        "no newline",
+        "two\n\n",
+        "",
+        "it's; $HOME > /tmp/x\n",
+        "",
+    ]
+    assert "No such file" in results[3].stderr
+    assert [r.stderr for r in results[:3]] == ["", "", ""]
+
+
+def test_the_emulated_shell_answers_a_batch_like_a_real_shell(sim: Sim) -> None:
+    shell = sim.shell("eus01-oss0")
+    before = sim.emulator.ssh.describe()["commands"]
+    emulated = shell.run_batch(BATCH)
+    assert sim.emulator.ssh.describe()["commands"] - before == 1  # one exec for six commands
+    real = _shell_batch("bash")
+    assert [(r.status, r.stdout) for r in emulated] == [(r.status, r.stdout) for r in real]
+    assert [bool(r.stderr) for r in emulated] == [bool(r.stderr) for r in real]
+
+
+def test_a_batch_answered_short_is_an_error_not_a_result(sim: Sim) -> None:
+    command, marker = batch_command(BATCH)
+    full = sim.shell("eus01-oss0")._run_once(command, None, 10)
+    assert split_batch(full, marker, len(BATCH)) is not None
+    cut = CommandResult(full.status, full.stdout[: len(full.stdout) // 2], full.stderr)
+    assert split_batch(cut, marker, len(BATCH)) is None
+    assert split_batch(full, "@@amlfs-other", len(BATCH)) is None

@@ -119,7 +119,8 @@ class OperationTimes:
     kind have been seen, the first poll of the next one waits ``margin`` x the ``quantile`` of
     the recent durations; later polls keep the normal interval. An operation faster than that
     is seen at most ``margin`` x quantile late, so the detection latency of a typical one is
-    unchanged.
+    unchanged. Background operations (outside the customer's downtime, where a few seconds of
+    lag cost nothing) wait for the ``background_quantile`` instead.
     """
 
     def __init__(
@@ -129,11 +130,13 @@ class OperationTimes:
         min_samples: int = 8,
         quantile: float = 0.1,
         margin: float = 0.9,
+        background_quantile: float = 0.5,
     ) -> None:
         self.window = window
         self.min_samples = min_samples
         self.quantile = quantile
         self.margin = margin
+        self.background_quantile = background_quantile
         self._seen: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
@@ -141,21 +144,36 @@ class OperationTimes:
         with self._lock:
             self._seen.setdefault(kind, deque(maxlen=self.window)).append(seconds)
 
-    def first_poll_after(self, kind: str) -> float:
+    def first_poll_after(self, kind: str, *, background: bool = False) -> float:
         """Sim seconds to wait before the first poll of a new operation of ``kind``."""
         with self._lock:
             seen = sorted(self._seen.get(kind, ()))
         if len(seen) < self.min_samples:
             return 0.0
+        if background:
+            return seen[int(self.background_quantile * (len(seen) - 1))]
         return self.margin * seen[int(self.quantile * (len(seen) - 1))]
 
 
 class _FirstPollLater(ARMPolling):
-    """ARM polling whose first poll waits ``first_delay`` real seconds (or Retry-After)."""
+    """ARM polling whose first poll waits ``first_delay`` real seconds (or Retry-After).
 
-    def __init__(self, interval: float, first_delay: float, base_url: str) -> None:
+    Azure's Retry-After is the least a client should wait. azure-core uses it instead of the
+    interval, so a longer interval asked for a background operation would be lost: with
+    ``at_least_interval`` the wait is the larger of the two.
+    """
+
+    def __init__(
+        self, interval: float, first_delay: float, base_url: str, *, at_least_interval: bool
+    ) -> None:
         super().__init__(interval, path_format_arguments={"endpoint": base_url})
         self._first_delay = first_delay
+        self._interval = interval
+        self._at_least_interval = at_least_interval
+
+    def _extract_delay(self) -> float:
+        delay = float(super()._extract_delay())
+        return max(delay, self._interval) if self._at_least_interval else delay
 
     def _delay(self) -> None:
         first, self._first_delay = self._first_delay, 0.0
@@ -216,7 +234,7 @@ class ComputeGateway:
         clock: Clock,
         *,
         lro_timeout_s: float = 1800.0,
-        slow_poll_s: float = 5.0,
+        slow_poll_s: float = 10.0,
         times: OperationTimes | None = None,
     ) -> None:
         self.compute = compute
@@ -254,19 +272,23 @@ class ComputeGateway:
         kind: str,
         begin: Callable[[_FirstPollLater], LROPoller[T]],
         timeout_s: float | None,
-        interval: float | None = None,
+        *,
+        background: bool = False,
     ) -> T:
         """Start an operation of ``kind`` with ``begin(polling)``, wait for it, learn its time.
 
-        The first poll never waits more than half the caller's timeout: a short wait (a
-        retry of an operation that is already done) still sees the result.
+        A ``background`` operation (outside the customer's downtime) is polled every
+        ``slow_poll`` and first at its learned median. The first poll never waits more than half
+        the caller's timeout: a short wait (a retry of an operation that is already done) still
+        sees the result.
         """
         limit = self.lro_timeout_s if timeout_s is None else timeout_s
-        first = min(self.times.first_poll_after(kind), limit / 2)
+        first = min(self.times.first_poll_after(kind, background=background), limit / 2)
         polling = _FirstPollLater(
-            self.poll if interval is None else interval,
+            self.slow_poll if background else self.poll,
             self.clock.to_real(first),
             str(self.compute._config.base_url),
+            at_least_interval=background,
         )
         started = self.clock.now()
         result = self._wait(what, self._call(what, lambda: begin(polling)), timeout_s)
@@ -375,7 +397,7 @@ class ComputeGateway:
                 resource_group, name, body, polling=polling
             ),
             timeout_s,
-            self.slow_poll,
+            background=True,
         )
         disk = _disk_info(created)
         if disk.provisioning_state not in (None, "Succeeded"):
@@ -388,7 +410,7 @@ class ComputeGateway:
             "disk.delete",
             lambda polling: self.compute.disks.begin_delete(resource_group, name, polling=polling),
             timeout_s,
-            self.slow_poll,
+            background=True,
         )
 
     def tag_disk(self, resource_group: str, name: str, tags: dict[str, str]) -> None:

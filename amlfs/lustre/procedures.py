@@ -176,9 +176,11 @@ class LustreOps:
         """The cluster files present on ``node`` (path -> content)."""
         files = {}
         shell = self.sh(node)
-        for path in CLUSTER_FILES:
-            if shell.run(["test", "-e", path], check=False).status == 0:
-                files[path] = shell.run(["cat", path]).stdout
+        reads = [argv for path in CLUSTER_FILES for argv in (["test", "-e", path], ["cat", path])]
+        results = shell.run_batch(reads)
+        for i, path in enumerate(CLUSTER_FILES):
+            if results[2 * i].status == 0:
+                files[path] = shell.check(reads[2 * i + 1], results[2 * i + 1]).stdout
         if "/etc/lnet.conf" not in files or "/etc/hostid" not in files:
             raise HealthCheckError(
                 f"{node.name}: /etc/lnet.conf or /etc/hostid missing before the upgrade; "
@@ -297,8 +299,8 @@ class LustreOps:
         wanted = dict(files)
         wanted.update(overlay or {})
         changed = False
-        for path, content in wanted.items():
-            current = shell.run(["cat", path], check=False)
+        currents = shell.run_batch([["cat", path] for path in wanted])
+        for (path, content), current in zip(wanted.items(), currents, strict=True):
             if current.status != 0 or current.stdout != content:
                 shell.run(["tee", path], stdin=content.encode())
                 changed = True
@@ -357,26 +359,40 @@ class LustreOps:
         """What is wrong with ``node`` for a suspended cluster on ``lustre_version``."""
         problems: list[str] = []
         shell = self.sh(node)
-        net = shell.run(["lnetctl", "net", "show"], check=False)
+        server = node.role in SERVER_ROLES
+        # Everything read in one exec; what a failed early read makes moot is ignored.
+        reads = [
+            ["lnetctl", "net", "show"],
+            ["lctl", "get_param", "-n", "version"],
+            ["lctl", "dl"],
+            ["mount", "-t", "lustre"],
+        ]
+        if server:
+            reads += [
+                ["lctl", "get_param", "-n", "health_check"],
+                ["lctl", "get_param", "*.*.recovery_status"],
+            ]
+        if node.role is Role.MDS:
+            reads.append(["lctl", "get_param", "-n", "mdt.*.hsm.agents"])
+        results = shell.run_batch(reads)
+        net, version, dl, mount = results[:4]
         if net.status != 0 or not parse_net_show(net.stdout):
             problems.append("LNet has no NIDs")
             return problems
-        version = shell.run(["lctl", "get_param", "-n", "version"], check=False)
         if version.status != 0:
             return [*problems, "lctl cannot read the version (modules not loaded?)"]
         if parse_version(version.stdout) != lustre_version:
             problems.append(f"runs Lustre {parse_version(version.stdout)}, not {lustre_version}")
-        devices = parse_devices(shell.run(["lctl", "dl"]).stdout)
+        devices = parse_devices(shell.check(reads[2], dl).stdout)
         if not devices or not all_up(devices):
             problems.append("lctl dl: not every device UP")
-        mounts = parse_lustre_mounts(shell.run(["mount", "-t", "lustre"]).stdout)
-        if node.role in SERVER_ROLES:
-            health = shell.run(["lctl", "get_param", "-n", "health_check"], check=False)
+        mounts = parse_lustre_mounts(shell.check(reads[3], mount).stdout)
+        if server:
+            health, recovery = results[4], results[5].stdout
             if health.status != 0 or not parse_health_check(health.stdout):
                 problems.append("health_check is not healthy")
             if not any(m.svname for m in mounts):
                 problems.append("no target mounted")
-            recovery = shell.run(["lctl", "get_param", "*.*.recovery_status"], check=False).stdout
             for name, text in parse_params(recovery).items():
                 status = parse_recovery_status(text).status
                 if status not in ("WAITING_FOR_CLIENTS", "RECOVERING", "COMPLETE"):
@@ -384,9 +400,7 @@ class LustreOps:
         elif not mounts:
             problems.append("file system not mounted")
         if node.role is Role.MDS:
-            agents = parse_hsm_agents(
-                shell.run(["lctl", "get_param", "-n", "mdt.*.hsm.agents"]).stdout
-            )
+            agents = parse_hsm_agents(shell.check(reads[-1], results[-1]).stdout)
             expected = sum(1 for n in self.nodes if n.role in AGENT_ROLES)
             if len(agents) < expected:
                 problems.append(f"{len(agents)}/{expected} HSM agents registered")

@@ -2,13 +2,17 @@
 node reused across commands, timeouts on connect and on each command.
 
 Commands are given as argument lists and sent ``shlex.join``-quoted: nothing a caller passes
-is ever interpreted by the remote shell. paramiko's and the socket layer's errors become
+is ever interpreted by the remote shell. ``run_batch`` sends several read-only commands in one
+exec, each followed by a marker line carrying its exit status (one channel instead of many:
+at fleet scale the per-channel cost on both ends dominated the SSH work). paramiko's and the socket layer's errors become
 ``NodeUnreachableError`` (retry later) or ``CommandFailedError`` (the command said no).
 """
 
 from __future__ import annotations
 
 import io
+import re
+import secrets
 import shlex
 import socket
 import threading
@@ -21,7 +25,16 @@ import paramiko
 
 from amlfs.errors import CommandFailedError, InventoryError, NodeUnreachableError
 
-__all__ = ["CommandResult", "KnownHosts", "NodeShell", "SshConfig", "SshPool", "load_private_key"]
+__all__ = [
+    "CommandResult",
+    "KnownHosts",
+    "NodeShell",
+    "SshConfig",
+    "SshPool",
+    "batch_command",
+    "load_private_key",
+    "split_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,14 @@ class NodeShell:
         command = shlex.join(argv)
         with self._lock:
             result = self._run_once(command, stdin, timeout_s or self.config.command_timeout_s)
-        if check and result.status != 0:
+        if check:
+            self.check(argv, result)
+        return result
+
+    def check(self, argv: Sequence[str], result: CommandResult) -> CommandResult:
+        """``result`` of ``argv``, or ``CommandFailedError`` if it exited non-zero."""
+        if result.status != 0:
+            command = shlex.join(argv)
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise CommandFailedError(
                 f"{self.name}: `{command}` exited {result.status}: "
@@ -196,6 +216,31 @@ class NodeShell:
                 output=result.stdout + result.stderr,
             )
         return result
+
+    def run_batch(
+        self, argvs: Sequence[Sequence[str]], *, timeout_s: float | None = None
+    ) -> list[CommandResult]:
+        """Run read-only commands in one exec, in order; one result each (never raises on a
+        non-zero exit: see ``check``).
+
+        Each command is followed by ``printf '\\n<marker> %d\\n' "$?"`` on stdout and the
+        same marker on stderr, with a random marker per batch, so the outputs split back
+        exactly (the leading newline is the marker's, not the command's). Only for commands
+        that change nothing: a dropped session is retried as a whole.
+        """
+        if not argvs:
+            return []
+        command, marker = batch_command(argvs)
+        with self._lock:
+            raw = self._run_once(command, None, timeout_s or self.config.command_timeout_s)
+        results = split_batch(raw, marker, len(argvs))
+        if results is None:
+            raise NodeUnreachableError(
+                f"{self.name}: a batch of {len(argvs)} commands was answered short "
+                f"(exit {raw.status}): output cut off, or the login shell is not POSIX",
+                node=self.name,
+            )
+        return results
 
     def _run_once(self, command: str, stdin: bytes | None, timeout_s: float) -> CommandResult:
         for attempt in (1, 2):
@@ -235,6 +280,26 @@ class NodeShell:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+def batch_command(argvs: Sequence[Sequence[str]]) -> tuple[str, str]:
+    """One POSIX shell command line running ``argvs`` in order, and its marker."""
+    marker = f"@@amlfs-{secrets.token_hex(8)}"
+    parts = []
+    for argv in argvs:
+        parts.append(shlex.join(argv))
+        parts.append(f"printf '\\n{marker} %d\\n' \"$?\"")
+        parts.append(f"printf '\\n{marker}\\n' >&2")
+    return "; ".join(parts), marker
+
+
+def split_batch(raw: CommandResult, marker: str, count: int) -> list[CommandResult] | None:
+    """The ``count`` results of a ``batch_command``, or None if the output is not whole."""
+    outs = re.split(rf"\n{re.escape(marker)} (\d+)\n", raw.stdout)
+    errs = raw.stderr.split(f"\n{marker}\n")
+    if len(outs) != 2 * count + 1 or len(errs) != count + 1 or outs[-1] or errs[-1]:
+        return None
+    return [CommandResult(int(outs[2 * i + 1]), outs[2 * i], errs[i]) for i in range(count)]
 
 
 def _read_all(channel: paramiko.Channel, *, stderr: bool) -> str:

@@ -8,6 +8,7 @@ first. One lock guards all state: the work under it is small and in memory.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 import itertools
@@ -123,6 +124,7 @@ class ArmBackend:
             self._seq = itertools.count()
             self._event_seq = itertools.count(1)
             self.requests = 0
+            self.requests_by_kind: collections.Counter[str] = collections.Counter()
             for cluster in self.world.fleet.clusters:
                 for node in cluster.nodes:
                     self._add_initial_vm(cluster, node)
@@ -326,6 +328,7 @@ class ArmBackend:
     ) -> ThrottleDecision:
         """Throttle and accept-phase faults for one request; raises ArmError to refuse it."""
         self.requests += 1
+        self.requests_by_kind[kind] += 1
         storm = self.faults.take(kind, target_name, (FaultMode.THROTTLE,))
         if storm is not None:
             self.throttler.throttled_count += 1

@@ -1,8 +1,11 @@
 """The commands an emulated node answers, from its state, in the output formats of the tools.
 
-One command per exec, parsed with ``shlex`` (no pipes, no redirections: the orchestrator
-builds every command from a list). ``sudo`` is accepted and ignored. Anything not listed here
-exits 127 the way a shell says "command not found".
+An exec is parsed with ``shlex``: simple commands separated by ``;`` (run in order, the exit
+status is the last one's), ``"$?"`` as a whole word (the previous command's exit status) and a
+trailing ``>&2`` (stdout to stderr). That is all of the shell the orchestrator's batches use
+(``amlfs.ssh.gateway.batch_command``); no pipes, no other redirections, no other expansion, and
+a quoted lone ``;`` is taken as a separator. ``sudo`` is accepted and ignored. Anything not
+listed here exits 127 the way a shell says "command not found".
 """
 
 from __future__ import annotations
@@ -56,18 +59,41 @@ def _strip_sudo(argv: list[str]) -> list[str]:
 def run_command(fleet: NodeFleet, node: LustreNode, command: str, stdin: bytes = b"") -> Result:
     """Run ``command`` on ``node`` (caller holds the backend lock, time advanced)."""
     try:
-        argv = _strip_sudo(shlex.split(command))
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=";&>")
+        lexer.whitespace_split = True
+        tokens = list(lexer)
     except ValueError as err:
         return Result(2, stderr=f"bash: syntax error: {err}\n")
+    simple: list[list[str]] = [[]]
+    for word in tokens:
+        if word == ";":
+            simple.append([])
+        else:
+            simple[-1].append(word)
+    now = fleet.backend.clock.now()
+    node.cluster.advance(now)
+    status, stdout, stderr = 0, [], []
+    for argv in simple:
+        if not argv:
+            continue
+        to_stderr = argv[-2:] == [">&", "2"]
+        words = [str(status) if a == "$?" else a for a in (argv[:-2] if to_stderr else argv)]
+        result = _run_simple(Context(fleet, node, now, stdin), _strip_sudo(words))
+        status = result.status
+        (stderr if to_stderr else stdout).append(result.stdout)
+        stderr.append(result.stderr)
+    return Result(status, "".join(stdout), "".join(stderr))
+
+
+def _run_simple(ctx: Context, argv: list[str]) -> Result:
     if not argv:
         return Result(0)
+    if any(a in (">&", ">", "&", "&&", ">>") for a in argv):
+        return Result(2, stderr=f"bash: emulated shell: unsupported operator in {argv}\n")
     handler = COMMANDS.get(argv[0])
     if handler is None:
         return Result(127, stderr=f"bash: {argv[0]}: command not found\n")
-    now = fleet.backend.clock.now()
-    node.cluster.advance(now)
-    result = handler(Context(fleet, node, now, stdin), argv[1:])
-    return result
+    return handler(ctx, argv[1:])
 
 
 @dataclass
@@ -556,6 +582,37 @@ def _true(ctx: Context, args: list[str]) -> Result:
     return Result(0)
 
 
+def _printf(ctx: Context, args: list[str]) -> Result:
+    """``printf FORMAT [ARG]...`` with ``%s``, ``%d``, ``%%`` and the ``\\n``, ``\\t``, ``\\\\`` escapes."""
+    if not args:
+        return Result(2, stderr="printf: usage: printf format [arguments]\n")
+    fmt, values = args[0], iter(args[1:])
+    out: list[str] = []
+    i = 0
+    while i < len(fmt):
+        c = fmt[i]
+        nxt = fmt[i + 1] if i + 1 < len(fmt) else ""
+        if c == "\\" and nxt in ("n", "t", "\\"):
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[nxt])
+            i += 2
+        elif c == "%" and nxt == "%":
+            out.append("%")
+            i += 2
+        elif c == "%" and nxt in ("s", "d"):
+            value = next(values, "")
+            if nxt == "d":
+                try:
+                    value = str(int(value or "0"))
+                except ValueError:
+                    return Result(1, "".join(out), f"printf: {value}: invalid number\n")
+            out.append(value)
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return Result(0, "".join(out))
+
+
 def _echo(ctx: Context, args: list[str]) -> Result:
     return Result(0, " ".join(args) + "\n")
 
@@ -581,5 +638,6 @@ COMMANDS: dict[str, Handler] = {
     "uname": _uname,
     "true": _true,
     "echo": _echo,
+    "printf": _printf,
     "mkdir": _mkdir,
 }

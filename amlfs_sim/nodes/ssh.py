@@ -9,6 +9,7 @@ no thread; a live connection costs paramiko's transport thread, a command one sh
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -165,6 +166,7 @@ class SshServer:
         self.info: SshInfo | None = None
         self.accepted = 0
         self.commands = 0
+        self.commands_by_head: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ keys
 
@@ -376,6 +378,7 @@ class SshServer:
                     transport.close()
                     return
                 self.commands += 1
+                self.commands_by_head[" ".join(command.split()[:2])] += 1
                 result = run_command(self.fleet, node, command, stdin)
             if result.stdout:
                 channel.sendall(result.stdout.encode())
@@ -404,4 +407,5 @@ class SshServer:
             "listening": len(self._listening),
             "accepted": self.accepted,
             "commands": self.commands,
+            "commands_by_head": dict(self.commands_by_head.most_common()),
         }
