@@ -72,7 +72,9 @@ def run_command(fleet: NodeFleet, node: LustreNode, command: str, stdin: bytes =
             simple[-1].append(word)
     now = fleet.backend.clock.now()
     node.cluster.advance(now)
-    status, stdout, stderr = 0, [], []
+    status = 0
+    stdout: list[str] = []
+    stderr: list[str] = []
     for argv in simple:
         if not argv:
             continue
