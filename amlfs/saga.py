@@ -149,6 +149,7 @@ class _VmPlan:
     old_disk_id: str
     new_disk: str
     new_disk_id: str = ""
+    old_disk_info: DiskInfo | None = None  # as read in preflight (location, SKU)
 
 
 @dataclass
@@ -215,6 +216,7 @@ class ClusterUpgrade:
         self.plans: dict[str, _VmPlan] = {}
         self.serving_again_at: float | None = None
         self.restored: set[tuple[str, str]] = set()  # (node, release) restored in this process
+        self.already_current = False  # every VM already on the release (set by preflight)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -358,12 +360,12 @@ class ClusterUpgrade:
             except AmlfsError as err:
                 self.log(f"{self.cluster.name}: could not delete {disk.name}: {err}")
         try:
-            vms = self._step("preflight", self.preflight)
+            self._step("preflight", self.preflight)
         except AmlfsError as err:
             return self._result(
                 Outcome.FAILED, f"preflight: {err}", before=self.state.release_before
             )
-        if all(self._on_release(vm) for vm in vms):
+        if self.already_current:
             return self._result(Outcome.ALREADY_CURRENT, f"already on {self.release.version}")
         try:
             self.undo.append(("delete new disks", self.delete_new_disks))
@@ -465,8 +467,7 @@ class ClusterUpgrade:
 
     # ------------------------------------------------------------------ steps
 
-    def _on_release(self, vm: VmInfo) -> bool:
-        disk = self.gw.get_disk(self.rg, vm.os_disk_name)
+    def _is_release(self, disk: DiskInfo | None) -> bool:
         return disk is not None and (disk.image_id or "").lower() == self.release.image_id.lower()
 
     def preflight(self) -> list[VmInfo]:
@@ -478,22 +479,25 @@ class ClusterUpgrade:
             if vm.power_state != "running":
                 raise HealthCheckError(f"VM {node.name} is {vm.power_state}, not running")
             vms.append(vm)
-        first = self.gw.get_disk(self.rg, vms[0].os_disk_name)
+        disks = [self.gw.get_disk(self.rg, vm.os_disk_name) for vm in vms]
+        first = disks[0]
         self.state.release_before = (
             (first.image_id or "").rsplit("/", 1)[-1] if first else "unknown"
         )
-        if all(self._on_release(vm) for vm in vms):
+        self.already_current = all(self._is_release(disk) for disk in disks)
+        if self.already_current:
             return vms
         # The cluster must be healthy before we touch it: otherwise a rollback has no target.
         self.ops.wait_healthy(
             self.nodes, self._version_of(first), self.policy.healthy_timeout_s / 4
         )
-        for node, vm in zip(self.nodes, vms, strict=True):
+        for node, vm, disk in zip(self.nodes, vms, disks, strict=True):
             self.plans[node.name] = _VmPlan(
                 node,
                 old_disk=vm.os_disk_name,
                 old_disk_id=vm.os_disk_id,
                 new_disk=f"{node.name}-osdisk-{self.release.version}",
+                old_disk_info=disk,
             )
         self._journal("preflight")
         return vms
@@ -510,7 +514,7 @@ class ClusterUpgrade:
         vm_location = self.cluster.region
 
         def create(plan: _VmPlan) -> None:
-            old = self.gw.get_disk(self.rg, plan.old_disk)
+            old = plan.old_disk_info or self.gw.get_disk(self.rg, plan.old_disk)
             disk = self._retry(
                 f"create {plan.new_disk}",
                 lambda: self.gw.create_os_disk(

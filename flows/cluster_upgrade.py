@@ -106,7 +106,10 @@ def run_cluster_upgrade(
         should_abort=should_abort or (lambda: False),
         **({"now_utc": now_utc} if now_utc is not None else {}),
     )
-    return upgrade.run()
+    try:
+        return upgrade.run()
+    finally:
+        connections.shells().release(node.name for node in cluster.nodes)
 
 
 HEARTBEAT_S = 2.0  # real seconds between liveness records of a running cluster flow

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -374,3 +376,32 @@ def test_a_batch_answered_short_is_an_error_not_a_result(sim: Sim) -> None:
     cut = CommandResult(full.status, full.stdout[: len(full.stdout) // 2], full.stderr)
     assert split_batch(cut, marker, len(BATCH)) is None
     assert split_batch(full, "@@amlfs-other", len(BATCH)) is None
+
+
+def test_a_session_to_a_stopped_vm_ends_at_once_on_both_ends(sim: Sim) -> None:
+    # The transport threads only wake every few seconds to look for their own close; the
+    # close must not wait for that (a reused shell would hang on a half-dead connection).
+    shell = sim.shell("eus01-oss1")
+    shell.run(["hostid"])
+    assert shell._client is not None
+    transport = shell._client.get_transport()
+    assert transport is not None
+    assert transport.is_active()
+    sim.compute().virtual_machines.begin_power_off(
+        sim.cluster.resource_group, "eus01-oss1", polling=False
+    )
+    deadline = time.monotonic() + 1.0
+    while transport.is_active() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not transport.is_active(), "the client did not see the node go away within 1 s"
+
+    shell = sim.shell("eus01-oss0")
+    shell.run(["hostid"])
+    before = threading.active_count()
+    started = time.monotonic()
+    shell.close()
+    assert time.monotonic() - started < 1.0
+    deadline = time.monotonic() + 1.0
+    while threading.active_count() >= before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() < before, "the closed transport's thread is still running"

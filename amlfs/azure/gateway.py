@@ -164,9 +164,17 @@ class _FirstPollLater(ARMPolling):
     """
 
     def __init__(
-        self, interval: float, first_delay: float, base_url: str, *, at_least_interval: bool
+        self,
+        interval: float,
+        first_delay: float,
+        base_url: str,
+        *,
+        at_least_interval: bool,
+        lro_options: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(interval, path_format_arguments={"endpoint": base_url})
+        super().__init__(
+            interval, lro_options=lro_options, path_format_arguments={"endpoint": base_url}
+        )
         self._first_delay = first_delay
         self._interval = interval
         self._at_least_interval = at_least_interval
@@ -274,13 +282,15 @@ class ComputeGateway:
         timeout_s: float | None,
         *,
         background: bool = False,
+        action: bool = False,
     ) -> T:
         """Start an operation of ``kind`` with ``begin(polling)``, wait for it, learn its time.
 
         A ``background`` operation (outside the customer's downtime) is polled every
         ``slow_poll`` and first at its learned median. The first poll never waits more than half
         the caller's timeout: a short wait (a retry of an operation that is already done) still
-        sees the result.
+        sees the result. An ``action`` (a POST with no result: power off, start) ends when its
+        operation says Succeeded, without the extra GET of its Location.
         """
         limit = self.lro_timeout_s if timeout_s is None else timeout_s
         first = min(self.times.first_poll_after(kind, background=background), limit / 2)
@@ -289,6 +299,7 @@ class ComputeGateway:
             self.clock.to_real(first),
             str(self.compute._config.base_url),
             at_least_interval=background,
+            lro_options={"final-state-via": "azure-async-operation"} if action else None,
         )
         started = self.clock.now()
         result = self._wait(what, self._call(what, lambda: begin(polling)), timeout_s)
@@ -307,13 +318,14 @@ class ComputeGateway:
         )
 
     def vm_info(self, resource_group: str, name: str) -> VmInfo:
-        vm = self.get_vm(resource_group, name)
-        view = self._call(
-            f"instance view of {name}",
-            lambda: self.compute.virtual_machines.instance_view(resource_group, name),
+        """The VM and its power state, in one request (``$expand=instanceView``)."""
+        vm = self._call(
+            f"get VM {name}",
+            lambda: self.compute.virtual_machines.get(resource_group, name, expand="instanceView"),
         )
         power = None
-        for status in view.statuses or []:
+        view = vm.instance_view
+        for status in (view.statuses if view is not None else None) or []:
             if status.code and status.code.startswith("PowerState/"):
                 power = status.code.split("/", 1)[1]
         storage = vm.storage_profile
@@ -432,6 +444,7 @@ class ComputeGateway:
                 resource_group, name, skip_shutdown=False, polling=polling
             ),
             timeout_s,
+            action=True,
         )
 
     def start(self, resource_group: str, name: str, timeout_s: float | None = None) -> None:
@@ -442,6 +455,7 @@ class ComputeGateway:
                 resource_group, name, polling=polling
             ),
             timeout_s,
+            action=True,
         )
 
     def update_vm(

@@ -10,13 +10,14 @@ at fleet scale the per-channel cost on both ends dominated the SSH work). parami
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import secrets
 import shlex
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,19 @@ def load_private_key(text: str) -> paramiko.PKey:
 
 
 class _Transport(paramiko.Transport):
-    # The transport thread polls every 0.1 s by default; with hundreds of nodes in flight
-    # that polling costs more CPU than the commands. 0.5 s keeps a drop noticed promptly.
-    _active_check_timeout = 0.5
+    # paramiko's transport thread wakes every 0.1 s (default) only to see whether *we* closed
+    # the transport. Each wake-up costs CPU on every open session: measured 0.15 ms per
+    # session-s at 0.5 s, more than the commands at fleet scale. With close() below shutting
+    # the socket down, a close is seen at once on both ends whatever this interval is.
+    _active_check_timeout = 5.0
+
+    def close(self) -> None:
+        # close() alone leaves the transport thread blocked in recv() on the socket until its
+        # next check: the kernel keeps the connection (no FIN) until then, so the peer sees
+        # nothing for up to the check interval. shutdown() ends the recv and the connection now.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        super().close()
 
 
 def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
@@ -328,6 +339,17 @@ class SshPool:
                 shell = NodeShell(name, address, self.config, self.known)
                 self._shells[name] = shell
             return shell
+
+    def release(self, names: Iterable[str]) -> None:
+        """Close and forget the shells of ``names`` (a cluster that is done: a fleet run would
+        otherwise hold a session, and a thread on each end, to every node it ever touched)."""
+        with self._lock:
+            shells = [self._shells.pop(name) for name in names if name in self._shells]
+        for shell in shells:
+            shell.close()
+
+    def __len__(self) -> int:
+        return len(self._shells)
 
     def close(self) -> None:
         with self._lock:
