@@ -41,8 +41,11 @@ def compute_client(
 ) -> ComputeManagementClient:
     """A Compute client; ``arm_url``/``ca_file`` point it at the emulator or a sovereign cloud.
 
-    ``pool_size``: HTTPS connections kept per host. The default (10) makes a fleet run with
-    many VMs in flight open and drop a TLS connection per request.
+    ``pool_size``: HTTPS connections per host, at most. The default (10, and not blocking)
+    makes a fleet run with many VMs in flight open and drop a TLS connection per request; a
+    request beyond ``pool_size`` waits for a free connection instead (measured: with 800 VMs
+    polled at once and a non-blocking pool of 64, the orchestrator spent its time in TLS
+    handshakes, 500 at once, and starved everything else).
     """
     options: dict[str, Any] = dict(kwargs)
     if pool_size is not None:
@@ -58,7 +61,7 @@ def compute_client(
             requests.utils.get_environ_proxies(arm_url or "https://management.azure.com")
         )
         session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, pool_block=True)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         transport_options: dict[str, Any] = {}
