@@ -63,6 +63,12 @@ class FleetPolicy(BaseModel):
     max_parallel: int = Field(default=10, ge=1, description="Clusters in flight, overall")
     max_per_subscription: int = Field(default=5, ge=1)
     max_per_region: int = Field(default=5, ge=1)
+    admit_every_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Start at most one cluster per this many (real) seconds: a wave ramps up "
+        "instead of starting max_parallel clusters at the same instant",
+    )
     error_budget: int | str = Field(
         default=1, description="Failed clusters tolerated: a count or a percentage like '10%'"
     )
@@ -288,6 +294,15 @@ class FleetRunner:
         results: list[dict[str, Any]] = []
         per_sub: Counter[str] = Counter()
         per_region: Counter[str] = Counter()
+        ramp = self.policy.admit_every_s
+        last_start: dt.datetime | None = None
+
+        def ramp_wait() -> float:
+            """Seconds until the ramp lets the next cluster start (0: now)."""
+            if not ramp or last_start is None:
+                return 0.0
+            return max(0.0, ramp - (self.now() - last_start).total_seconds())
+
         with concurrent.futures.ThreadPoolExecutor(self.policy.max_parallel) as pool:
             while queue or running:
                 stop = self._stop_reason()
@@ -297,7 +312,12 @@ class FleetRunner:
                         self.summary.not_started[row.cluster] = stop
                     queue = []
                 admitted = True
-                while queue and admitted and len(running) < self.policy.max_parallel:
+                while (
+                    queue
+                    and admitted
+                    and len(running) < self.policy.max_parallel
+                    and ramp_wait() == 0
+                ):
                     admitted = False
                     for row in queue:
                         if row.cluster in self.previous:
@@ -318,6 +338,7 @@ class FleetRunner:
                                 self.upgrade, clusters[row.cluster], self.abort.is_set
                             )
                             running[future] = row
+                            last_start = self.now()
                             self.summary.max_in_flight = max(
                                 self.summary.max_in_flight, len(running)
                             )
@@ -325,9 +346,12 @@ class FleetRunner:
                             admitted = True
                             break
                 if not running:
+                    self.abort.wait(ramp_wait())  # a real wait, cut short by an abort
                     continue
                 done, _ = concurrent.futures.wait(
-                    running, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
+                    running,
+                    timeout=min(1.0, ramp_wait() or 1.0),
+                    return_when=concurrent.futures.FIRST_COMPLETED,
                 )
                 for future in done:
                     row = running.pop(future)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from amlfs.azure.client import StaticTokenCredential, compute_client
 from amlfs.azure.gateway import ComputeGateway, OperationTimes
-from amlfs.clock import Clock, ScaledClock
+from amlfs.clock import Clock, Pacer, ScaledClock
 from amlfs.errors import InventoryError
 from amlfs.ssh import SshConfig, SshPool, load_private_key
 
@@ -37,6 +37,15 @@ class AzureSettings(BaseModel):
     token: SecretStr | None = None
     time_scale: float = Field(default=1.0, gt=0)
     poll_interval_s: float = Field(default=1.0, gt=0, description="LRO polling, sim seconds")
+    max_polls_per_s: float = Field(
+        default=40,
+        ge=0,
+        description="Operation status polls per second, whole process, for VM operations "
+        "in the customer's downtime (0: unpaced)",
+    )
+    max_background_polls_per_s: float = Field(
+        default=10, ge=0, description="The same for disk operations outside the downtime"
+    )
 
     def credential_object(self) -> object:
         if self.credential == "static_token":
@@ -64,6 +73,12 @@ class SshSettings(BaseModel):
     port: int = Field(default=22, ge=1, le=65535)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     command_timeout_s: float = Field(default=60.0, gt=0)
+    max_checks_per_s: float = Field(
+        default=40,
+        ge=0,
+        description="Node checks per second while waiting (health, recovery, HSM drain), "
+        "whole process (0: unpaced)",
+    )
 
     def config(self, clock: Clock) -> SshConfig:
         # Timeouts are real seconds on the wire; never shorter than a few seconds.
@@ -89,6 +104,19 @@ class Connections:
     times: OperationTimes = field(default_factory=OperationTimes)
     _gateways: dict[str, ComputeGateway] = field(default_factory=dict)
     _pool: SshPool | None = None
+    _pacers: dict[str, Pacer] = field(default_factory=dict)
+
+    def pacer(self, name: str) -> Pacer:
+        """The process's pacer ``polls``, ``background_polls`` or ``node_checks``."""
+        pacer = self._pacers.get(name)
+        if pacer is None:
+            rate = {
+                "polls": self.azure.max_polls_per_s,
+                "background_polls": self.azure.max_background_polls_per_s,
+                "node_checks": self.ssh.max_checks_per_s,
+            }[name]
+            pacer = self._pacers.setdefault(name, Pacer(self.clock, rate))
+        return pacer
 
     @classmethod
     def create(cls, azure: AzureSettings, ssh: SshSettings) -> Connections:
@@ -108,7 +136,13 @@ class Connections:
                 retry_backoff_max=max(1.0, 60.0 / scale),
                 pool_size=self.pool_size,
             )
-            gateway = ComputeGateway(client, self.clock, times=self.times)
+            gateway = ComputeGateway(
+                client,
+                self.clock,
+                times=self.times,
+                polls=self.pacer("polls"),
+                background_polls=self.pacer("background_polls"),
+            )
             self._gateways[subscription_id] = gateway
         return gateway
 

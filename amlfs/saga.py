@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from amlfs.azure.gateway import ComputeGateway, DiskInfo, VmInfo
-from amlfs.clock import Clock
+from amlfs.clock import Clock, Pacer
 from amlfs.errors import (
     AmlfsError,
     DeadlineError,
@@ -189,6 +189,7 @@ class ClusterUpgrade:
         runner: StepRunner | None = None,
         log: Callable[[str], None] = lambda message: None,
         should_abort: Callable[[], bool] = lambda: False,
+        node_checks: Pacer | None = None,
     ) -> None:
         self.cluster = cluster
         self.release = release
@@ -206,7 +207,13 @@ class ClusterUpgrade:
             NodeRef(n.name, n.role, str(n.address) if n.address else n.name) for n in cluster.nodes
         ]
         self.ops = LustreOps(
-            shells, self.nodes, clock, self.policy.suspend, log, self.policy.parallelism
+            shells,
+            self.nodes,
+            clock,
+            self.policy.suspend,
+            log,
+            self.policy.parallelism,
+            checks=node_checks,
         )
         self.rg = cluster.resource_group
         self.timings: list[StepTiming] = []

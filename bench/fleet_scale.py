@@ -100,6 +100,12 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=20.0)
     parser.add_argument("--max-parallel", type=int, default=25)
     parser.add_argument("--subscriptions", type=int, default=4)
+    parser.add_argument("--max-polls-per-s", type=float, default=None)
+    parser.add_argument("--max-background-polls-per-s", type=float, default=None)
+    parser.add_argument("--max-checks-per-s", type=float, default=None)
+    parser.add_argument(
+        "--admit-every", type=float, default=0.0, help="Ramp: one cluster start per N real s"
+    )
     parser.add_argument(
         "--window-min", type=float, default=30, help="P4: the one window the fleet must fit"
     )
@@ -128,6 +134,7 @@ def main() -> None:
         error_budget=args.clusters,
         override_window=True,
         reason="benchmark",
+        admit_every_s=args.admit_every,
     )
     slots = min(
         args.max_parallel, args.subscriptions * args.max_parallel, regions * args.max_parallel
@@ -159,6 +166,13 @@ def main() -> None:
                 time.sleep(0.2)
             endpoint = json.loads(endpoint_file.read_text())
             azure, ssh = from_endpoint(endpoint_file)
+            rates = {
+                "max_polls_per_s": args.max_polls_per_s,
+                "max_background_polls_per_s": args.max_background_polls_per_s,
+            }
+            azure = azure.model_copy(update={k: v for k, v in rates.items() if v is not None})
+            if args.max_checks_per_s is not None:
+                ssh = ssh.model_copy(update={"max_checks_per_s": args.max_checks_per_s})
             connections = Connections.create(azure, ssh)
             store = StateStore(Path(tmp) / "state")
             rows = plan_fleet(
@@ -208,6 +222,10 @@ def main() -> None:
             ).run()
             makespan = connections.clock.now() - sim0
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            pacers = {
+                name: connections.pacer(name)
+                for name in ("polls", "background_polls", "node_checks")
+            }
             connections.close()
             state = sim_state()
         finally:
@@ -265,6 +283,13 @@ def main() -> None:
         "0 / 0 / 0",
     )
     table.add_row("max clusters in flight", str(summary.max_in_flight), f"<= {args.max_parallel}")
+    for name, pacer in pacers.items():
+        rate = f"{1 / pacer.interval:g}/s" if pacer.interval else "unpaced"
+        table.add_row(
+            f"{name} ({rate}): paced waits, mean",
+            f"{pacer.events} / {pacer.waited_s / max(pacer.events, 1):.2f} s",
+            "",
+        )
     Console().print(table)
     breakdown = Table(title="per node, by kind")
     breakdown.add_column("ARM request kind")

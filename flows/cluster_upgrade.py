@@ -104,6 +104,7 @@ def run_cluster_upgrade(
         runner=runner,
         log=log or (lambda message: None),
         should_abort=should_abort or (lambda: False),
+        node_checks=connections.pacer("node_checks"),
         **({"now_utc": now_utc} if now_utc is not None else {}),
     )
     try:

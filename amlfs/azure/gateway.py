@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from amlfs.clock import Clock
+from amlfs.clock import Clock, Pacer
 from amlfs.errors import (
     AzureError,
     DataDiskGuardError,
@@ -171,6 +171,7 @@ class _FirstPollLater(ARMPolling):
         *,
         at_least_interval: bool,
         lro_options: dict[str, str] | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         super().__init__(
             interval, lro_options=lro_options, path_format_arguments={"endpoint": base_url}
@@ -178,6 +179,7 @@ class _FirstPollLater(ARMPolling):
         self._first_delay = first_delay
         self._interval = interval
         self._at_least_interval = at_least_interval
+        self._pacer = pacer
 
     def _extract_delay(self) -> float:
         delay = float(super()._extract_delay())
@@ -189,6 +191,8 @@ class _FirstPollLater(ARMPolling):
             self._sleep(max(first, self._extract_delay()))
         else:
             super()._delay()
+        if self._pacer is not None:
+            self._pacer.wait()
 
 
 @dataclass(frozen=True)
@@ -244,11 +248,17 @@ class ComputeGateway:
         lro_timeout_s: float = 1800.0,
         slow_poll_s: float = 10.0,
         times: OperationTimes | None = None,
+        polls: Pacer | None = None,
+        background_polls: Pacer | None = None,
     ) -> None:
         self.compute = compute
         self.clock = clock
         self.lro_timeout_s = lro_timeout_s
         self.times = times if times is not None else OperationTimes()
+        # Shared by every gateway of the process: status polls of operations in the customer's
+        # downtime, and of background ones (disks), each paced on its own.
+        self.polls = polls
+        self.background_polls = background_polls
         # Disk operations run outside the customer's downtime: poll them less often (polling
         # the SDK's LROs was the orchestrator's largest CPU cost in the fleet profile).
         self.slow_poll = clock.to_real(slow_poll_s)
@@ -300,6 +310,7 @@ class ComputeGateway:
             str(self.compute._config.base_url),
             at_least_interval=background,
             lro_options={"final-state-via": "azure-async-operation"} if action else None,
+            pacer=self.background_polls if background else self.polls,
         )
         started = self.clock.now()
         result = self._wait(what, self._call(what, lambda: begin(polling)), timeout_s)

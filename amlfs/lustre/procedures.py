@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from amlfs.clock import Clock
+from amlfs.clock import Clock, Pacer
 from amlfs.errors import (
     CommandFailedError,
     HealthCheckError,
@@ -121,6 +121,7 @@ class LustreOps:
         policy: SuspendPolicy | None = None,
         log: Callable[[str], None] = lambda message: None,
         parallelism: int = 16,
+        checks: Pacer | None = None,
     ) -> None:
         self.shells = shells
         self.nodes = list(nodes)
@@ -128,6 +129,8 @@ class LustreOps:
         self.policy = policy or SuspendPolicy()
         self.log = log
         self.parallelism = parallelism
+        # Shared by the process: each check a wait loop makes on a node takes a slot.
+        self.checks = checks or Pacer(clock, None)
         self.mds = next(n for n in self.nodes if n.role is Role.MDS)
 
     # ------------------------------------------------------------------ plumbing
@@ -239,6 +242,7 @@ class LustreOps:
         mds.run(["lctl", "set_param", "mdt.*.hsm_control=disabled"])
         deadline = self.clock.now() + self.policy.hsm_drain_timeout_s
         while True:
+            self.checks.wait()
             out = mds.run(["lctl", "get_param", "-n", "mdt.*.hsm.active_requests"]).stdout
             active = parse_hsm_active_requests(out)
             if active == 0:
@@ -410,6 +414,7 @@ class LustreOps:
         deadline = self.clock.now() + timeout_s
 
         def check(node: NodeRef) -> list[str]:
+            self.checks.wait()
             try:
                 return self.check_node(node, lustre_version)
             except NodeError as err:
@@ -432,6 +437,7 @@ class LustreOps:
         while True:
             problems = Problems()
             for node in self.servers():
+                self.checks.wait()
                 try:
                     text = self.sh(node).run(["lctl", "get_param", "*.*.recovery_status"]).stdout
                 except NodeError as err:
