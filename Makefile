@@ -32,8 +32,9 @@ bench: $(STAMP)
 
 # P4: 1,000 clusters x 8 VMs in one window (long: see bench/RESULTS.md)
 bench-p4: $(STAMP)
-	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 200 --subscriptions 8 --time-scale 1 \
-		--admit-every 1 --max-polls-per-s 80 --max-background-polls-per-s 25 --max-checks-per-s 60
+	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 160 --subscriptions 8 --time-scale 1 \
+		--admit-every 1 --max-polls-per-s 100 --max-background-polls-per-s 60 --max-checks-per-s 80 \
+		--switch-interval 0.05
 
 # Prefect server on the local PostgreSQL, a process pool, 2 workers; torn down at the end.
 scaleout-demo: $(STAMP)

@@ -104,12 +104,22 @@ def main() -> None:
     parser.add_argument("--max-background-polls-per-s", type=float, default=None)
     parser.add_argument("--max-checks-per-s", type=float, default=None)
     parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for this process (GIL hand-off; default 0.005 s)",
+    )
+    parser.add_argument(
         "--admit-every", type=float, default=0.0, help="Ramp: one cluster start per N real s"
     )
     parser.add_argument(
         "--window-min", type=float, default=30, help="P4: the one window the fleet must fit"
     )
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        # Thousands of mostly idle threads: each thread waiting for the GIL wakes every switch
+        # interval, and at 5 ms that alone kept both cores busy in the kernel (see RESULTS.md).
+        sys.setswitchinterval(args.switch_interval)
     # 8,000 nodes are 8,000 listening sockets in the emulator (a child: it inherits this).
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -344,6 +344,7 @@ def run_on_workers(
     from prefect.states import Crashed
 
     reason = ""
+    attempt = 0
     for attempt in range(1 + FOLLOW_UPS):
         run = run_deployment(
             name=deployment,
@@ -354,6 +355,7 @@ def run_on_workers(
         assert isinstance(run, FlowRun)
         logger.info("%s: dispatched as flow run %s", cluster, run.id)
         started = time.time()
+        silent = ""
         with get_client(sync_client=True) as client:
             while True:
                 time.sleep(1.0)
@@ -364,11 +366,11 @@ def run_on_workers(
                 beat = store.get("cluster-runs", str(run.id))
                 last = beat["at"] if beat else started
                 if state is not None and state.is_running() and time.time() - last > dead_after_s:
-                    reason = f"flow run {run.id} silent for {time.time() - last:.0f} s"
+                    silent = f"flow run {run.id} silent for {time.time() - last:.0f} s"
                     logger.warning(
-                        "%s: %s: marking it crashed, starting a follow-up", cluster, reason
+                        "%s: %s: marking it crashed, starting a follow-up", cluster, silent
                     )
-                    client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+                    client.set_flow_run_state(run.id, Crashed(message=silent), force=True)
                     break
         if state is not None and state.is_completed():
             result = store.get("cluster-results", str(run.id))
@@ -377,12 +379,22 @@ def run_on_workers(
                 result["follow_ups"] = attempt
                 return dict(result)
             reason = f"flow run {run.id} completed without a result"
-        elif state is not None and not state.is_crashed() and reason == "":
-            reason = f"flow run {run.id} ended {state.type.value}: {state.message}"
-            break
-        elif state is not None and state.is_crashed() and not reason:
-            reason = f"flow run {run.id} crashed: {state.message}"
-    return {"cluster": cluster, "outcome": "failed_needs_attention", "reason": reason}
+        elif state is not None and state.is_cancelled():
+            reason = f"flow run {run.id} was cancelled: {state.message}"
+            break  # an operator's decision: no follow-up
+        else:
+            # Crashed (its worker or process died or went silent) or failed (an error escaped
+            # the flow): the cluster may be mid-swap, and a follow-up resumes it from its
+            # journal. Only a cancel stops here.
+            what = f"{state.type.value}: {state.message}" if state is not None else "no state"
+            reason = silent or f"flow run {run.id} ended {what}"
+        logger.warning("%s: %s", cluster, reason)
+    return {
+        "cluster": cluster,
+        "outcome": "failed_needs_attention",
+        "reason": reason,
+        "follow_ups": attempt,
+    }
 
 
 def _markdown(
