@@ -16,6 +16,7 @@ from azure.mgmt.compute import ComputeManagementClient
 
 from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.models import Cluster
+from amlfs.runtime import Connections, from_endpoint
 from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld, load_world
@@ -130,6 +131,15 @@ def sim(_session_sim: Sim) -> Iterator[Sim]:
     _session_sim.control.post("/reset").raise_for_status()
     yield _session_sim
     _session_sim.close_clients()
+
+
+@pytest.fixture
+def conns(sim: Sim) -> Iterator[Connections]:
+    """The orchestrator's connections to ``sim``, as a real run builds them from its endpoint."""
+    azure, ssh = from_endpoint(sim.emulator.state_dir / "endpoint.json")
+    connections = Connections.create(azure, ssh)
+    yield connections
+    connections.close()
 
 
 @dataclass

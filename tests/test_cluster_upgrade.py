@@ -3,7 +3,6 @@ emulator's customer view as the judge (never the orchestrator's own claims)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,13 @@ from azure.mgmt.compute.models import DataDisk, ManagedDiskParameters
 from amlfs.azure.gateway import OperationTimes
 from amlfs.errors import DataDiskGuardError
 from amlfs.models import Release, load_release
-from amlfs.runtime import Connections, from_endpoint
+from amlfs.runtime import Connections
 from amlfs.saga import ClusterUpgrade, Outcome, Predictions, UpgradePolicy, UpgradeResult
 from amlfs.store import StateStore
 from tests.conftest import REPO, Sim
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 BAD_RELEASE = load_release(REPO / "examples" / "release-2.15.7.yaml")
-
-
-@pytest.fixture
-def conns(sim: Sim) -> Iterator[Connections]:
-    azure, ssh = from_endpoint(sim.emulator.state_dir / "endpoint.json")
-    connections = Connections.create(azure, ssh)
-    yield connections
-    connections.close()
 
 
 def upgrade(

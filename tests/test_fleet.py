@@ -4,7 +4,7 @@ the error budget and operators stop admission, waves gate, a stopped run resumes
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, PlanRow, plan_fleet
 from amlfs.models import Cluster, load_release
-from amlfs.runtime import Connections, from_endpoint
+from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction
 from amlfs.store import StateStore
@@ -25,14 +25,6 @@ RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 PREDICTION = Prediction(dt.timedelta(minutes=10), dt.timedelta(minutes=6))
 # Tuesday 2026-12-01 02:05 UTC: inside lustre-eus-01's window (Tuesday 02:00 + 30 min) only.
 IN_EUS_WINDOW = dt.datetime(2026, 12, 1, 2, 5, tzinfo=dt.UTC)
-
-
-@pytest.fixture
-def conns(sim: Sim) -> Iterator[Connections]:
-    azure, ssh = from_endpoint(sim.emulator.state_dir / "endpoint.json")
-    connections = Connections.create(azure, ssh)
-    yield connections
-    connections.close()
 
 
 def plan(

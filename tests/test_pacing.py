@@ -73,10 +73,8 @@ def test_operation_polls_and_node_checks_go_through_the_process_pacers(sim: Sim)
 
 
 def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
-    sim: Sim, tmp_path: Path
+    sim: Sim, conns: Connections, tmp_path: Path
 ) -> None:
-    azure, ssh = from_endpoint(sim.emulator.state_dir / "endpoint.json")
-    conns = Connections.create(azure, ssh)
     policy = FleetPolicy(
         waves=["all"],
         override_window=True,
@@ -87,13 +85,9 @@ def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
         error_budget=3,
         admit_every_s=0.4,
     )
-    try:
-        rows = [
-            PlanRow(**{**r.__dict__, "wave": "all"})
-            for r in plan(sim, conns, policy, IN_EUS_WINDOW)
-        ]
-    finally:
-        conns.close()
+    rows = [
+        PlanRow(**{**r.__dict__, "wave": "all"}) for r in plan(sim, conns, policy, IN_EUS_WINDOW)
+    ]
     starts: list[float] = []
 
     def slow(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
