@@ -28,14 +28,14 @@ class AzureSettings(BaseModel):
     client_secret (service principal), or static_token (the emulator)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    arm_url: str | None = None
-    ca_file: str | None = None
+    arm_url: str | None = Field(default=None, description="None: https://management.azure.com")
+    ca_file: str | None = Field(default=None, description="CA bundle (the emulator's own CA)")
     credential: Literal["default", "client_secret", "static_token"] = "default"
-    tenant_id: str | None = None
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    token: SecretStr | None = None
-    time_scale: float = Field(default=1.0, gt=0)
+    tenant_id: str | None = Field(default=None, description="client_secret only")
+    client_id: str | None = Field(default=None, description="client_secret only")
+    client_secret: SecretStr | None = Field(default=None, description="client_secret only")
+    token: SecretStr | None = Field(default=None, description="static_token only (emulator)")
+    time_scale: float = Field(default=1.0, gt=0, description="Emulator sim seconds per second")
     poll_interval_s: float = Field(default=1.0, gt=0, description="LRO polling, sim seconds")
     max_polls_per_s: float = Field(
         default=40,
@@ -68,8 +68,8 @@ class AzureSettings(BaseModel):
 class SshSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     username: str
-    private_key: SecretStr
-    known_hosts: str  # path
+    private_key: SecretStr = Field(description="OpenSSH private key (Ed25519, ECDSA or RSA)")
+    known_hosts: str = Field(description="Path of the known_hosts file on the worker")
     port: int = Field(default=22, ge=1, le=65535)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     command_timeout_s: float = Field(default=60.0, gt=0)

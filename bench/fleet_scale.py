@@ -307,6 +307,10 @@ def main() -> None:
     breakdown.add_column("SSH command")
     breakdown.add_column("per node", justify="right")
     arm_kinds = _delta(state0["requests_by_kind"], state["requests_by_kind"])
+    arm_kinds += [
+        (f"  poll of {kind}", n)
+        for kind, n in _delta(state0["polls_by_operation"], state["polls_by_operation"])
+    ]
     ssh_heads = _delta(state0["ssh"]["commands_by_head"], state["ssh"]["commands_by_head"])
     for i in range(max(len(arm_kinds), len(ssh_heads))):
         arm = arm_kinds[i] if i < len(arm_kinds) else ("", 0)

@@ -1,29 +1,29 @@
-"""``SshAccess``: user, private key and known_hosts for the Lustre nodes."""
+"""``SshAccess``: user, private key, known_hosts, timeouts and check budget for the nodes."""
 
 from __future__ import annotations
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import SecretStr
 
 from amlfs.runtime import SshSettings
+from blocks.fields import like, to_settings
 
 
 class SshAccess(Block):
     """How the orchestrator logs in to nodes. Host keys are verified against ``known_hosts``
-    (unknown or changed keys are refused)."""
+    (unknown or changed keys are refused). Every field is an ``SshSettings`` field, with its
+    default and description."""
 
     _block_type_name = "AMLFS SSH Access"
-    _description = "SSH user, key and known_hosts for AMLFS nodes."
+    _description = "SSH user, key, known_hosts and check budget for AMLFS nodes."
 
-    username: str = "amlfs"
-    private_key: SecretStr = Field(description="OpenSSH private key (Ed25519, ECDSA or RSA)")
-    known_hosts: str = Field(description="Path of the known_hosts file on the worker")
-    port: int = Field(default=22, ge=1, le=65535)
+    username: str = like(SshSettings, "username", default="amlfs")
+    private_key: SecretStr = like(SshSettings, "private_key")
+    known_hosts: str = like(SshSettings, "known_hosts")
+    port: int = like(SshSettings, "port")
+    connect_timeout_s: float = like(SshSettings, "connect_timeout_s")
+    command_timeout_s: float = like(SshSettings, "command_timeout_s")
+    max_checks_per_s: float = like(SshSettings, "max_checks_per_s")
 
     def settings(self) -> SshSettings:
-        return SshSettings(
-            username=self.username,
-            private_key=self.private_key,
-            known_hosts=self.known_hosts,
-            port=self.port,
-        )
+        return to_settings(self, SshSettings)

@@ -125,6 +125,8 @@ class ArmBackend:
             self._event_seq = itertools.count(1)
             self.requests = 0
             self.requests_by_kind: collections.Counter[str] = collections.Counter()
+            # Status polls by the kind of operation polled (what the polling budget is spent on).
+            self.polls_by_operation: collections.Counter[str] = collections.Counter()
             for cluster in self.world.fleet.clusters:
                 for node in cluster.nodes:
                     self._add_initial_vm(cluster, node)

@@ -353,6 +353,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
 
         def act() -> Response:
             op = find()
+            backend.polls_by_operation[op.kind] += 1
             if op.status is OpStatus.IN_PROGRESS:
                 headers = retry_headers(backend.world.spec.poll_interval_s)
                 if monitor:
