@@ -2,6 +2,8 @@
 
 ``Emulator`` serves in threads of the calling process (test fixtures, the demo) and writes
 ``endpoint.json`` the way ``amlfs-sim serve`` does, so clients find it the same way.
+``serve_process`` starts ``amlfs-sim serve`` as its own process (benchmarks: the emulator's
+CPU is then measured apart from the orchestrator's) and waits for its ``endpoint.json``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +32,7 @@ from amlfs_sim.nodes.ssh import SshServer
 from amlfs_sim.spec import SimWorld, load_world
 from amlfs_sim.tls import make_tls_files
 
-__all__ = ["Emulator", "EndpointInfo"]
+__all__ = ["Emulator", "EndpointInfo", "serve_process"]
 
 PUMP_INTERVAL_S = 0.02  # real seconds between sim-time advances when nobody calls in
 
@@ -176,3 +180,31 @@ class Emulator:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def serve_process(
+    fleet_file: Path,
+    state_dir: Path,
+    *options: str,
+    timeout_s: float = 120.0,
+    **popen: Any,
+) -> tuple[subprocess.Popen[Any], EndpointInfo]:
+    """Start ``amlfs-sim serve`` (with CLI ``options``) and wait until its endpoint.json exists.
+
+    Raises RuntimeError, with what the process wrote if it captured it, when the process exits
+    first or ``timeout_s`` passes (the process is then killed). The caller stops it (SIGTERM).
+    """
+    endpoint_file = Path(state_dir) / "endpoint.json"
+    command = [sys.executable, "-m", "amlfs_sim.cli", "serve", "--fleet", str(fleet_file)]
+    proc = subprocess.Popen([*command, "--state-dir", str(state_dir), *options], **popen)
+    deadline = time.monotonic() + timeout_s
+    while not endpoint_file.exists():
+        if proc.poll() is not None:
+            out = proc.communicate()
+            raise RuntimeError(f"amlfs-sim serve exited with {proc.returncode}: {out}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"amlfs-sim serve wrote no {endpoint_file} in {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return proc, EndpointInfo.read(endpoint_file)

@@ -24,7 +24,6 @@ clusters in one wave, windows overridden (the run measures throughput, not the c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -50,6 +49,7 @@ from amlfs.schedule import Prediction
 from amlfs.store import StateStore
 from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
 from amlfs_sim.nodes.lustre import HSM_DRAIN_SECONDS, REPLAY_SECONDS
+from amlfs_sim.server import serve_process
 from amlfs_sim.spec import Durations
 from flows.cluster_upgrade import run_cluster_upgrade
 
@@ -152,30 +152,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fleet_file = Path(tmp) / "fleet.yaml"
         fleet_file.write_text(dump_fleet_yaml(data))
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "amlfs_sim.cli",
-                "serve",
-                "--fleet",
-                str(fleet_file),
-                "--state-dir",
-                str(Path(tmp) / "sim"),
-                "--time-scale",
-                str(args.time_scale),
-            ],
+        sim_dir = Path(tmp) / "sim"
+        server, endpoint = serve_process(
+            fleet_file,
+            sim_dir,
+            "--time-scale",
+            str(args.time_scale),
+            timeout_s=300,
             stdout=subprocess.DEVNULL,
         )
         try:
-            endpoint_file = Path(tmp) / "sim" / "endpoint.json"
-            deadline = time.monotonic() + 300
-            while not endpoint_file.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("amlfs-sim serve did not come up")
-                time.sleep(0.2)
-            endpoint = json.loads(endpoint_file.read_text())
-            azure, ssh = from_endpoint(endpoint_file)
+            azure, ssh = from_endpoint(sim_dir / "endpoint.json")
             rates = {
                 "max_polls_per_s": args.max_polls_per_s,
                 "max_background_polls_per_s": args.max_background_polls_per_s,
@@ -203,11 +190,11 @@ def main() -> None:
                 )
                 return result.model_dump(mode="json")
 
-            context = ssl.create_default_context(cafile=endpoint["ca_file"])
+            context = ssl.create_default_context(cafile=endpoint.ca_file)
 
             def sim_state() -> dict[str, Any]:
                 return httpx.get(
-                    f"{endpoint['control_url']}/state", verify=context, timeout=120
+                    f"{endpoint.control_url}/state", verify=context, timeout=120
                 ).json()
 
             state0 = sim_state()

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import multiprocessing
 import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +35,7 @@ from amlfs.clock import ScaledClock
 from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
 from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
+from amlfs_sim.server import serve_process
 from amlfs_sim.spec import build_world
 
 
@@ -164,28 +164,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fleet_file = Path(tmp) / "fleet.yaml"
         fleet_file.write_text(dump_fleet_yaml(data))
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "amlfs_sim.cli",
-                "serve",
-                "--fleet",
-                str(fleet_file),
-                "--state-dir",
-                tmp,
-                "--no-throttle",
-            ],
-            stdout=subprocess.DEVNULL,
+        server, info = serve_process(
+            fleet_file, Path(tmp), "--no-throttle", stdout=subprocess.DEVNULL
         )
         try:
-            endpoint_file = Path(tmp) / "endpoint.json"
-            deadline = time.monotonic() + 120
-            while not endpoint_file.exists():
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("amlfs-sim serve did not come up")
-                time.sleep(0.1)
-            endpoint = json.loads(endpoint_file.read_text())
+            endpoint = asdict(info)
             idle_rss = _rss_mib(server.pid)
             names = [(c.resource_group, n.name) for c in world.fleet.clusters for n in c.nodes]
             cpu0 = _cpu_seconds(server.pid)

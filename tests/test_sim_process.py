@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,44 +15,27 @@ from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.errors import NodeUnreachableError
 from amlfs.models import parse_fleet
 from amlfs.ssh import SshConfig, SshPool, load_private_key
+from amlfs_sim.server import serve_process
 from tests.conftest import SMALL_FLEET
 
 pytestmark = pytest.mark.process
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return json.loads(path.read_text())  # type: ignore[no-any-return]
-        if proc.poll() is not None:
-            raise AssertionError(f"amlfs-sim exited early: {proc.communicate()}")
-        time.sleep(0.1)
-    raise AssertionError("endpoint.json never appeared")
-
-
 def test_serve_process_swaps_a_disk_and_stops_on_sigterm(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "amlfs_sim.cli",
-            "serve",
-            "--fleet",
-            str(SMALL_FLEET),
-            "--state-dir",
-            str(tmp_path),
-            "--time-scale",
-            "300",
-            "--seed",
-            "3",
-        ],
+    proc, _ = serve_process(
+        SMALL_FLEET,
+        tmp_path,
+        "--time-scale",
+        "300",
+        "--seed",
+        "3",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        endpoint = _wait_for(tmp_path / "endpoint.json", proc)
+        # The file itself, as a client in another language would read it.
+        endpoint = json.loads((tmp_path / "endpoint.json").read_text())
         assert set(endpoint) == {
             "arm_url",
             "ca_file",
