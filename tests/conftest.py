@@ -13,6 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.compute.models import (
+    CreationData,
+    Disk,
+    DiskCreateOption,
+    DiskProperties,
+    DiskSku,
+    ImageDiskReference,
+)
 
 from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.models import Cluster
@@ -185,3 +193,25 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+def os_disk_body(
+    region: str,
+    image_id: str,
+    *,
+    disk_size_gb: int | None = None,
+    tags: dict[str, str] | None = None,
+) -> Disk:
+    """The SDK body of a Premium OS disk created from a gallery image version."""
+    return Disk(
+        location=region,
+        sku=DiskSku(name="Premium_LRS"),
+        properties=DiskProperties(
+            creation_data=CreationData(
+                create_option=DiskCreateOption.FROM_IMAGE,
+                gallery_image_reference=ImageDiskReference(id=image_id),
+            ),
+            disk_size_gb=disk_size_gb,
+        ),
+        tags=tags,
+    )

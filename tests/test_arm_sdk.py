@@ -12,18 +12,13 @@ import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute.models import (
-    CreationData,
     Disk,
-    DiskCreateOption,
-    DiskProperties,
-    DiskSku,
-    ImageDiskReference,
 )
 
 from amlfs.ids import disk_id
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld
-from tests.conftest import TIME_SCALE, Sim, trust
+from tests.conftest import TIME_SCALE, Sim, os_disk_body, trust
 
 RELEASE = (
     "/subscriptions/4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01/resourceGroups/rg-amlfs-images/providers/"
@@ -35,16 +30,10 @@ def new_os_disk(
     compute: ComputeManagementClient, sim: Sim, vm_name: str, disk_size_gb: int | None = None
 ) -> Disk:
     cluster = sim.cluster
-    body = Disk(
-        location=cluster.region,
-        sku=DiskSku(name="Premium_LRS"),
-        properties=DiskProperties(
-            creation_data=CreationData(
-                create_option=DiskCreateOption.FROM_IMAGE,
-                gallery_image_reference=ImageDiskReference(id=RELEASE),
-            ),
-            disk_size_gb=disk_size_gb,
-        ),
+    body = os_disk_body(
+        cluster.region,
+        RELEASE,
+        disk_size_gb=disk_size_gb,
         tags={
             "amlfs-run": "run-1",
             "amlfs-vm": vm_name,

@@ -10,19 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from azure.mgmt.compute.models import (
-    CreationData,
-    Disk,
-    DiskCreateOption,
-    DiskProperties,
-    DiskSku,
-    ImageDiskReference,
-)
 
 from amlfs.errors import CommandFailedError, NodeUnreachableError
 from amlfs.ssh import NodeShell, SshPool
 from amlfs.ssh.gateway import CommandResult, batch_command, split_batch
-from tests.conftest import Sim
+from tests.conftest import Sim, os_disk_body
 
 GALLERY = (
     "/subscriptions/4f6c1a52-7a3e-4d7e-9a55-2b1f0c9e8d01/resourceGroups/rg-amlfs-images/providers/"
@@ -41,16 +33,7 @@ def swap_to_release(sim: Sim, vm_name: str, version: str) -> None:
     """Create an OS disk from a gallery version and PUT the running VM with it (stop/swap/boot)."""
     compute = sim.compute()
     cluster = sim.cluster
-    body = Disk(
-        location=cluster.region,
-        sku=DiskSku(name="Premium_LRS"),
-        properties=DiskProperties(
-            creation_data=CreationData(
-                create_option=DiskCreateOption.FROM_IMAGE,
-                gallery_image_reference=ImageDiskReference(id=GALLERY + version),
-            )
-        ),
-    )
+    body = os_disk_body(cluster.region, GALLERY + version)
     disk = compute.disks.begin_create_or_update(
         cluster.resource_group, f"{vm_name}-os-{version}", body
     ).result()
