@@ -223,6 +223,7 @@ class ClusterUpgrade:
         self.plans: dict[str, _VmPlan] = {}
         self.serving_again_at: float | None = None
         self.restored: set[tuple[str, str]] = set()  # (node, release) restored in this process
+        self.restored_locally: set[tuple[str, str]] = set()  # files, LNet, pools done
         self.already_current = False  # every VM already on the release (set by preflight)
 
     # ------------------------------------------------------------------ plumbing
@@ -576,10 +577,14 @@ class ClusterUpgrade:
             try:
                 self._swap_vm(plan, plan.new_disk, plan.new_disk_id, deadline)
                 # Pipelined: a node is restored as soon as it booted, while slower VMs are
-                # still swapping (the MDS first: targets and clients register with its MGS).
-                if plan.node.role is not Role.MDS:
+                # still swapping. Its Lustre services start once the MDS is back (targets and
+                # clients register with its MGS); the node-local part does not wait for it.
+                if plan.node.role is Role.MDS:
+                    self._restore_node(plan.node, self.release)
+                else:
+                    self._restore_node(plan.node, self.release, start=False)
                     mds_done.wait(self.policy.boot_timeout_s + self.policy.lro_timeout_s)
-                self._restore_node(plan.node, self.release)
+                    self._restore_node(plan.node, self.release)
             finally:
                 if plan.node.role is Role.MDS:
                     mds_done.set()
@@ -631,14 +636,21 @@ class ClusterUpgrade:
     def _version_now(self) -> str:
         return self._version_of(None)
 
-    def _restore_node(self, node: NodeRef, release: Release | None) -> None:
-        self.ops.wait_reachable(node, self.policy.boot_timeout_s)
-        files = self.store.get(*self._key("config", node.name))
-        if files is None:
-            raise HealthCheckError(f"{node.name}: no captured config in the state store")
-        overlay = release.files_for(node.role) if release is not None else None
-        self.ops.restore(node, files, overlay)
-        self.restored.add((node.name, release.version if release else ""))
+    def _restore_node(self, node: NodeRef, release: Release | None, *, start: bool = True) -> None:
+        """Restore ``node``; ``start=False``: only its node-local part (a later call then
+        only starts its services)."""
+        key = (node.name, release.version if release else "")
+        if key not in self.restored_locally:
+            self.ops.wait_reachable(node, self.policy.boot_timeout_s)
+            files = self.store.get(*self._key("config", node.name))
+            if files is None:
+                raise HealthCheckError(f"{node.name}: no captured config in the state store")
+            overlay = release.files_for(node.role) if release is not None else None
+            self.ops.restore_local(node, files, overlay)
+            self.restored_locally.add(key)
+        if start:
+            self.ops.start_services(node)
+            self.restored.add(key)
 
     def _restore_nodes(self, release: Release | None) -> None:
         version = release.version if release else ""

@@ -206,6 +206,28 @@ def test_slow_swap_rolls_back_before_the_budget_is_gone(
     assert customer["downtime_total"] < 900
 
 
+def test_nodes_restore_what_is_local_while_the_mds_boots_and_mount_after_it(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    # The MDS's start takes 120 s longer than usual: every other node booted long before it.
+    sim.fault(kind="vm.start", mode="hang", hang_s=120, count=1, target="eus01-mds0")
+    result = upgrade(sim, conns, tmp_path)
+    assert result.outcome is Outcome.UPGRADED, result.reason
+    assert_customer_safe(sim, "2.15.6")
+    events = sim.timeline()["events"]
+    started = {(e["vm"], e["unit"]): e["at"] for e in events if e["type"] == "node.service_started"}
+    mds_booted = next(
+        e["at"] for e in events if e["type"] == "node.booted" and e["vm"] == "eus01-mds0"
+    )
+    mds_mounted = started[("eus01-mds0", "lustre")]
+    others = [n.name for n in sim.cluster.nodes if n.name != "eus01-mds0"]
+    for name in others:
+        # Config files, LNet and pools did not wait for the MDS (the critical path did)...
+        assert started[(name, "lnet")] < mds_booted, name
+        # ...but targets and client mounts still came after the MGS was up.
+        assert started[(name, "lustre")] > mds_mounted, name
+
+
 def test_a_body_changing_data_disks_is_refused_before_it_is_sent(
     sim: Sim, conns: Connections
 ) -> None:

@@ -298,7 +298,23 @@ class LustreOps:
         *,
         firewall: bool = True,
     ) -> None:
-        """Bring a booted node back into its cluster: files, firewall, LNet, pools, targets."""
+        """Bring a booted node back into its cluster: ``restore_local``, then ``start_services``."""
+        self.restore_local(node, files, overlay, firewall=firewall)
+        self.start_services(node)
+
+    def restore_local(
+        self,
+        node: NodeRef,
+        files: dict[str, str],
+        overlay: dict[str, str] | None = None,
+        *,
+        firewall: bool = True,
+    ) -> None:
+        """What needs nothing but the node itself: config files, firewall, LNet, ZFS pools.
+
+        Done as soon as the node booted, while the MGS may still be down: only mounting
+        targets or the client (``start_services``) needs it.
+        """
         shell = self.sh(node)
         wanted = dict(files)
         wanted.update(overlay or {})
@@ -316,6 +332,9 @@ class LustreOps:
             for pool in _pools_of(wanted.get("/etc/ldev.conf", "")):
                 if pool not in imported:
                     shell.run(["zpool", "import", pool])
+
+    def start_services(self, node: NodeRef) -> None:
+        """Lustre (targets register with the MGS, a client mounts through it), HSM agents."""
         self._ensure_service(node, "lustre")
         if node.role in AGENT_ROLES:
             self._ensure_service(node, "lhsmd")

@@ -384,6 +384,8 @@ def _systemctl(ctx: Context, args: list[str]) -> Result:
                 continue
             code, msg = node.start_service(unit, ctx.now)
             status, err = max(status, code), err + msg
+            if code == 0:
+                node.cluster.emit(ctx.now, "node.service_started", vm=node.name, unit=unit)
     ctx.changed()
     return Result(status, stderr=err)
 
