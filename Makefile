@@ -30,7 +30,7 @@ bench: bench-quick bench-p4
 
 # P1-P3 and the emulator's capacity (a few minutes).
 bench-quick: $(STAMP)
-	$(BIN)/python bench/downtime.py
+	$(BIN)/python bench/downtime.py --runs 8
 	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6 --time-scale 4
 	$(BIN)/python bench/sim_capacity.py
 
