@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amlfs.errors import InventoryError
+from amlfs.fleet import FleetPolicy
 from amlfs.models import load_fleet, load_release
 
 app = typer.Typer(help="AMLFS fleet maintenance.", no_args_is_help=True, add_completion=False)
@@ -144,7 +145,7 @@ def plan(
     """
     import datetime as dt
 
-    from amlfs.fleet import ClusterSelector, FleetPolicy, plan_fleet
+    from amlfs.fleet import ClusterSelector, plan_fleet
     from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
     from amlfs.saga import UpgradePolicy
     from amlfs.schedule import Prediction
@@ -271,6 +272,10 @@ def control(
     Console().print(f"{CONTROL_VARIABLE} = {action}")
 
 
+#: The fleet policy's defaults, for the options that set it.
+_POLICY = FleetPolicy().model_dump()
+
+
 @app.command("run-fleet")
 def run_fleet(
     fleet: Annotated[Path, typer.Option(help="Fleet inventory YAML")],
@@ -285,7 +290,16 @@ def run_fleet(
     ] = None,
     at: Annotated[str | None, typer.Option(help="Evaluate windows at (ISO 8601, UTC)")] = None,
     dry_run: Annotated[bool, typer.Option(help="Plan only")] = False,
-    max_parallel: Annotated[int, typer.Option(help="Clusters in flight")] = 10,
+    max_parallel: Annotated[int, typer.Option(help="Clusters in flight")] = _POLICY["max_parallel"],
+    max_per_subscription: Annotated[
+        int, typer.Option(help="Clusters in flight per subscription")
+    ] = _POLICY["max_per_subscription"],
+    max_per_region: Annotated[int, typer.Option(help="Clusters in flight per region")] = _POLICY[
+        "max_per_region"
+    ],
+    admit_every: Annotated[
+        float, typer.Option(help="Start at most one cluster per this many seconds (0: no ramp)")
+    ] = _POLICY["admit_every_s"],
     state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
     cluster_deployment: Annotated[
         str | None,
@@ -303,7 +317,7 @@ def run_fleet(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from amlfs.fleet import ClusterSelector, FleetPolicy
+    from amlfs.fleet import ClusterSelector
     from amlfs.store import StateStore
     from flows.fleet_maintenance import FleetParams, fleet_maintenance
 
@@ -316,6 +330,9 @@ def run_fleet(
             selector=ClusterSelector(names=cluster or []),
             policy=FleetPolicy(
                 max_parallel=max_parallel,
+                max_per_subscription=max_per_subscription,
+                max_per_region=max_per_region,
+                admit_every_s=admit_every,
                 override_window=bool(hotfix_reason),
                 reason=hotfix_reason,
             ),

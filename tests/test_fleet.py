@@ -256,3 +256,34 @@ def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> No
     assert "upgraded" in shown.output
     missing = runner.invoke(app, ["status", "nope", "--state-dir", str(tmp_path)])
     assert missing.exit_code == 1
+
+
+def test_cli_run_fleet_refuses_a_bad_policy_before_anything_changes(
+    sim: Sim, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from amlfs.cli import app
+
+    args = [
+        "run-fleet",
+        "--fleet",
+        str(SMALL_FLEET),
+        "--release",
+        str(REPO / "examples" / "release-2.15.6.yaml"),
+        "--endpoint",
+        str(sim.emulator.state_dir / "endpoint.json"),
+        "--state-dir",
+        str(tmp_path),
+        "--hotfix-reason",
+        "test",
+    ]
+    for bad, field in (
+        (["--admit-every", "-1"], "admit_every_s"),
+        (["--max-per-subscription", "0"], "max_per_subscription"),
+    ):
+        refused = CliRunner().invoke(app, [*args, *bad], env={"COLUMNS": "250"})
+        assert refused.exit_code == 2, refused.output
+        assert field in refused.output
+    assert sim.timeline()["operations"] == []
+    assert not any(tmp_path.iterdir())
