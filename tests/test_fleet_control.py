@@ -1,0 +1,139 @@
+"""Halt and abort a running fleet run the way an operator does: ``amlfs control`` in another
+process sets the Prefect Variable (on a real ``prefect server``) that the fleet flow reads
+between admissions and that its clusters' upgrades read at step boundaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from amlfs_sim import Emulator
+from amlfs_sim.spec import SimWorld
+from tests.conftest import REPO, SMALL_FLEET, PrefectServer, trust
+
+pytestmark = pytest.mark.integration
+
+FIRST = "lustre-eus-01"  # the canary wave: the first cluster admitted
+OTHERS = {"lustre-weu-01", "lustre-scus-01"}
+
+
+def control(server: PrefectServer, action: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "amlfs.cli", "control", action],
+        env=server.env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def sim20(small_world: SimWorld, tmp_path: Path, prefect_server: PrefectServer) -> Iterator[Any]:
+    # Its own emulator at 20 sim s per real second: a cluster takes ~15 real seconds, long
+    # enough for an operator's command to land while it is in flight.
+    emulator = Emulator(small_world, tmp_path / "sim", time_scale=20, seed=11)
+    endpoint = emulator.start()
+    http = httpx.Client(base_url=endpoint.control_url, verify=trust(endpoint), timeout=30)
+    try:
+        yield http
+    finally:
+        control(prefect_server, "run")  # the Variable outlives this test on the shared server
+        http.close()
+        emulator.stop()
+
+
+def run_fleet(server: PrefectServer, tmp_path: Path, run_name: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "amlfs.cli",
+            "run-fleet",
+            "--fleet",
+            str(SMALL_FLEET),
+            "--release",
+            str(REPO / "examples" / "release-2.15.6.yaml"),
+            "--endpoint",
+            str(tmp_path / "sim" / "endpoint.json"),
+            "--hotfix-reason",
+            "control test",
+            *(arg for name in (FIRST, *sorted(OTHERS)) for arg in ("--cluster", name)),
+            "--max-parallel",
+            "1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--run-name",
+            run_name,
+        ],
+        env=server.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_swap(http: httpx.Client, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while not any(
+        e["type"] == "vm.os_disk_swapped" for e in http.get("/timeline").json()["events"]
+    ):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no swap started"
+        time.sleep(0.05)
+
+
+def touched_clusters(http: httpx.Client, world: SimWorld) -> set[str]:
+    """Clusters any of whose VMs or OS disks (named after their VM) an operation ran on."""
+    vms = {node.name: cluster.name for cluster, node in world.fleet.iter_nodes()}
+    return {
+        next(c for vm, c in vms.items() if op["target"].startswith(vm))
+        for op in http.get("/timeline").json()["operations"]
+    }
+
+
+def test_halt_from_another_process_stops_admitting_and_lets_the_cluster_in_flight_finish(
+    sim20: httpx.Client, small_world: SimWorld, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    control(prefect_server, "run")
+    proc = run_fleet(prefect_server, tmp_path, "halted")
+    wait_for_swap(sim20, proc)
+    control(prefect_server, "halt")
+    out, _ = proc.communicate(timeout=300)
+    record = json.loads((tmp_path / "state" / "fleet-runs" / "halted.json").read_text())
+    assert record["results"][FIRST]["outcome"] == "upgraded", out
+    assert set(record["not_started"]) == OTHERS, out
+    assert set(record["not_started"].values()) == {"halted by operator"}
+    assert touched_clusters(sim20, small_world) == {FIRST}
+    customer = sim20.get("/state", params={"cluster": FIRST}).json()["clusters"][FIRST]
+    assert customer["serving"] is True
+    assert customer["lustre_versions"] == ["2.15.6"]
+
+
+def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
+    sim20: httpx.Client, small_world: SimWorld, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    control(prefect_server, "run")
+    proc = run_fleet(prefect_server, tmp_path, "aborted")
+    wait_for_swap(sim20, proc)
+    control(prefect_server, "abort")
+    out, _ = proc.communicate(timeout=300)
+    record = json.loads((tmp_path / "state" / "fleet-runs" / "aborted.json").read_text())
+    assert record["results"][FIRST]["outcome"] == "rolled_back", out
+    assert set(record["not_started"]) == OTHERS, out
+    assert touched_clusters(sim20, small_world) == {FIRST}
+    state = sim20.get("/state", params={"cluster": FIRST}).json()
+    customer = state["clusters"][FIRST]
+    assert customer["serving"] is True
+    assert customer["lustre_versions"] == ["2.15.5"]
+    assert customer["evictions"] == 0
+    assert state["leaked_disks"] == []
