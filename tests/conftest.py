@@ -33,6 +33,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_FLEET = REPO / "examples" / "fleet-small.yaml"
+RELEASE_FILE = REPO / "examples" / "release-2.15.6.yaml"
 # 200 sim seconds per real second: a 60 s VM start takes 0.3 s, a 3 s poll interval 15 ms.
 TIME_SCALE = 200.0
 
@@ -215,3 +216,9 @@ def os_disk_body(
         ),
         tags=tags,
     )
+
+
+def cli_args(command: str, endpoint: Path, *options: str) -> list[str]:
+    """``amlfs COMMAND`` on the small fleet, release 2.15.6 and the emulator at ``endpoint``."""
+    fleet = ["--fleet", str(SMALL_FLEET), "--release", str(RELEASE_FILE)]
+    return [command, *fleet, "--endpoint", str(endpoint), *options]

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, SMALL_FLEET, PrefectServer, Sim
+from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim
 
 pytestmark = pytest.mark.integration
 
-RELEASE_FILE = REPO / "examples" / "release-2.15.6.yaml"
 CLUSTER = "lustre-eus-01"
 
 

@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, SMALL_FLEET, PrefectServer, Sim
+from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim
 
 pytestmark = pytest.mark.integration
 
-RELEASE_FILE = REPO / "examples" / "release-2.15.6.yaml"
 NAMES = ("amlfs-weekly-tick", "amlfs-manual", "amlfs-hotfix")
 IN_EUS_WINDOW = "2026-12-01T02:05:00+00:00"  # Tuesday: lustre-eus-01's window, nobody else's
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

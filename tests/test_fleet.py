@@ -19,7 +19,7 @@ from amlfs.schedule import Prediction
 from amlfs.store import StateStore
 from flows.cluster_upgrade import run_cluster_upgrade
 from flows.fleet_maintenance import FleetParams, _current_release
-from tests.conftest import REPO, SMALL_FLEET, Sim
+from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 PREDICTION = Prediction(dt.timedelta(minutes=10), dt.timedelta(minutes=6))
@@ -226,17 +226,12 @@ def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> No
     runner = CliRunner()
     planned = runner.invoke(
         app,
-        [
+        cli_args(
             "plan",
-            "--fleet",
-            str(SMALL_FLEET),
-            "--release",
-            str(REPO / "examples" / "release-2.15.6.yaml"),
-            "--endpoint",
-            str(sim.emulator.state_dir / "endpoint.json"),
+            sim.emulator.state_dir / "endpoint.json",
             "--at",
             IN_EUS_WINDOW.isoformat(),
-        ],
+        ),
         env={"COLUMNS": "250"},
     )
     assert planned.exit_code == 0, planned.output
@@ -265,19 +260,14 @@ def test_cli_run_fleet_refuses_a_bad_policy_before_anything_changes(
 
     from amlfs.cli import app
 
-    args = [
+    args = cli_args(
         "run-fleet",
-        "--fleet",
-        str(SMALL_FLEET),
-        "--release",
-        str(REPO / "examples" / "release-2.15.6.yaml"),
-        "--endpoint",
-        str(sim.emulator.state_dir / "endpoint.json"),
+        sim.emulator.state_dir / "endpoint.json",
         "--state-dir",
         str(tmp_path),
         "--hotfix-reason",
         "test",
-    ]
+    )
     for bad, field in (
         (["--admit-every", "-1"], "admit_every_s"),
         (["--max-per-subscription", "0"], "max_per_subscription"),

@@ -17,7 +17,7 @@ import pytest
 
 from amlfs_sim import Emulator
 from amlfs_sim.spec import SimWorld
-from tests.conftest import REPO, SMALL_FLEET, PrefectServer, trust
+from tests.conftest import REPO, PrefectServer, cli_args, trust
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +57,7 @@ def run_fleet(server: PrefectServer, tmp_path: Path, run_name: str) -> subproces
             sys.executable,
             "-m",
             "amlfs.cli",
-            "run-fleet",
-            "--fleet",
-            str(SMALL_FLEET),
-            "--release",
-            str(REPO / "examples" / "release-2.15.6.yaml"),
-            "--endpoint",
-            str(tmp_path / "sim" / "endpoint.json"),
+            *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
             "--hotfix-reason",
             "control test",
             *(arg for name in (FIRST, *sorted(OTHERS)) for arg in ("--cluster", name)),

@@ -20,7 +20,7 @@ import pytest
 from amlfs_sim import Emulator
 from amlfs_sim.spec import SimWorld
 from deployments.scaleout import CLUSTER_DEPLOYMENT, ScaleOut
-from tests.conftest import REPO, SMALL_FLEET, trust
+from tests.conftest import REPO, cli_args, trust
 
 pytestmark = pytest.mark.integration
 
@@ -47,13 +47,7 @@ def test_worker_killed_mid_swap_the_cluster_is_picked_up_again(
                 sys.executable,
                 "-m",
                 "amlfs.cli",
-                "run-fleet",
-                "--fleet",
-                str(SMALL_FLEET),
-                "--release",
-                str(REPO / "examples" / "release-2.15.6.yaml"),
-                "--endpoint",
-                str(tmp_path / "sim" / "endpoint.json"),
+                *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
                 "--cluster",
                 CLUSTER,
                 "--hotfix-reason",
