@@ -290,30 +290,18 @@ class LustreOps:
                     ) from err
             self.clock.sleep(self.policy.poll_s)
 
-    def restore(
-        self,
-        node: NodeRef,
-        files: dict[str, str],
-        overlay: dict[str, str] | None = None,
-        *,
-        firewall: bool = True,
-    ) -> None:
-        """Bring a booted node back into its cluster: ``restore_local``, then ``start_services``."""
-        self.restore_local(node, files, overlay, firewall=firewall)
-        self.start_services(node)
-
     def restore_local(
         self,
         node: NodeRef,
         files: dict[str, str],
         overlay: dict[str, str] | None = None,
-        *,
-        firewall: bool = True,
     ) -> None:
-        """What needs nothing but the node itself: config files, firewall, LNet, ZFS pools.
+        """Bring a booted node back, first part: what needs nothing but the node itself.
 
-        Done as soon as the node booted, while the MGS may still be down: only mounting
-        targets or the client (``start_services``) needs it.
+        Config files (captured + release overlay), the client firewall on servers (the
+        downtime lasts until unsuspend), LNet, ZFS pools. Done as soon as the node booted,
+        while the MGS may still be down: only ``start_services`` (mounting targets or the
+        client) needs it.
         """
         shell = self.sh(node)
         wanted = dict(files)
@@ -324,7 +312,7 @@ class LustreOps:
             if current.status != 0 or current.stdout != content:
                 shell.run(["tee", path], stdin=content.encode())
                 changed = True
-        if firewall and node.role in SERVER_ROLES:
+        if node.role in SERVER_ROLES:
             self.firewall_on(node)
         self._ensure_lnet(node, restart=changed)
         if node.role in SERVER_ROLES:
