@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from amlfs.errors import CommandFailedError, NodeUnreachableError
+from amlfs.lustre.parsers import parse_lustre_mounts
 from amlfs.ssh import NodeShell, SshPool
 from amlfs.ssh.gateway import CommandResult, batch_command, split_batch
 from tests.conftest import Sim, os_disk_body
@@ -40,6 +41,33 @@ def swap_to_release(sim: Sim, vm_name: str, version: str) -> None:
     vm = compute.virtual_machines.get(cluster.resource_group, vm_name)
     vm.storage_profile.os_disk.managed_disk.id = disk.id
     compute.virtual_machines.begin_create_or_update(cluster.resource_group, vm_name, vm).result()
+
+
+def test_mount_lists_lustre_mounts_as_lustre_2_15_prints_them(sim: Sim) -> None:
+    # Real 2.15 output (tests/data/lustre-2.15, SOURCES.md says where each option comes from):
+    # the emulated nodes must show the same options, only names and NIDs differ.
+    data = Path(__file__).parent / "data" / "lustre-2.15"
+    real = parse_lustre_mounts(
+        (data / "mount_lustre_server.txt").read_text()
+        + (data / "mount_lustre_oss.txt").read_text()
+        + (data / "mount_lustre_client.txt").read_text()
+    )
+    emulated = parse_lustre_mounts(
+        "".join(
+            sim.shell(name).run(["mount", "-t", "lustre"]).stdout
+            for name in ("eus01-mds0", "eus01-oss0", "eus01-lclient0")
+        )
+    )
+    mds_nid = "127.1.0.1@tcp"  # not 10.0.0.4: the emulated fleet's MDS
+    assert len(emulated) == len(real) == 4
+    for got, want in zip(emulated, real, strict=True):
+        assert got.options.keys() == want.options.keys(), (got, want)
+        for key in ("ro", "rw", "mgs", "osd"):
+            assert got.options.get(key) == want.options.get(key), (key, got, want)
+        if "mgsnode" in want.options:
+            assert got.options["mgsnode"] == mds_nid
+    assert [m.svname for m in emulated] == ["MGS", "amlfs-MDT0000", "amlfs-OST0000", None]
+    assert emulated[-1].device == f"{mds_nid}:/amlfs"
 
 
 def target_row(sim: Sim, node: str) -> dict[str, object]:

@@ -335,24 +335,30 @@ def _lnetctl(ctx: Context, args: list[str]) -> Result:
     return Result(0, format_net_show(node.nids))
 
 
+#: A 2.15 client's default flags, as ``ll_show_options`` prints them.
+CLIENT_MOUNT_OPTIONS = (
+    "rw,checksum,flock,nouser_xattr,lruresize,lazystatfs,nouser_fid2path,verbose,encrypt"
+)
+
+
 def _mount(ctx: Context, args: list[str]) -> Result:
     if args != ["-t", "lustre"]:
         return Result(1, stderr="mount: the emulator lists mounts only: mount -t lustre\n")
     node = ctx.node
+    # As Lustre 2.15's server_show_options / ll_show_options print them (tests/data/lustre-2.15):
+    # a target formatted as the MGS shows ``mgs``, every other target ``mgsnode=``.
+    mgs_nid = node.cluster.mds.nid
     lines = []
     for target in node.targets:
         if target.mounted:
-            opts = f"ro,svname={target.name}" if target.kind != "mgs" else "ro"
-            if target.kind == "mgs" or (target.kind == "mdt" and node.is_mgs):
-                opts += ",mgs"
+            where = "mgs" if target.kind == "mgs" else f"mgsnode={mgs_nid}"
             lines.append(
                 f"{target.pool}/{target.dataset} on {target.mountpoint} type lustre "
-                f"({opts},osd=osd-zfs)\n"
+                f"(ro,svname={target.name},{where},osd=osd-zfs)\n"
             )
     if node.client_mounted:
         lines.append(
-            f"{node.cluster.mds.nid}:/{FSNAME} on /lustre/{FSNAME} type lustre "
-            "(rw,flock,lazystatfs,encrypt)\n"
+            f"{mgs_nid}:/{FSNAME} on /lustre/{FSNAME} type lustre ({CLIENT_MOUNT_OPTIONS})\n"
         )
     return Result(0, "".join(lines))
 
