@@ -271,6 +271,10 @@ def test_emulator_output_round_trips_through_the_parsers() -> None:
         "mdt.amlfs-MDT0000.recovery_status": "status: COMPLETE\nrecovery_start: 1",
         "mdt.amlfs-MDT0000.recovery_time_hard": "900",
     }
+    # An empty file prints nothing, with or without -n (SOURCES.md, lctl get_param).
+    empty = [("mdt.amlfs-MDT0000.hsm.active_requests", "")]
+    assert formats.format_params(empty, value_only=False) == ""
+    assert formats.format_params(empty, value_only=True) == ""
 
 
 @pytest.mark.parametrize(

@@ -37,12 +37,18 @@ def format_devices(devices: Sequence[Device]) -> str:
 
 
 def format_params(values: Sequence[tuple[str, str]], *, value_only: bool) -> str:
-    """``lctl get_param`` output: ``name=value`` lines; a multi-line value starts on its own."""
+    """``lctl get_param`` output: ``name=value`` lines; a multi-line value starts on its own.
+
+    An empty file (no HSM request, say) prints nothing, not even its name (``read_param`` in
+    Lustre 2.15's ``lustre_cfg.c``). Not emulated: a name and value of 80 characters or more
+    also put the value on its own line.
+    """
     out = []
     for name, value in values:
+        if not value:
+            continue
         if value_only:
-            if value:  # an empty file (no HSM request) prints nothing
-                out.append(value if value.endswith("\n") else value + "\n")
+            out.append(value if value.endswith("\n") else value + "\n")
         elif "\n" in value.rstrip("\n"):
             out.append(f"{name}=\n{value if value.endswith(chr(10)) else value + chr(10)}")
         else:
