@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from azure.mgmt.compute.models import (
     Disk,
 )
 
+from amlfs.azure.client import StaticTokenCredential, compute_client
 from amlfs.ids import disk_id
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld
@@ -361,3 +363,37 @@ def test_reset_restores_the_fleet(sim: Sim) -> None:
 def _power(compute: ComputeManagementClient, rg: str, vm_name: str) -> str:
     view = compute.virtual_machines.instance_view(rg, vm_name)
     return next(s.code for s in view.statuses if s.code.startswith("PowerState/"))
+
+
+def test_the_ca_bundle_is_looked_at_once_and_a_missing_one_is_refused(
+    sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet client's HTTPS adapter checks its CA bundle once, not on every request
+    (requests asks the file system 2-3 times per request, each a GIL hand-off at fleet scale)."""
+    looked: list[str] = []
+    isdir = os.path.isdir
+
+    def counting_isdir(path: Any) -> bool:
+        looked.append(str(path))
+        return isdir(path)
+
+    monkeypatch.setattr(os.path, "isdir", counting_isdir)
+    compute = sim.compute(pool_size=4)
+    vm_name = sim.cluster.nodes[0].name
+    for _ in range(5):
+        assert compute.virtual_machines.get(sim.cluster.resource_group, vm_name).name == vm_name
+    assert looked.count(sim.endpoint.ca_file) == 1, looked
+
+    missing = tmp_path / "no-such-ca.pem"
+    client = compute_client(
+        sim.cluster.subscription_id,
+        StaticTokenCredential("emulator-token"),
+        arm_url=sim.endpoint.arm_url,
+        ca_file=str(missing),
+        pool_size=4,
+    )
+    try:
+        with pytest.raises(OSError, match=r"no-such-ca\.pem"):
+            client.virtual_machines.get(sim.cluster.resource_group, vm_name)
+    finally:
+        client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import threading
 import time
@@ -10,9 +11,10 @@ from typing import Any
 
 from amlfs.clock import Pacer, ScaledClock
 from amlfs.fleet import FleetPolicy, FleetRunner, PlanRow
-from amlfs.models import Cluster
+from amlfs.models import Cluster, Fleet, parse_fleet
 from amlfs.runtime import Connections, from_endpoint
 from amlfs.store import StateStore
+from amlfs_sim.genfleet import generate_fleet
 from tests.conftest import Sim
 from tests.test_fleet import IN_EUS_WINDOW, plan
 
@@ -98,7 +100,105 @@ def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
     store = StateStore(tmp_path)
     summary = FleetRunner(sim.world.fleet, rows, policy, slow, store, "ramp").run()
     assert summary.counts() == {"upgraded": 3}
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert len(gaps) == 2
-    assert all(gap >= 0.35 for gap in gaps), gaps
+    assert len(starts) == 3
+    # The k-th start is never earlier than k intervals after the first.
+    assert all(start - starts[0] >= k * 0.4 - 0.05 for k, start in enumerate(starts)), starts
     assert summary.max_in_flight == 3  # a ramp delays starts; it does not serialize them
+
+
+def ramped_fleet(clusters: int) -> tuple[Fleet, list[PlanRow]]:
+    """A generated fleet and its plan rows, for runs whose upgrade function touches nothing."""
+    data = generate_fleet(clusters, 2)
+    fleet = parse_fleet({k: v for k, v in data.items() if k != "emulator"})
+    rows = [
+        PlanRow(
+            cluster=c.name,
+            wave="all",
+            subscription_id=c.subscription_id,
+            region=c.region,
+            window="override",
+            window_end=None,
+            current_release=None,
+            run=True,
+            skipped=False,
+            reason="test",
+            predicted_downtime_s=0.0,
+        )
+        for c in fleet.clusters
+    ]
+    return fleet, rows
+
+
+def ramp_policy(clusters: int, admit_every_s: float) -> FleetPolicy:
+    return FleetPolicy(
+        waves=["all"],
+        override_window=True,
+        reason="test",
+        max_parallel=clusters,
+        max_per_subscription=clusters,
+        max_per_region=clusters,
+        error_budget=clusters,
+        admit_every_s=admit_every_s,
+    )
+
+
+def test_a_late_start_is_made_up_by_at_most_one_interval(tmp_path: Path) -> None:
+    """Under load the loop wakes up late. Made to see 3 intervals go by at the first start, the
+    ramp starts the next two clusters together (one interval made up, the schedule kept), and
+    the one after a full interval later; it neither delays every later start nor bursts."""
+    fleet, rows = ramped_fleet(4)
+    jumped = threading.Event()
+    offset = [0.0]
+    starts: dict[str, float] = {}
+
+    def now() -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset[0])
+
+    def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+        starts[cluster.name] = now().timestamp()
+        if not jumped.is_set():
+            jumped.set()
+            time.sleep(0.05)  # the runner has scheduled the next start by now
+            offset[0] += 1.2  # the loop "wakes up" 3 intervals later
+        time.sleep(1.0)
+        return {"cluster": cluster.name, "outcome": "upgraded"}
+
+    summary = FleetRunner(
+        fleet, rows, ramp_policy(4, 0.4), upgrade, StateStore(tmp_path), "late", now=now
+    ).run()
+    assert summary.counts() == {"upgraded": 4}
+    times = sorted(starts.values())
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 1.1, gaps  # the jump
+    assert gaps[1] < 0.2, gaps  # one interval made up at once (measuring from the start: 0.4)
+    assert gaps[2] >= 0.35, gaps  # never more than one
+
+
+def test_successes_are_recorded_within_seconds_and_failures_at_once(tmp_path: Path) -> None:
+    """The fleet record is rewritten for a failure at once (a resume never re-runs it) and for
+    successes at most every SAVE_SUCCESSES_EVERY_S; nothing is left out at the end."""
+    fleet, rows = ramped_fleet(6)
+    store = StateStore(tmp_path)
+    seen_in_record: dict[str, bool] = {}
+    failing = rows[2].cluster
+
+    def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+        return {
+            "cluster": cluster.name,
+            "outcome": "rolled_back" if cluster.name == failing else "upgraded",
+        }
+
+    def on_result(summary: Any, cluster: str) -> None:
+        record = store.get("fleet-runs", "coalesced") or {"results": {}}
+        seen_in_record[cluster] = cluster in record["results"]
+
+    summary = FleetRunner(
+        fleet, rows, ramp_policy(6, 0.0), upgrade, store, "coalesced", on_result=on_result
+    ).run()
+    assert summary.counts() == {"upgraded": 5, "rolled_back": 1}
+    assert seen_in_record[failing] is True
+    # Six results within milliseconds: the first is written, the next successes wait.
+    assert sum(seen_in_record.values()) < len(rows), seen_in_record
+    record = store.get("fleet-runs", "coalesced")
+    assert record is not None
+    assert set(record["results"]) == {r.cluster for r in rows}
