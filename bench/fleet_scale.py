@@ -184,10 +184,14 @@ def main() -> None:
             rows = [PlanRow(**{**r.__dict__, "wave": "all"}) for r in rows]
             upgrade_policy = UpgradePolicy()
 
+            spans: dict[str, tuple[float, float]] = {}  # cluster: (start, end), sim s
+
             def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
+                began = connections.clock.now()
                 result = run_cluster_upgrade(
                     cluster, release, connections, store, upgrade_policy, should_abort=should_abort
                 )
+                spans[cluster.name] = (began, connections.clock.now())
                 return result.model_dump(mode="json")
 
             context = ssl.create_default_context(cafile=endpoint.ca_file)
@@ -260,6 +264,22 @@ def main() -> None:
         f"{makespan:.0f} s, {'fits' if makespan <= window_s else 'does not fit'}",
         f"<= {window_s:.0f} s, 0 failures",
     )
+    if spans:
+        # Did the fleet wait for admission (the ramp's schedule) or for slow clusters?
+        last_start = max(start for start, _ in spans.values()) - sim0
+        durations = sorted(end - start for start, end in spans.values())
+        planned = (len(spans) - 1) * args.admit_every * args.time_scale
+        table.add_row(
+            "last cluster started at (sim s)",
+            f"{last_start:.0f}",
+            f"ramp schedule: {planned:.0f}" if args.admit_every else "",
+        )
+        table.add_row(
+            "one cluster's upgrade median / p90 / max (sim s)",
+            f"{durations[len(durations) // 2]:.0f} / {durations[int(len(durations) * 0.9)]:.0f}"
+            f" / {durations[-1]:.0f}",
+            "",
+        )
     table.add_row("throttled requests (429)", str(state["throttled_requests"]), "")
     sim_cpu = state["process_cpu_s"] - state0["process_cpu_s"]
     arm_requests = state["requests"] - state0["requests"]
@@ -321,6 +341,11 @@ def main() -> None:
         f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
         f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
         f"fits_window={makespan <= window_s} cpu_count={os.cpu_count()}"
+        + (
+            f" last_start_s={last_start:.0f} cluster_s_median={durations[len(durations) // 2]:.0f}"
+            if spans
+            else ""
+        )
     )
 
 
