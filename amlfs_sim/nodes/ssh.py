@@ -19,6 +19,7 @@ import queue
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ class SshServer:
         self._selector = selectors.DefaultSelector()
         self._listening: dict[str, socket.socket] = {}
         self._sessions: dict[str, set[paramiko.Transport]] = {}
+        self._next_prune = 0.0
         self._host_keys: dict[str, paramiko.PKey] = {}
         self._doomed: queue.SimpleQueue[set[paramiko.Transport]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -320,7 +322,16 @@ class SshServer:
                     daemon=True,
                 ).start()
 
+    # Forgetting ended sessions is housekeeping: once every few seconds, not after every accept.
+    # Done per wake-up it walked every node's sessions (8,000 nodes) ~10 times a second: 17%
+    # of the emulator's GIL samples in the 1,000-cluster bench.
+    PRUNE_EVERY_S = 5.0
+
     def _prune(self) -> None:
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.PRUNE_EVERY_S
         with self._sockets_lock:
             for sessions in self._sessions.values():
                 for transport in [t for t in sessions if not t.is_active()]:
