@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amlfs.errors import InventoryError
-from amlfs.fleet import FleetPolicy
+from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
 
 app = typer.Typer(help="AMLFS fleet maintenance.", no_args_is_help=True, add_completion=False)
@@ -121,7 +121,7 @@ def upgrade_cluster(
         raise typer.Exit(2) from err
     result = cluster_upgrade(params)
     _print_result(console, result)
-    if result["outcome"] not in ("upgraded", "already_current"):
+    if result["outcome"] not in SUCCEEDED:
         raise typer.Exit(1)
 
 

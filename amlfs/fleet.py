@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 FINAL = ("upgraded", "rolled_back", "already_current", "failed_needs_attention")
+SUCCEEDED = ("upgraded", "already_current")  # outcomes that leave the cluster on the release
 
 
 class ClusterSelector(BaseModel):
@@ -243,7 +244,7 @@ class FleetRunner:
     def _record(self, result: dict[str, Any]) -> None:
         """Record a cluster's result: at once unless it succeeded, else within a few seconds."""
         self._unsaved = True
-        if result["outcome"] not in ("upgraded", "already_current"):
+        if result["outcome"] not in SUCCEEDED:
             self._save()  # a failure is never re-run by a resume: it must not be lost
         else:
             self._save_if_due()
@@ -297,7 +298,7 @@ class FleetRunner:
                 self.summary.stopped = self.summary.stopped or reason
                 continue
             results = self._run_wave(wave, rows)
-            previous_results = [r["outcome"] in ("upgraded", "already_current") for r in results]
+            previous_results = [r["outcome"] in SUCCEEDED for r in results]
             previous_end = self.now()
         self._save()
         return self.summary
@@ -415,9 +416,7 @@ class FleetRunner:
                 "wave": wave,
                 "opened": True,
                 "clusters": len(rows),
-                "succeeded": sum(
-                    1 for r in results if r["outcome"] in ("upgraded", "already_current")
-                ),
+                "succeeded": sum(1 for r in results if r["outcome"] in SUCCEEDED),
             }
         )
         self._save()

@@ -268,6 +268,7 @@ def main() -> None:
         # Did the fleet wait for admission (the ramp's schedule) or for slow clusters?
         last_start = max(start for start, _ in spans.values()) - sim0
         durations = sorted(end - start for start, end in spans.values())
+        median_s = durations[len(durations) // 2]
         planned = (len(spans) - 1) * args.admit_every * args.time_scale
         table.add_row(
             "last cluster started at (sim s)",
@@ -276,8 +277,7 @@ def main() -> None:
         )
         table.add_row(
             "one cluster's upgrade median / p90 / max (sim s)",
-            f"{durations[len(durations) // 2]:.0f} / {durations[int(len(durations) * 0.9)]:.0f}"
-            f" / {durations[-1]:.0f}",
+            f"{median_s:.0f} / {durations[int(len(durations) * 0.9)]:.0f} / {durations[-1]:.0f}",
             "",
         )
     table.add_row("throttled requests (429)", str(state["throttled_requests"]), "")
@@ -341,11 +341,7 @@ def main() -> None:
         f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
         f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
         f"fits_window={makespan <= window_s} cpu_count={os.cpu_count()}"
-        + (
-            f" last_start_s={last_start:.0f} cluster_s_median={durations[len(durations) // 2]:.0f}"
-            if spans
-            else ""
-        )
+        + (f" last_start_s={last_start:.0f} cluster_s_median={median_s:.0f}" if spans else "")
     )
 
 

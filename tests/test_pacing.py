@@ -74,19 +74,23 @@ def test_operation_polls_and_node_checks_go_through_the_process_pacers(sim: Sim)
         conns.close()
 
 
-def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
-    sim: Sim, conns: Connections, tmp_path: Path
-) -> None:
-    policy = FleetPolicy(
+def ramp_policy(clusters: int, admit_every_s: float) -> FleetPolicy:
+    return FleetPolicy(
         waves=["all"],
         override_window=True,
         reason="test",
-        max_parallel=3,
-        max_per_subscription=3,
-        max_per_region=3,
-        error_budget=3,
-        admit_every_s=0.4,
+        max_parallel=clusters,
+        max_per_subscription=clusters,
+        max_per_region=clusters,
+        error_budget=clusters,
+        admit_every_s=admit_every_s,
     )
+
+
+def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    policy = ramp_policy(3, 0.4)
     rows = [
         PlanRow(**{**r.__dict__, "wave": "all"}) for r in plan(sim, conns, policy, IN_EUS_WINDOW)
     ]
@@ -127,19 +131,6 @@ def ramped_fleet(clusters: int) -> tuple[Fleet, list[PlanRow]]:
         for c in fleet.clusters
     ]
     return fleet, rows
-
-
-def ramp_policy(clusters: int, admit_every_s: float) -> FleetPolicy:
-    return FleetPolicy(
-        waves=["all"],
-        override_window=True,
-        reason="test",
-        max_parallel=clusters,
-        max_per_subscription=clusters,
-        max_per_region=clusters,
-        error_budget=clusters,
-        admit_every_s=admit_every_s,
-    )
 
 
 def test_a_late_start_is_made_up_by_at_most_one_interval(tmp_path: Path) -> None:
