@@ -25,10 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# P1-P4 with their targets (about 40 minutes: P4 alone is a 30-minute window at time scale 1).
+# P1-P4 with their targets (40-50 minutes: P4 alone is a 30-minute window at time scale 1).
 bench: bench-quick bench-p4
 
-# P1-P3 and the emulator's capacity (a few minutes).
+# P1-P3 and the emulator's capacity (about 15 minutes).
 bench-quick: $(STAMP)
 	$(BIN)/python bench/downtime.py --runs 8
 	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6 --time-scale 4
