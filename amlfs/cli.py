@@ -308,6 +308,9 @@ def run_fleet(
     dead_run_after: Annotated[
         float, typer.Option(help="Scale-out: seconds of heartbeat silence = dead worker")
     ] = 30.0,
+    processes: Annotated[
+        int, typer.Option(help="Orchestrator processes on this machine running the clusters")
+    ] = 1,
 ) -> None:
     """Run the fleet-maintenance flow from here, with a live progress bar."""
     import datetime as dt
@@ -343,6 +346,7 @@ def run_fleet(
             emulator_endpoint=str(endpoint) if endpoint else None,
             cluster_deployment=cluster_deployment,
             dead_run_after_s=dead_run_after,
+            processes=processes,
         )
     except (InventoryError, ValueError) as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)

@@ -22,9 +22,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from amlfs.models import Cluster, Release, load_fleet, load_release
-from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
-from amlfs.saga import ClusterUpgrade, UpgradePolicy, UpgradeResult
+from amlfs.models import load_fleet, load_release
+from amlfs.runtime import (
+    AzureSettings,
+    Connections,
+    SshSettings,
+    from_endpoint,
+    run_cluster_upgrade,
+)
+from amlfs.saga import UpgradePolicy
 from amlfs.store import StateStore
 
 __all__ = ["ClusterUpgradeParams", "cluster_upgrade", "run_cluster_upgrade"]
@@ -75,42 +81,6 @@ def customer_view(endpoint_file: str, cluster: str) -> dict[str, Any] | None:
     view["data_disk_changes"] = len(state["data_disk_changes"])
     view["leaked_disks"] = state["leaked_disks"]
     return view
-
-
-def run_cluster_upgrade(
-    cluster: Cluster,
-    release: Release,
-    connections: Connections,
-    store: StateStore,
-    policy: UpgradePolicy,
-    *,
-    run_id: str | None = None,
-    window_end: dt.datetime | None = None,
-    log: Any = None,
-    runner: Any = None,
-    should_abort: Any = None,
-    now_utc: Any = None,
-) -> UpgradeResult:
-    upgrade = ClusterUpgrade(
-        cluster,
-        release,
-        gateway=connections.gateway(cluster.subscription_id),
-        shells=connections.shells(),
-        store=store,
-        clock=connections.clock,
-        policy=policy,
-        run_id=run_id,
-        window_end=window_end,
-        runner=runner,
-        log=log or (lambda message: None),
-        should_abort=should_abort or (lambda: False),
-        node_checks=connections.pacer("node_checks"),
-        **({"now_utc": now_utc} if now_utc is not None else {}),
-    )
-    try:
-        return upgrade.run()
-    finally:
-        connections.shells().release(node.name for node in cluster.nodes)
 
 
 HEARTBEAT_S = 2.0  # real seconds between liveness records of a running cluster flow

@@ -11,14 +11,17 @@ Every run plans first (a table artifact: per cluster its window, wave, whether i
 why, predicted downtime). ``dry_run`` stops there; nothing in Azure changes. Otherwise the
 admitted clusters run wave by wave (``amlfs.fleet.FleetRunner``) as ``cluster-upgrade`` tasks
 within the caps; the Prefect Variable ``amlfs-fleet-control`` (``run``/``halt``/``abort``)
-is read between admissions. Results are saved in the state store under the run name, so a
-run started again with the same ``run_name`` continues where it stopped.
+is read between admissions. With ``processes`` > 1 the clusters run in that many orchestrator
+processes on this machine (``amlfs.shards``: one core each); with ``cluster_deployment``
+each runs as its own flow run on a work pool. Results are saved in the state store under the
+run name, so a run started again with the same ``run_name`` continues where it stopped.
 """
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import time
 from typing import Any, Literal
 from uuid import UUID
 
@@ -39,6 +42,7 @@ from amlfs.models import Cluster, load_fleet, load_release
 from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
+from amlfs.shards import ShardPool, ShardSpec
 from amlfs.store import StateStore
 from flows.cluster_upgrade import ClusterUpgradeParams, resolve_settings, run_cluster_upgrade
 
@@ -75,6 +79,16 @@ class FleetParams(BaseModel):
             "(e.g. cluster-upgrade/amlfs-cluster-upgrade) on a work pool; empty: in this process"
         ),
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Orchestrator processes on this machine running the clusters (each its own core, "
+            "HTTPS pools and SSH sessions; the poll and check rates are split between them). "
+            "1: in this process, each step a Prefect task"
+        ),
+    )
     state_dir: str = ".amlfs-state"
     emulator_endpoint: str | None = None
     azure_block: str = "amlfs-azure"
@@ -90,6 +104,10 @@ class FleetParams(BaseModel):
             raise ValueError("override_window needs policy.reason (recorded with the run)")
         if self.at is not None and self.at.tzinfo is None:
             raise ValueError("at must carry a timezone (UTC)")
+        if self.processes > 1 and self.cluster_deployment:
+            raise ValueError(
+                "processes > 1 and cluster_deployment are two ways to spread clusters: pick one"
+            )
         return self
 
 
@@ -243,24 +261,42 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
             out["override"] = params.policy.reason
         return out
 
+    shards: ShardPool | None = None
+    if params.processes > 1 and admitted:
+        spec = ShardSpec(
+            azure,
+            ssh,
+            release,
+            params.upgrade,
+            params.state_dir,
+            utc_anchor=now_utc(),
+            wall_anchor=time.time(),
+        )
+        shards = ShardPool(spec, params.processes, log=logger.info)
+        shards.start()
+
     def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
         if params.cluster_deployment:
             return dispatched(cluster, should_abort)
+        window_end = None if params.policy.override_window else window_ends[cluster.name]
 
         def job() -> dict[str, Any]:
-            result = run_cluster_upgrade(
-                cluster,
-                release,
-                connections,
-                store,
-                params.upgrade,
-                log=logger.info,
-                runner=run_step,
-                should_abort=should_abort,
-                window_end=None if params.policy.override_window else window_ends[cluster.name],
-                now_utc=now_utc,
-            )
-            out = result.model_dump(mode="json")
+            if shards is not None:
+                # In another process: its steps are not Prefect tasks, its log lines come here.
+                out = shards.upgrade(cluster, should_abort, window_end)
+            else:
+                out = run_cluster_upgrade(
+                    cluster,
+                    release,
+                    connections,
+                    store,
+                    params.upgrade,
+                    log=logger.info,
+                    runner=run_step,
+                    should_abort=should_abort,
+                    window_end=window_end,
+                    now_utc=now_utc,
+                ).model_dump(mode="json")
             if params.emulator_endpoint:
                 from flows.cluster_upgrade import customer_view
 
@@ -296,6 +332,8 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
     try:
         summary = runner.run()
     finally:
+        if shards is not None:
+            shards.close()
         connections.close()
     for wave in summary.waves:
         names = [r.cluster for r in rows if r.wave == wave["wave"]]
@@ -336,8 +374,6 @@ def run_on_workers(
 ) -> dict[str, Any]:
     """One cluster as a flow run on the work pool; a run whose worker died is marked crashed
     and followed by a new run, which resumes the cluster from its journal."""
-    import time
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment

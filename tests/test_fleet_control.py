@@ -51,7 +51,9 @@ def sim20(small_world: SimWorld, tmp_path: Path, prefect_server: PrefectServer) 
         emulator.stop()
 
 
-def run_fleet(server: PrefectServer, tmp_path: Path, run_name: str) -> subprocess.Popen[str]:
+def run_fleet(
+    server: PrefectServer, tmp_path: Path, run_name: str, processes: int = 1
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -67,6 +69,8 @@ def run_fleet(server: PrefectServer, tmp_path: Path, run_name: str) -> subproces
             str(tmp_path / "state"),
             "--run-name",
             run_name,
+            "--processes",
+            str(processes),
         ],
         env=server.env,
         cwd=REPO,
@@ -113,11 +117,18 @@ def test_halt_from_another_process_stops_admitting_and_lets_the_cluster_in_fligh
     assert customer["lustre_versions"] == ["2.15.6"]
 
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "two-orchestrator-processes"])
 def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
-    sim20: httpx.Client, small_world: SimWorld, prefect_server: PrefectServer, tmp_path: Path
+    sim20: httpx.Client,
+    small_world: SimWorld,
+    prefect_server: PrefectServer,
+    tmp_path: Path,
+    processes: int,
 ) -> None:
+    # With processes=2 the cluster runs in a child of the flow's process (amlfs.shards): the
+    # abort travels Variable -> fleet flow -> that child.
     control(prefect_server, "run")
-    proc = run_fleet(prefect_server, tmp_path, "aborted")
+    proc = run_fleet(prefect_server, tmp_path, "aborted", processes)
     wait_for_swap(sim20, proc)
     control(prefect_server, "abort")
     out, _ = proc.communicate(timeout=300)
@@ -131,3 +142,6 @@ def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
     assert customer["lustre_versions"] == ["2.15.5"]
     assert customer["evictions"] == 0
     assert state["leaked_disks"] == []
+    if processes > 1:
+        assert "orchestrator: 2 processes" in out, out
+        assert record["results"][FIRST]["orchestrator_pid"] != proc.pid
