@@ -64,6 +64,9 @@ class ShardSpec:
     # time scale, like the parent's own ``now_utc``); None: the real UTC clock.
     utc_anchor: dt.datetime | None = None
     wall_anchor: float = 0.0
+    # sys.setswitchinterval in the shard (None: Python's 5 ms). Hundreds of threads waiting
+    # for the GIL each wake every interval: a fleet-sized shard wants a longer one.
+    switch_interval_s: float | None = None
 
     def for_share(self, share: float) -> ShardSpec:
         """This spec with the process-wide rates cut to ``share`` of them (0 stays unpaced)."""
@@ -83,6 +86,7 @@ class ShardSpec:
             self.forward_logs,
             self.utc_anchor,
             self.wall_anchor,
+            self.switch_interval_s,
         )
 
 
@@ -355,6 +359,8 @@ def _serve(conn: Connection) -> None:
     kind, spec = conn.recv()
     if kind != "spec" or not isinstance(spec, ShardSpec):
         raise SystemExit(f"amlfs.shards: expected the spec first, got {kind!r}")
+    if spec.switch_interval_s is not None:
+        sys.setswitchinterval(spec.switch_interval_s)
     connections = Connections.create(spec.azure, spec.ssh)
     store = StateStore(spec.state_dir)
     send_lock = threading.Lock()

@@ -195,7 +195,13 @@ def main() -> None:
             shards = None
             if args.processes > 1:
                 spec = ShardSpec(
-                    azure, ssh, release, upgrade_policy, str(store.root), forward_logs=False
+                    azure,
+                    ssh,
+                    release,
+                    upgrade_policy,
+                    str(store.root),
+                    forward_logs=False,
+                    switch_interval_s=args.switch_interval,
                 )
                 shards = ShardPool(spec, args.processes)
                 shards.start()

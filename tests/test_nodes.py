@@ -415,3 +415,29 @@ def test_a_session_to_a_stopped_vm_ends_at_once_on_both_ends(sim: Sim) -> None:
     while threading.active_count() >= before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert threading.active_count() < before, "the closed transport's thread is still running"
+
+
+def test_node_changes_never_block_while_the_accept_loop_waits_for_the_lock(sim: Sim) -> None:
+    # A command that changes a node tells the SSH server with the backend lock held. The
+    # accept loop takes that lock too: if telling it could block (a full wake-up pipe), the
+    # emulator froze. The 1,000-cluster bench did, with thousands of changes a minute.
+    server = sim.emulator.ssh
+    port = sim.endpoint.ssh["port"]
+    names = [n.name for _, n in sim.world.fleet.iter_nodes()]
+    finished = threading.Event()
+
+    def many_changes() -> None:
+        with server.lock:
+            # The loop thread is now blocked in the accept of this connection, on the lock.
+            pending = socket.create_connection(("127.1.0.1", port), timeout=5)
+            time.sleep(0.2)
+            for i in range(20_000):
+                server._on_node_state(names[i % len(names)], True)
+            finished.set()
+        pending.close()
+
+    thread = threading.Thread(target=many_changes, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert finished.is_set(), "a node change blocked while the accept loop waited for the lock"
+    assert sim.shell("eus01-mds0").run(["hostid"]).status == 0

@@ -153,6 +153,7 @@ class SshServer:
         self._host_keys: dict[str, paramiko.PKey] = {}
         self._doomed: queue.SimpleQueue[set[paramiko.Transport]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
         self._stopping = threading.Event()
         self._sockets_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -257,7 +258,8 @@ class SshServer:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake_w.send(b"x")
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self._on_node_state in self.fleet.listeners:
@@ -286,6 +288,8 @@ class SshServer:
             return
         with self._sockets_lock:
             if reachable:
+                if name in self._listening:
+                    return  # a command changed the node; its reachability did not change
                 # If the address is taken by something else, the node stays unreachable.
                 with contextlib.suppress(OSError):
                     self._listen(name)
@@ -295,6 +299,9 @@ class SshServer:
                     self._selector.unregister(sock)
                     sock.close()
                 self._doomed.put(self._sessions.pop(name, set()))
+        # Never blocks (the write end is non-blocking): this runs with the backend lock held,
+        # and the loop thread may be waiting for that lock in an accept. A full buffer means
+        # a wake-up is already pending. (Blocking here deadlocked the 1,000-cluster bench.)
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
