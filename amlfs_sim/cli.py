@@ -31,8 +31,20 @@ def serve(
     throttle: Annotated[
         bool, typer.Option(help="Apply Azure Compute's throttling buckets (off: capacity runs)")
     ] = True,
+    switch_interval: Annotated[
+        float | None,
+        typer.Option(
+            help="sys.setswitchinterval (s): thousands of SSH session threads want a longer "
+            "one than Python's 0.005"
+        ),
+    ] = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT; endpoint.json appears in STATE_DIR when ready."""
+    if switch_interval is not None:
+        if switch_interval <= 0:
+            typer.echo(f"error: --switch-interval must be > 0, got {switch_interval}", err=True)
+            raise typer.Exit(2)
+        sys.setswitchinterval(switch_interval)
     from amlfs_sim.arm.throttling import ThrottlePolicy
     from amlfs_sim.server import Emulator
 
