@@ -315,3 +315,36 @@ def test_a_learned_first_poll_skips_polls_but_still_sees_the_operation_end(
         gateway.times.observe("vm.start", 5000.0)
     gateway.start(rg, "eus01-oss0", timeout_s=200)
     assert {vm["name"]: vm["power_state"] for vm in sim.state()["vms"]}["eus01-oss0"] == "running"
+
+
+def test_a_connection_dying_under_a_response_is_a_retryable_azure_error(conns: Connections) -> None:
+    from amlfs.errors import RetryableAzureError
+
+    gateway = conns.gateway("00000000-0000-0000-0000-000000000000")
+
+    def read_on_a_closed_connection() -> None:
+        raise ValueError("I/O operation on closed file.")  # what http.client raises then
+
+    with pytest.raises(RetryableAzureError, match="connection failed") as caught:
+        gateway._call("read VM x", read_on_a_closed_connection)
+    assert caught.value.code == "TransportError"
+
+
+def test_an_unexpected_error_in_the_swap_rolls_back_instead_of_leaving_the_cluster_down(
+    sim: Sim, conns: Connections, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = conns.gateway(sim.cluster.subscription_id)
+    swap = gateway.swap_os_disk
+    calls: list[str] = []
+
+    def swap_with_a_bug(rg: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("a bug nobody expected")
+        return swap(rg, name, *args, **kwargs)
+
+    monkeypatch.setattr(gateway, "swap_os_disk", swap_with_a_bug)
+    result = upgrade(sim, conns, tmp_path)
+    assert result.outcome is Outcome.ROLLED_BACK, result.reason
+    assert "RuntimeError: a bug nobody expected" in result.reason
+    assert_customer_safe(sim, "2.15.5")

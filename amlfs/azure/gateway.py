@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import http.client
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +59,20 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# What the HTTP stack under azure-core can raise past it when a connection dies under a
+# response being read (seen at fleet scale: "ValueError: I/O operation on closed file" from
+# http.client). The request is retried like any transient error: every caller re-reads the
+# truth from Azure before it acts again.
+TRANSPORT_ODDITIES: tuple[type[Exception], ...] = (ValueError, http.client.HTTPException)
+
+
+def transport_error(err: Exception, what: str) -> RetryableAzureError:
+    return RetryableAzureError(
+        f"{what}: the connection failed under the request ({type(err).__name__}: {err})",
+        code="TransportError",
+    )
+
 
 # Codes of a failed long-running operation that are worth another try.
 RETRYABLE_CODES = {
@@ -271,6 +286,8 @@ class ComputeGateway:
             return fn()
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
+        except TRANSPORT_ODDITIES as err:
+            raise transport_error(err, what) from err
 
     def _wait(self, what: str, poller: LROPoller[T], timeout_s: float | None = None) -> T:
         limit = self.lro_timeout_s if timeout_s is None else timeout_s
@@ -283,6 +300,8 @@ class ComputeGateway:
             return poller.result()
         except (SdkAzureError, HttpResponseError) as err:
             raise map_azure_error(err, what) from err
+        except TRANSPORT_ODDITIES as err:
+            raise transport_error(err, what) from err
 
     def _lro(
         self,
