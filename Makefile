@@ -39,7 +39,7 @@ bench-quick: $(STAMP)
 bench-p4: $(STAMP)
 	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 260 --subscriptions 8 --time-scale 1 \
 		--admit-every 1.3 --max-polls-per-s 200 --max-background-polls-per-s 60 --max-checks-per-s 100 \
-		--switch-interval 0.05 --processes 2
+		--switch-interval 0.05
 
 # Prefect server on the local PostgreSQL, a process pool, 2 workers; torn down at the end.
 scaleout-demo: $(STAMP)

@@ -43,6 +43,9 @@ from amlfs.store import StateStore
 __all__ = ["ShardError", "ShardPool", "ShardSpec", "ShardStats"]
 
 Message = tuple[Any, ...]
+# Real seconds between two looks at ``should_abort`` per cluster in flight: an abort reaches
+# the shard's saga at most this much later than an in-process one.
+ABORT_POLL_S = 0.2
 
 
 class ShardError(AmlfsError):
@@ -242,7 +245,7 @@ class ShardPool:
         window_end: dt.datetime | None = None,
     ) -> dict[str, Any]:
         """Run ``cluster`` on a shard and wait for its result (the ``UpgradeResult`` as
-        JSON). ``should_abort`` is asked every second and passed on once it says yes."""
+        JSON). ``should_abort`` is asked every ``ABORT_POLL_S`` and passed on once it says yes."""
         pending = _Pending(cluster, window_end)
         while True:
             with self._lock:
@@ -259,7 +262,7 @@ class ShardPool:
                     break
             time.sleep(0.5)  # the only one is being started again
         shard.send(("run", cluster, window_end))  # if it is gone, the restart re-sends it
-        while not pending.done.wait(1.0):
+        while not pending.done.wait(ABORT_POLL_S):
             if not pending.abort_sent and should_abort():
                 pending.abort_sent = True
                 with self._lock:
