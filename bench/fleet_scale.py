@@ -107,7 +107,7 @@ def main() -> None:
         "--switch-interval",
         type=float,
         default=None,
-        help="sys.setswitchinterval for the orchestrator and the emulator (GIL hand-off; default 0.005 s)",
+        help="sys.setswitchinterval for the orchestrator processes (GIL hand-off; default 0.005 s)",
     )
     parser.add_argument(
         "--admit-every", type=float, default=0.0, help="Ramp: one cluster start per N real s"
@@ -164,7 +164,6 @@ def main() -> None:
             sim_dir,
             "--time-scale",
             str(args.time_scale),
-            *(["--switch-interval", str(args.switch_interval)] if args.switch_interval else []),
             timeout_s=300,
             stdout=subprocess.DEVNULL,
         )
