@@ -394,7 +394,8 @@ def test_a_session_to_a_stopped_vm_ends_at_once_on_both_ends(sim: Sim) -> None:
     # close must not wait for that (a reused shell would hang on a half-dead connection).
     shell = sim.shell("eus01-oss1")
     shell.run(["hostid"])
-    transport = shell._transport
+    assert shell._client is not None
+    transport = shell._client.get_transport()
     assert transport is not None
     assert transport.is_active()
     sim.compute().virtual_machines.begin_power_off(

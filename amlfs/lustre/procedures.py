@@ -12,6 +12,7 @@ on every server so the swap happens with no client I/O in flight. Unsuspend reve
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -38,7 +39,6 @@ from amlfs.lustre.parsers import (
     parse_version,
 )
 from amlfs.models import Role
-from amlfs.parallel import each
 from amlfs.ssh import NodeShell
 
 __all__ = [
@@ -143,11 +143,21 @@ class LustreOps:
 
     def each(self, nodes: Iterable[NodeRef], fn: Callable[[NodeRef], T]) -> dict[str, T]:
         """``fn`` on every node in parallel; the first error is raised after all finished."""
+        nodes = list(nodes)
+        if len(nodes) == 1:
+            return {nodes[0].name: fn(nodes[0])}
         results: dict[str, T] = {}
-        for node, result, error in each(nodes, fn, self.parallelism, "node"):
-            if error is not None:
-                raise error
-            results[node.name] = result  # type: ignore[assignment]
+        errors: list[BaseException] = []
+        workers = max(1, min(self.parallelism, len(nodes)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            futures = {pool.submit(fn, node): node for node in nodes}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    results[futures[future].name] = future.result()
+                except BaseException as err:  # collected, re-raised below
+                    errors.append(err)
+        if errors:
+            raise errors[0]
         return results
 
     def firewall_rule(self) -> list[str]:
