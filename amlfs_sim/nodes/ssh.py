@@ -288,8 +288,6 @@ class SshServer:
             return
         with self._sockets_lock:
             if reachable:
-                if name in self._listening:
-                    return  # a command changed the node; its reachability did not change
                 # If the address is taken by something else, the node stays unreachable.
                 with contextlib.suppress(OSError):
                     self._listen(name)
@@ -299,9 +297,10 @@ class SshServer:
                     self._selector.unregister(sock)
                     sock.close()
                 self._doomed.put(self._sessions.pop(name, set()))
-        # Never blocks (the write end is non-blocking): this runs with the backend lock held,
-        # and the loop thread may be waiting for that lock in an accept. A full buffer means
-        # a wake-up is already pending. (Blocking here deadlocked the 1,000-cluster bench.)
+        # Never blocks (the write end is non-blocking): this runs with the backend lock held
+        # after every command that changed the node, and the loop thread may be waiting for
+        # that lock in an accept. A full buffer means a wake-up is already pending. (Blocking
+        # here deadlocked the 1,000-cluster bench.)
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
