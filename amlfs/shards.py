@@ -21,6 +21,7 @@ hundreds of threads is unsafe, and ``multiprocessing``'s spawn would re-import t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import resource
@@ -80,17 +81,7 @@ class ShardSpec:
             }
         )
         ssh = self.ssh.model_copy(update={"max_checks_per_s": self.ssh.max_checks_per_s * share})
-        return ShardSpec(
-            azure,
-            ssh,
-            self.release,
-            self.policy,
-            self.state_dir,
-            self.forward_logs,
-            self.utc_anchor,
-            self.wall_anchor,
-            self.switch_interval_s,
-        )
+        return dataclasses.replace(self, azure=azure, ssh=ssh)
 
 
 @dataclass
