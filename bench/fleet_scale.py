@@ -121,6 +121,14 @@ def main() -> None:
     parser.add_argument(
         "--window-min", type=float, default=30, help="P4: the one window the fleet must fit"
     )
+    parser.add_argument(
+        "--orchestrator-nice",
+        type=int,
+        default=0,
+        help="Niceness of the orchestrator processes (this one and its shards), set after the "
+        "emulator started: the emulator stands in for Azure's own machines, and on a shared "
+        "2-core machine the orchestrator must not starve it",
+    )
     args = parser.parse_args()
     if args.switch_interval is not None:
         # Thousands of mostly idle threads: each thread waiting for the GIL wakes every switch
@@ -168,6 +176,8 @@ def main() -> None:
             stdout=subprocess.DEVNULL,
         )
         try:
+            if args.orchestrator_nice:
+                os.nice(args.orchestrator_nice)  # the shards started below inherit it
             azure, ssh = from_endpoint(sim_dir / "endpoint.json")
             rates = {
                 "max_polls_per_s": args.max_polls_per_s,
@@ -373,7 +383,7 @@ def main() -> None:
         f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
         f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
         f"fits_window={makespan <= window_s} cpu_count={os.cpu_count()} "
-        f"processes={args.processes}"
+        f"processes={args.processes} orchestrator_nice={args.orchestrator_nice}"
         + (f" last_start_s={last_start:.0f} cluster_s_median={median_s:.0f}" if spans else "")
     )
 
