@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import http.client
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -159,6 +161,11 @@ class OperationTimes:
         with self._lock:
             self._seen.setdefault(kind, deque(maxlen=self.window)).append(seconds)
 
+    def recent(self, kind: str) -> list[float]:
+        """The durations learned lately for ``kind``, oldest first."""
+        with self._lock:
+            return list(self._seen.get(kind, ()))
+
     def first_poll_after(self, kind: str, *, background: bool = False) -> float:
         """Sim seconds to wait before the first poll of a new operation of ``kind``."""
         with self._lock:
@@ -170,12 +177,45 @@ class OperationTimes:
         return self.margin * seen[int(self.quantile * (len(seen) - 1))]
 
 
+def operation_seconds(body: Any) -> float | None:
+    """How long ARM says an operation ran (``endTime - startTime`` of its status), or None.
+
+    Compute's Azure-AsyncOperation status carries both times; they are the service's own, so
+    they do not grow when the orchestrator is slow to look (its polls late under load).
+    """
+    if not isinstance(body, dict):
+        return None
+    try:
+        start = _iso_time(body["startTime"])
+        end = _iso_time(body["endTime"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    seconds = (end - start).total_seconds()
+    return seconds if seconds >= 0 else None
+
+
+def _iso_time(text: str) -> dt.datetime:
+    # Azure writes 7 fractional digits and sometimes "Z"; fromisoformat wants at most 6.
+    text = text.strip().replace("Z", "+00:00")
+    match = _FRACTION.search(text)
+    if match is not None:
+        text = text[: match.start()] + match.group(0)[:7] + text[match.end() :]
+    when = dt.datetime.fromisoformat(text)
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+_FRACTION = re.compile(r"\.\d+")
+
+
 class _FirstPollLater(ARMPolling):
     """ARM polling whose first poll waits ``first_delay`` real seconds (or Retry-After).
 
     Azure's Retry-After is the least a client should wait. azure-core uses it instead of the
     interval, so a longer interval asked for a background operation would be lost: with
-    ``at_least_interval`` the wait is the larger of the two.
+    ``at_least_interval`` the wait is the larger of the two. azure-core also asks for the
+    status once at once, before any wait: with a first delay that request is skipped (an
+    operation that cannot be done yet is only a request that costs CPU on both sides).
+    ``server_seconds``: the operation's duration as ARM reported it when it ended.
     """
 
     def __init__(
@@ -195,6 +235,7 @@ class _FirstPollLater(ARMPolling):
         self._interval = interval
         self._at_least_interval = at_least_interval
         self._pacer = pacer
+        self.server_seconds: float | None = None
 
     def _extract_delay(self) -> float:
         delay = float(super()._extract_delay())
@@ -208,6 +249,21 @@ class _FirstPollLater(ARMPolling):
             super()._delay()
         if self._pacer is not None:
             self._pacer.wait()
+
+    def _poll(self) -> None:
+        if self._first_delay > 0 and not self.finished():
+            # azure-core's own _poll would ask for the status now, before any wait.
+            self._delay()
+        super()._poll()
+
+    def update_status(self) -> None:
+        super().update_status()
+        if self.finished() and self.server_seconds is None:
+            try:
+                body = self._pipeline_response.http_response.json()
+            except (AttributeError, ValueError):
+                return
+            self.server_seconds = operation_seconds(body)
 
 
 @dataclass(frozen=True)
@@ -333,7 +389,13 @@ class ComputeGateway:
         )
         started = self.clock.now()
         result = self._wait(what, self._call(what, lambda: begin(polling)), timeout_s)
-        took = self.clock.now() - started
+        # Learn from ARM's own start and end when it gives them: the time we measured includes
+        # our own lateness, and under load (or after our first poll waited on an estimate
+        # already too long) that fed back into ever later first polls: in one 1,000-cluster
+        # run the estimates grew past 10 minutes and the fleet sat idle waiting for them.
+        took = polling.server_seconds
+        if took is None:
+            took = self.clock.now() - started
         # An operation answered at once (already stopped, a retry) says nothing of how long
         # the real work takes.
         if took >= self.poll / self.clock.to_real(1.0):
