@@ -41,10 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = "lustre-eus-01"
 
 
-def critical_path(timeline: dict[str, Any], vms: set[str]) -> float:
-    return _critical_vm(timeline, vms)[0] + REPLAY_SECONDS
-
-
 def _critical_vm(timeline: dict[str, Any], vms: set[str]) -> tuple[float, list[dict[str, Any]]]:
     """The slowest VM's power-off + swap + start time, and those operations in order."""
     per_vm: dict[str, list[dict[str, Any]]] = {}
@@ -63,13 +59,13 @@ def _critical_vm(timeline: dict[str, Any], vms: set[str]) -> tuple[float, list[d
 
 
 def overheads(
-    timeline: dict[str, Any], vms: set[str], downtime: list[list[float | None]]
+    ops: list[dict[str, Any]], downtime: list[list[float | None]]
 ) -> tuple[float, float, float]:
     """Where the measured downtime exceeds the critical path, on the slowest VM, sim s:
     before its power-off was asked for (suspend, reads), between its operations (the
     orchestrator seeing one end and asking for the next: polling lag) and after its start
-    ended beyond the recovery replay (boot to serving: restore, services, health)."""
-    _, ops = _critical_vm(timeline, vms)
+    ended beyond the recovery replay (boot to serving: restore, services, health).
+    ``ops``: the slowest VM's operations in order (``_critical_vm``)."""
     begin, end = downtime[0][0], downtime[-1][1]
     if begin is None or end is None:
         raise SystemExit(f"downtime still open: {downtime}")
@@ -111,9 +107,9 @@ def one_run(
         finally:
             emulator.stop()
     measured = float(state["clusters"][CLUSTER]["downtime_total"])
-    vms = {n.name for n in cluster.nodes}
-    critical = critical_path(timeline, vms)
-    spent = overheads(timeline, vms, state["clusters"][CLUSTER]["downtime_intervals"])
+    busy, ops = _critical_vm(timeline, {n.name for n in cluster.nodes})
+    critical = busy + REPLAY_SECONDS
+    spent = overheads(ops, state["clusters"][CLUSTER]["downtime_intervals"])
     return measured, critical, result.downtime_observed_s, spent
 
 
