@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from amlfs.errors import AmlfsError
+from amlfs.gcpauses import GcPauses, settle_heap
 from amlfs.models import Cluster, Release
 from amlfs.runtime import AzureSettings, Connections, SshSettings, run_cluster_upgrade
 from amlfs.saga import UpgradePolicy
@@ -71,6 +72,8 @@ class ShardSpec:
     # sys.setswitchinterval in the shard (None: Python's 5 ms). Hundreds of threads waiting
     # for the GIL each wake every interval: a fleet-sized shard wants a longer one.
     switch_interval_s: float | None = None
+    # Freeze what the shard built at start-up out of full garbage collections (gcpauses).
+    freeze_heap: bool = True
 
     def for_share(self, share: float) -> ShardSpec:
         """This spec with the process-wide rates cut to ``share`` of them (0 stays unpaced)."""
@@ -90,6 +93,7 @@ class ShardStats:
 
     cpu_s: float = 0.0
     restarts: int = 0
+    gc: list[dict[str, Any]] = field(default_factory=list)  # each shard's GcPauses, on exit
     lost_cpu: int = 0  # shards that died: their CPU time is not in cpu_s
 
 
@@ -287,6 +291,8 @@ class ShardPool:
                     shard.ready.set()
                 elif kind == "bye":
                     self.stats.cpu_s += message[1]
+                    if len(message) > 2:
+                        self.stats.gc.append(message[2])
                     return
         except (EOFError, OSError):
             pass
@@ -357,6 +363,9 @@ def _serve(conn: Connection) -> None:
         sys.setswitchinterval(spec.switch_interval_s)
     connections = Connections.create(spec.azure, spec.ssh)
     store = StateStore(spec.state_dir)
+    if spec.freeze_heap:
+        settle_heap()
+    pauses = GcPauses().install()
     send_lock = threading.Lock()
     aborted: set[str] = set()
     threads: list[threading.Thread] = []
@@ -418,7 +427,7 @@ def _serve(conn: Connection) -> None:
             if not any(t.is_alive() for t in threads):
                 connections.close()
             usage = resource.getrusage(resource.RUSAGE_SELF)
-            send(("bye", usage.ru_utime + usage.ru_stime))
+            send(("bye", usage.ru_utime + usage.ru_stime, pauses.describe()))
             os._exit(0)
 
 

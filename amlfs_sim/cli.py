@@ -38,6 +38,13 @@ def serve(
             "one than Python's 0.005"
         ),
     ] = None,
+    freeze_heap: Annotated[
+        bool,
+        typer.Option(
+            help="Freeze the fleet built at start-up out of the garbage collector's full "
+            "walks (they hold the GIL over every SSH session thread)"
+        ),
+    ] = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT; endpoint.json appears in STATE_DIR when ready."""
     if switch_interval is not None:
@@ -63,7 +70,7 @@ def serve(
     done = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: done.set())
-    endpoint = emulator.start()
+    endpoint = emulator.start(freeze_heap=freeze_heap)
     vms = len(emulator.backend.vms)
     typer.echo(
         f"amlfs-sim: {vms} VMs at {endpoint.arm_url} (time scale {time_scale}); "

@@ -96,6 +96,7 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
             "polls_by_operation": dict(backend.polls_by_operation.most_common()),
             "throttled_requests": backend.throttler.throttled_count,
             "ssh": backend.ssh_stats() if backend.ssh_stats else {},
+            "gc": backend.gc_stats() if backend.gc_stats else {},
             "process_cpu_s": round(time.process_time(), 3),
         }
 

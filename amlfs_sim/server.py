@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from amlfs.clock import ScaledClock
+from amlfs.gcpauses import GcPauses, settle_heap
 from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.arm.responses import SimTime
 from amlfs_sim.arm.throttling import ThrottlePolicy
@@ -99,6 +100,8 @@ class Emulator:
         self.backend.customer_view = self.nodes.report
         self.ssh = SshServer(self.nodes, self.state_dir, seed=seed, port=ssh_port)
         self.backend.ssh_stats = self.ssh.describe
+        self.gc = GcPauses()
+        self.backend.gc_stats = self.gc.describe
         self.times = SimTime()
         self._server: _Server | None = None
         self._threads: list[threading.Thread] = []
@@ -109,7 +112,9 @@ class Emulator:
     def from_fleet_file(cls, fleet_file: Path, state_dir: Path, **kwargs: Any) -> Emulator:
         return cls(load_world(fleet_file), state_dir, **kwargs)
 
-    def start(self, *, timeout: float = 30.0) -> EndpointInfo:
+    def start(self, *, timeout: float = 30.0, freeze_heap: bool = False) -> EndpointInfo:
+        """Serve; ``freeze_heap`` (for a process that is only this emulator, as ``amlfs-sim
+        serve``) takes the fleet built so far out of later full garbage collections."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tls = make_tls_files(self.state_dir / "tls", self.host)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -143,6 +148,9 @@ class Emulator:
             time.sleep(0.01)
         pump.start()
         ssh = self.ssh.start()
+        if freeze_heap:
+            settle_heap()
+        self.gc.install()
         base = f"https://{self.host}:{self.port}"
         self.endpoint = EndpointInfo(
             arm_url=base,
@@ -162,6 +170,7 @@ class Emulator:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.gc.uninstall()
         if self.ssh.info is not None:
             self.ssh.stop()
         if self._server is not None:

@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, PlanRow, plan_fleet
+from amlfs.gcpauses import GcPauses, settle_heap
 from amlfs.models import Cluster, load_release, parse_fleet
 from amlfs.runtime import Connections, from_endpoint, run_cluster_upgrade
 from amlfs.saga import UpgradePolicy
@@ -129,6 +131,12 @@ def main() -> None:
         "emulator started: the emulator stands in for Azure's own machines, and on a shared "
         "2-core machine the orchestrator must not starve it",
     )
+    parser.add_argument(
+        "--no-freeze-heap",
+        action="store_true",
+        help="Do not freeze start-up objects out of full garbage collections (emulator, "
+        "shards, this process): to compare",
+    )
     args = parser.parse_args()
     if args.switch_interval is not None:
         # Thousands of mostly idle threads: each thread waiting for the GIL wakes every switch
@@ -172,6 +180,7 @@ def main() -> None:
             sim_dir,
             "--time-scale",
             str(args.time_scale),
+            *(["--no-freeze-heap"] if args.no_freeze_heap else []),
             timeout_s=300,
             stdout=subprocess.DEVNULL,
         )
@@ -212,6 +221,7 @@ def main() -> None:
                     str(store.root),
                     forward_logs=False,
                     switch_interval_s=args.switch_interval,
+                    freeze_heap=not args.no_freeze_heap,
                 )
                 shards = ShardPool(spec, args.processes)
                 shards.start()
@@ -239,7 +249,11 @@ def main() -> None:
                     f"{endpoint.control_url}/state", verify=context, timeout=120
                 ).json()
 
+            if not args.no_freeze_heap:
+                settle_heap()
+            own_gc = GcPauses().install()
             state0 = sim_state()
+            load = LoadWatch().start()
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
             sim0 = connections.clock.now()
             started = time.monotonic()
@@ -252,7 +266,8 @@ def main() -> None:
                 if done % max(1, args.clusters // 20) == 0 or done == len(rows):
                     print(
                         f"  {done}/{len(rows)} done at sim {connections.clock.now() - sim0:.0f} s "
-                        f"(real {time.monotonic() - started:.0f} s), {summary.counts()}",
+                        f"(real {time.monotonic() - started:.0f} s), {summary.counts()}, "
+                        f"load {load.last}",
                         flush=True,
                     )
 
@@ -261,7 +276,10 @@ def main() -> None:
             ).run()
             makespan = connections.clock.now() - sim0
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            shard_cpu = shards.close().cpu_s if shards is not None else 0.0
+            shard_stats = shards.close() if shards is not None else None
+            shard_cpu = shard_stats.cpu_s if shard_stats is not None else 0.0
+            load.stop()
+            orchestrator_gc = [own_gc.describe(), *(shard_stats.gc if shard_stats else [])]
             pacers = {
                 name: connections.pacer(name)
                 for name in ("polls", "background_polls", "node_checks")
@@ -353,6 +371,20 @@ def main() -> None:
             f"{pacer.events} / {pacer.waited_s / max(pacer.events, 1):.2f} s",
             "",
         )
+    sim_gc = state.get("gc", {})
+    table.add_row(
+        "full GCs: emulator / orchestrator processes (count, longest ms)",
+        " / ".join(
+            f"{g.get('full_collections', 0)}, {g.get('max_ms', 0):.0f}"
+            for g in [sim_gc, *orchestrator_gc]
+        ),
+        "",
+    )
+    table.add_row(
+        "runnable threads: most seen (at real s) / load average max",
+        f"{load.most_runnable} ({load.most_runnable_at:.0f}) / {load.max_load:.0f}",
+        "",
+    )
     Console().print(table)
     breakdown = Table(title="per node, by kind")
     breakdown.add_column("ARM request kind")
@@ -383,9 +415,48 @@ def main() -> None:
         f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
         f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
         f"fits_window={makespan <= window_s} cpu_count={os.cpu_count()} "
-        f"processes={args.processes} orchestrator_nice={args.orchestrator_nice}"
+        f"processes={args.processes} orchestrator_nice={args.orchestrator_nice} "
+        f"freeze_heap={not args.no_freeze_heap} sim_gc_max_ms={sim_gc.get('max_ms', 0)} "
+        f"orch_gc_max_ms={max(g.get('max_ms', 0) for g in orchestrator_gc)} "
+        f"most_runnable={load.most_runnable} max_load={load.max_load:.0f}"
         + (f" last_start_s={last_start:.0f} cluster_s_median={median_s:.0f}" if spans else "")
     )
+
+
+class LoadWatch:
+    """The machine's run queue every few seconds (/proc/loadavg): a GIL convoy shows as
+    hundreds of runnable threads on 2 cores."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.most_runnable = 0
+        self.most_runnable_at = 0.0
+        self.max_load = 0.0
+        self.last = "-"
+        self._began = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-watch", daemon=True)
+
+    def start(self) -> LoadWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                fields = Path("/proc/loadavg").read_text().split()
+            except OSError:
+                return
+            runnable = int(fields[3].split("/")[0])
+            self.last = f"{fields[0]}, {fields[3]} runnable/threads"
+            self.max_load = max(self.max_load, float(fields[0]))
+            if runnable > self.most_runnable:
+                self.most_runnable = runnable
+                self.most_runnable_at = time.monotonic() - self._began
 
 
 def fleet_now() -> Any:

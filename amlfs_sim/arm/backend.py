@@ -93,6 +93,7 @@ class ArmBackend:
         # The node layer's per-cluster customer view, for the control API's state.
         self.customer_view: Callable[[str | None], dict[str, Any]] | None = None
         self.ssh_stats: Callable[[], dict[str, Any]] | None = None
+        self.gc_stats: Callable[[], dict[str, Any]] | None = None
         self.images: dict[str, ImageSpec] = {i.id.lower(): i for i in world.images}
         self.regions: dict[tuple[str, str], str] = {}
         for cluster in world.fleet.clusters:

@@ -1,0 +1,90 @@
+"""Full garbage collections: how long they stop a process, and keeping them short.
+
+A CPython full (generation 2) collection walks every object the collector tracks while it
+holds the GIL. In a process with a thousand threads (one per SSH session, on the
+orchestrator's side and on the emulator's), every thread that receives data during the
+pause queues for the GIL, and each of them wakes every switch interval to ask for it. The
+pause then grows longer than the walk itself, and the queue it leaves behind takes a while to
+drain. What lives for the whole run (the inventory, the emulator's fleet of nodes, imported
+modules) is never garbage: ``settle_heap`` takes it out of every later walk.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from typing import Any
+
+__all__ = ["GcPauses", "settle_heap"]
+
+
+def settle_heap() -> int:
+    """Collect once, then freeze what survived; returns how many objects were frozen.
+
+    Call it once a long-lived process has built what it keeps (after start-up): frozen
+    objects are still freed by reference counting, only the cycle collector stops walking
+    them. A cycle among them is never collected; start-up state holds none that matters.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+class GcPauses:
+    """Times every full collection of this process while installed.
+
+    ``describe()`` gives their count, total and longest pause, and when the longest ones came
+    (seconds after ``install``): a load spike that starts at one of them points at it.
+    """
+
+    def __init__(self, keep: int = 5) -> None:
+        self.keep = keep
+        self.count = 0
+        self.total_s = 0.0
+        self.longest: list[tuple[float, float]] = []  # (pause s, at s), longest first
+        self._began = time.monotonic()
+        self._start: float | None = None
+        self._lock = threading.Lock()
+
+    def install(self) -> GcPauses:
+        self._began = time.monotonic()
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+        return self
+
+    def uninstall(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        # Called by the collecting thread, with the GIL held: keep it short.
+        if info.get("generation") != 2:
+            return
+        now = time.perf_counter()
+        if phase == "start":
+            self._start = now
+            return
+        if self._start is None:
+            return
+        pause = now - self._start
+        self._start = None
+        with self._lock:
+            self.count += 1
+            self.total_s += pause
+            self.longest.append((pause, time.monotonic() - self._began))
+            self.longest.sort(reverse=True)
+            del self.longest[self.keep :]
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "full_collections": self.count,
+                "total_s": round(self.total_s, 3),
+                "max_ms": round(self.longest[0][0] * 1000, 1) if self.longest else 0.0,
+                "longest": [
+                    {"ms": round(pause * 1000, 1), "at_s": round(at, 1)}
+                    for pause, at in self.longest
+                ],
+                "frozen_objects": gc.get_freeze_count(),
+            }
