@@ -21,7 +21,6 @@ the window are checked with a predicted rollback reserved.
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import functools
 import os
@@ -46,6 +45,7 @@ from amlfs.errors import (
     NodeUnreachableError,
     RetryableAzureError,
 )
+from amlfs.fanout import run_all
 from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
 from amlfs.reconcile import inspect_cluster
@@ -288,18 +288,7 @@ class ClusterUpgrade:
 
     def _each(self, fn: Callable[[_VmPlan], None], plans: list[_VmPlan] | None = None) -> None:
         """``fn`` for every VM in parallel; all run to the end, then the first error raises."""
-        plans = list(self.plans.values()) if plans is None else plans
-        errors: list[BaseException] = []
-        with concurrent.futures.ThreadPoolExecutor(
-            max(1, min(self.policy.parallelism, len(plans) or 1))
-        ) as pool:
-            for future in [pool.submit(fn, plan) for plan in plans]:
-                try:
-                    future.result()
-                except BaseException as err:  # collected, re-raised below
-                    errors.append(err)
-        if errors:
-            raise errors[0]
+        run_all(list(self.plans.values()) if plans is None else plans, fn, self.policy.parallelism)
 
     # ------------------------------------------------------------------ deadlines
 

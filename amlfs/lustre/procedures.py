@@ -12,7 +12,6 @@ on every server so the swap happens with no client I/O in flight. Unsuspend reve
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -26,6 +25,7 @@ from amlfs.errors import (
     NodeError,
     NodeUnreachableError,
 )
+from amlfs.fanout import run_all
 from amlfs.lustre.parsers import (
     all_up,
     parse_devices,
@@ -144,21 +144,7 @@ class LustreOps:
     def each(self, nodes: Iterable[NodeRef], fn: Callable[[NodeRef], T]) -> dict[str, T]:
         """``fn`` on every node in parallel; the first error is raised after all finished."""
         nodes = list(nodes)
-        if len(nodes) == 1:
-            return {nodes[0].name: fn(nodes[0])}
-        results: dict[str, T] = {}
-        errors: list[BaseException] = []
-        workers = max(1, min(self.parallelism, len(nodes)))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(fn, node): node for node in nodes}
-            for future in concurrent.futures.as_completed(futures):
-                try:
-                    results[futures[future].name] = future.result()
-                except BaseException as err:  # collected, re-raised below
-                    errors.append(err)
-        if errors:
-            raise errors[0]
-        return results
+        return dict(zip([n.name for n in nodes], run_all(nodes, fn, self.parallelism), strict=True))
 
     def firewall_rule(self) -> list[str]:
         return [

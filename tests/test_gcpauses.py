@@ -1,0 +1,53 @@
+"""amlfs.gcpauses: full collections are timed; settle_heap freezes start-up objects."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from amlfs.gcpauses import GcPauses, settle_heap
+from tests.conftest import Sim
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    yield
+    gc.unfreeze()  # the rest of the test session keeps its normal collector
+
+
+def test_full_collections_are_counted_and_timed_and_young_ones_are_not() -> None:
+    pauses = GcPauses(keep=2).install()
+    try:
+        gc.collect(0)
+        gc.collect(1)
+        assert pauses.describe()["full_collections"] == 0
+        for _ in range(3):
+            gc.collect()
+    finally:
+        pauses.uninstall()
+    gc.collect()  # after uninstall: not counted
+    seen = pauses.describe()
+    assert seen["full_collections"] == 3
+    assert len(seen["longest"]) == 2
+    assert seen["max_ms"] == seen["longest"][0]["ms"] >= seen["longest"][1]["ms"] > 0
+    assert seen["total_s"] * 1000 >= seen["max_ms"]
+
+
+def test_settling_the_heap_takes_what_exists_out_of_later_full_collections(
+    unfrozen: None,
+) -> None:
+    keep = [[i] for i in range(50_000)]  # start-up state: lives for the whole run
+    frozen = settle_heap()
+    assert frozen >= len(keep)
+    assert gc.get_freeze_count() == frozen
+    tracked = {id(o) for o in gc.get_objects()}
+    assert id(keep[0]) not in tracked and id(keep) not in tracked
+
+
+def test_the_emulator_reports_its_own_full_collections(sim: Sim) -> None:
+    gc.collect()
+    state = sim.state()
+    assert state["gc"]["full_collections"] >= 1
+    assert state["gc"]["max_ms"] > 0
