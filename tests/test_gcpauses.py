@@ -43,7 +43,8 @@ def test_settling_the_heap_takes_what_exists_out_of_later_full_collections(
     assert frozen >= len(keep)
     assert gc.get_freeze_count() == frozen
     tracked = {id(o) for o in gc.get_objects()}
-    assert id(keep[0]) not in tracked and id(keep) not in tracked
+    assert id(keep[0]) not in tracked
+    assert id(keep) not in tracked
 
 
 def test_the_emulator_reports_its_own_full_collections(sim: Sim) -> None:
