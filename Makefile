@@ -41,7 +41,7 @@ bench-quick: $(STAMP)
 bench-p4: $(STAMP)
 	$(BIN)/python bench/fleet_scale.py --clusters 1000 --nodes 8 --max-parallel 260 --subscriptions 8 --time-scale 1 \
 		--admit-every 1.3 --max-polls-per-s 200 --max-background-polls-per-s 60 --max-checks-per-s 100 \
-		--switch-interval 0.05 --processes 2 --orchestrator-nice 10
+		--switch-interval 0.05 --sim-switch-interval 0.05 --processes 2 --orchestrator-nice 10
 
 # Prefect server on the local PostgreSQL, a process pool, 2 workers; torn down at the end.
 scaleout-demo: $(STAMP)

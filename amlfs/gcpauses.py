@@ -42,9 +42,13 @@ class GcPauses:
         self.keep = keep
         self.count = 0
         self.total_s = 0.0
-        self.longest: list[tuple[float, float]] = []  # (pause s, at s), longest first
+        self.cpu_s = 0.0  # of the collecting thread: the rest of a pause is waiting for a core
+        self.collected = 0
+        # (pause s, at s, CPU s, objects collected), longest first
+        self.longest: list[tuple[float, float, float, int]] = []
         self._began = time.monotonic()
         self._start: float | None = None
+        self._start_cpu = 0.0
         self._lock = threading.Lock()
 
     def install(self) -> GcPauses:
@@ -62,17 +66,21 @@ class GcPauses:
         if info.get("generation") != 2:
             return
         now = time.perf_counter()
+        cpu = time.thread_time()
         if phase == "start":
-            self._start = now
+            self._start, self._start_cpu = now, cpu
             return
         if self._start is None:
             return
-        pause = now - self._start
+        pause, used = now - self._start, cpu - self._start_cpu
         self._start = None
+        collected = int(info.get("collected", 0))
         with self._lock:
             self.count += 1
             self.total_s += pause
-            self.longest.append((pause, time.monotonic() - self._began))
+            self.cpu_s += used
+            self.collected += collected
+            self.longest.append((pause, time.monotonic() - self._began, used, collected))
             self.longest.sort(reverse=True)
             del self.longest[self.keep :]
 
@@ -81,10 +89,17 @@ class GcPauses:
             return {
                 "full_collections": self.count,
                 "total_s": round(self.total_s, 3),
+                "cpu_s": round(self.cpu_s, 3),
+                "collected": self.collected,
                 "max_ms": round(self.longest[0][0] * 1000, 1) if self.longest else 0.0,
                 "longest": [
-                    {"ms": round(pause * 1000, 1), "at_s": round(at, 1)}
-                    for pause, at in self.longest
+                    {
+                        "ms": round(pause * 1000, 1),
+                        "at_s": round(at, 1),
+                        "cpu_ms": round(used * 1000, 1),
+                        "collected": collected,
+                    }
+                    for pause, at, used, collected in self.longest
                 ],
                 "frozen_objects": gc.get_freeze_count(),
             }

@@ -132,6 +132,12 @@ def main() -> None:
         "2-core machine the orchestrator must not starve it",
     )
     parser.add_argument(
+        "--sim-switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the emulator process (default: Python's 0.005 s)",
+    )
+    parser.add_argument(
         "--no-freeze-heap",
         action="store_true",
         help="Do not freeze start-up objects out of full garbage collections (emulator, "
@@ -181,6 +187,11 @@ def main() -> None:
             "--time-scale",
             str(args.time_scale),
             *(["--no-freeze-heap"] if args.no_freeze_heap else []),
+            *(
+                ["--switch-interval", str(args.sim_switch_interval)]
+                if args.sim_switch_interval
+                else []
+            ),
             timeout_s=300,
             stdout=subprocess.DEVNULL,
         )
@@ -386,6 +397,19 @@ def main() -> None:
         "",
     )
     Console().print(table)
+    for name, g in zip(
+        ["emulator"] + [f"orchestrator {i}" for i in range(len(orchestrator_gc))],
+        [sim_gc, *orchestrator_gc],
+        strict=True,
+    ):
+        print(
+            f"full GCs, {name}: {g.get('full_collections', 0)} in {g.get('total_s', 0)} s "
+            f"(CPU {g.get('cpu_s', 0)} s, {g.get('collected', 0)} objects freed); longest: "
+            + ", ".join(
+                f"{p['ms']:.0f} ms (CPU {p['cpu_ms']:.0f}, {p['collected']} freed) at {p['at_s']:.0f} s"
+                for p in g.get("longest", [])
+            )
+        )
     breakdown = Table(title="per node, by kind")
     breakdown.add_column("ARM request kind")
     breakdown.add_column("per node", justify="right")

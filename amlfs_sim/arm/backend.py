@@ -69,6 +69,32 @@ class _Baseline:
     layout: dict[str, dict[int, tuple[str, str | None]]] = field(default_factory=dict)
 
 
+class DiskTable(dict[Key, Disk]):
+    """Every disk by key, and by (subscription, resource group) too: listing a group's disks
+    reads that group, not the fleet's (a list of 16,000 disks under the backend lock was 7% of
+    the emulator's GIL time in the 1,000-cluster bench)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._groups: dict[tuple[str, str], dict[Key, Disk]] = {}
+
+    def __setitem__(self, key: Key, disk: Disk) -> None:
+        super().__setitem__(key, disk)
+        self._groups.setdefault(key[:2], {})[key] = disk
+
+    def __delitem__(self, key: Key) -> None:
+        super().__delitem__(key)
+        self._groups[key[:2]].pop(key, None)
+
+    def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
+        if key in self:
+            self._groups[key[:2]].pop(key, None)
+        return super().pop(key, *default)
+
+    def in_group(self, subscription: str, resource_group: str) -> list[Disk]:
+        return list(self._groups.get((subscription, resource_group), {}).values())
+
+
 class ArmBackend:
     """All emulated ARM state and behaviour. Public methods are called with ``lock`` held."""
 
@@ -116,7 +142,7 @@ class ArmBackend:
             self.faults = FaultBook(random.Random(self.seed + 1))
             self.throttler.reset()
             self.vms: dict[Key, VirtualMachine] = {}
-            self.disks: dict[Key, Disk] = {}
+            self.disks = DiskTable()
             self.operations: dict[str, Operation] = {}
             self.history: list[Operation] = []
             self.events: list[Event] = []
@@ -696,8 +722,7 @@ class ArmBackend:
 
     def disks_in(self, subscription_id: str, resource_group: str) -> list[Disk]:
         self.region_of(subscription_id, resource_group)
-        prefix = (subscription_id.lower(), resource_group.lower())
-        return [d for key, d in self.disks.items() if key[:2] == prefix]
+        return self.disks.in_group(subscription_id.lower(), resource_group.lower())
 
     def put_disk(
         self,
