@@ -86,7 +86,7 @@ class DiskTable(dict[Key, Disk]):
         super().__delitem__(key)
         self._groups[key[:2]].pop(key, None)
 
-    def pop(self, key: Key, *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, key: Key, *default: Any) -> Any:
         if key in self:
             self._groups[key[:2]].pop(key, None)
         return super().pop(key, *default)
