@@ -60,6 +60,9 @@ def test_a_fleet_runs_in_two_orchestrator_processes_within_the_parents_caps(
     assert any("lustre-scus-01" in line for line in logs)  # log lines reach the parent
     assert pool.stats.cpu_s > 0
     assert pool.stats.restarts == 0
+    # Each shard froze its start-up objects and reported its full collections on exit.
+    assert len(pool.stats.gc) == 2
+    assert all(g["frozen_objects"] > 10_000 for g in pool.stats.gc), pool.stats.gc
     state = sim.state()
     assert state["leaked_disks"] == []
     assert state["data_disk_changes"] == []
