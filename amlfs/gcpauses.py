@@ -12,7 +12,6 @@ modules) is never garbage: ``settle_heap`` takes it out of every later walk.
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from typing import Any
 
@@ -40,16 +39,15 @@ class GcPauses:
 
     def __init__(self, keep: int = 5) -> None:
         self.keep = keep
-        self.count = 0
-        self.total_s = 0.0
-        self.cpu_s = 0.0  # of the collecting thread: the rest of a pause is waiting for a core
-        self.collected = 0
-        # (pause s, at s, CPU s, objects collected), longest first
-        self.longest: list[tuple[float, float, float, int]] = []
+        # (count, total wall s, collecting thread's CPU s, objects freed, longest pauses as
+        # (pause s, at s, CPU s, freed), longest first): one tuple, replaced whole by the
+        # callback. No lock: the callback runs inside whatever allocation set the collection
+        # off, ``describe`` included, and a lock held there would deadlock.
+        self._stats: tuple[int, float, float, int, tuple[tuple[float, float, float, int], ...]]
+        self._stats = (0, 0.0, 0.0, 0, ())
         self._began = time.monotonic()
         self._start: float | None = None
         self._start_cpu = 0.0
-        self._lock = threading.Lock()
 
     def install(self) -> GcPauses:
         self._began = time.monotonic()
@@ -62,7 +60,7 @@ class GcPauses:
             gc.callbacks.remove(self._on_gc)
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        # Called by the collecting thread, with the GIL held: keep it short.
+        # Called by the collecting thread, with the GIL held: keep it short, take no lock.
         if info.get("generation") != 2:
             return
         now = time.perf_counter()
@@ -75,31 +73,32 @@ class GcPauses:
         pause, used = now - self._start, cpu - self._start_cpu
         self._start = None
         collected = int(info.get("collected", 0))
-        with self._lock:
-            self.count += 1
-            self.total_s += pause
-            self.cpu_s += used
-            self.collected += collected
-            self.longest.append((pause, time.monotonic() - self._began, used, collected))
-            self.longest.sort(reverse=True)
-            del self.longest[self.keep :]
+        count, total, cpu_s, freed, longest = self._stats
+        entry = (pause, time.monotonic() - self._began, used, collected)
+        self._stats = (
+            count + 1,
+            total + pause,
+            cpu_s + used,
+            freed + collected,
+            tuple(sorted((*longest, entry), reverse=True)[: self.keep]),
+        )
 
     def describe(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "full_collections": self.count,
-                "total_s": round(self.total_s, 3),
-                "cpu_s": round(self.cpu_s, 3),
-                "collected": self.collected,
-                "max_ms": round(self.longest[0][0] * 1000, 1) if self.longest else 0.0,
-                "longest": [
-                    {
-                        "ms": round(pause * 1000, 1),
-                        "at_s": round(at, 1),
-                        "cpu_ms": round(used * 1000, 1),
-                        "collected": collected,
-                    }
-                    for pause, at, used, collected in self.longest
-                ],
-                "frozen_objects": gc.get_freeze_count(),
-            }
+        count, total, cpu_s, freed, longest = self._stats
+        return {
+            "full_collections": count,
+            "total_s": round(total, 3),
+            "cpu_s": round(cpu_s, 3),
+            "collected": freed,
+            "max_ms": round(longest[0][0] * 1000, 1) if longest else 0.0,
+            "longest": [
+                {
+                    "ms": round(pause * 1000, 1),
+                    "at_s": round(at, 1),
+                    "cpu_ms": round(used * 1000, 1),
+                    "collected": collected,
+                }
+                for pause, at, used, collected in longest
+            ],
+            "frozen_objects": gc.get_freeze_count(),
+        }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -52,3 +53,30 @@ def test_the_emulator_reports_its_own_full_collections(sim: Sim) -> None:
     state = sim.state()
     assert state["gc"]["full_collections"] >= 1
     assert state["gc"]["max_ms"] > 0
+
+
+def test_a_full_collection_inside_describe_does_not_hang_it() -> None:
+    # The callback runs inside whatever allocation set the collection off: describe() too.
+    # (A lock taken in both once deadlocked the emulator's /_sim/state.)
+    pauses = GcPauses().install()
+    thresholds = gc.get_threshold()
+    done = threading.Event()
+
+    keep: list[object] = []
+
+    def ask() -> None:
+        for _ in range(3000):
+            keep.append([[] for _ in range(50)])  # survivors: full collections come often
+            pauses.describe()
+        done.set()
+
+    gc.set_threshold(1, 1, 1)  # a full collection every few allocations
+    try:
+        asker = threading.Thread(target=ask, daemon=True)
+        asker.start()
+        asker.join(timeout=20)
+    finally:
+        gc.set_threshold(*thresholds)
+        pauses.uninstall()
+    assert done.is_set(), "describe() hung in a collection"
+    assert pauses.describe()["full_collections"] > 0
