@@ -1,22 +1,34 @@
-"""One cluster's upgrade by OS disk swap, as ordered steps with compensations.
+"""One cluster's upgrade by OS disk swap, as ordered steps, and the way back.
 
     preflight  read VMs + health                      (nothing changed yet)
-    prestage   create new OS disks, tagged            undo: delete them
+    prestage   create new OS disks, tagged            (outside the downtime)
     capture    node config -> state store             (outside the downtime)
-    suspend    timeouts, HSM, firewall                undo: unsuspend
-    swap       stop, PUT new OS disk, start (all VMs in parallel)
-                                                      undo: swap the old disks back, restore
-    restore    config + release overlay, services, health on the release
-    unsuspend  firewall off, tunables, HSM            undo: suspend again
-    validate   recovery COMPLETE, 0 evicted, lclient probe
+    suspend    tunables up, HSM off + drained, firewall on the servers
+    swap       stop, PUT new OS disk, start (all VMs in parallel), restore each node
+    restore    release tunables, health on the release
+    unsuspend  firewall off, clients back (recovery COMPLETE), then tunables and HSM back
+    validate   health per role, 0 evicted, lclient probe, no DROP rule, tunables, HSM
     finalize   delete (or keep, tagged) the old disks (point of no return)
 
-A compensation is registered right after its step succeeds; on failure they run in reverse.
-Progress is journaled in the state store (with the captured config and tunables) before
-each step, and Azure's tags say which disk replaces which, so ``ClusterUpgrade.run`` after a
-crash of the orchestrator resumes: forward when the nodes were already verified on the
-release, else back to the old disks. Before each irreversible step the downtime budget and
-the window are checked with a predicted rollback reserved.
+The cluster's lease (``amlfs.lease``) is taken before anything is read for a decision and
+fences every Azure write, node command and journal write: one orchestrator per cluster.
+
+The journal (state store) says what may have been done *before* it is done: the tunables
+and HSM state are recorded before suspend changes the first of them, the originals of the
+release's tunables before they are set. So the way back is not a replay of completed steps
+but a convergence to the old normal from wherever the cluster is, every action idempotent
+and checked before it changes anything (``rollback``): every VM back on its old OS disk,
+running, its captured config restored and healthy; the release's tunables set back; then,
+in the order that keeps clients safe, the firewall off on every server, recovery COMPLETE
+with the clients back, and only then ``timeout``, the recovery windows and HSM restored
+(lowering ``timeout`` while clients are blocked evicts them); the new disks deleted. The
+cluster is claimed ``rolled_back`` only when the same checks as ``upgraded`` pass on the old
+release; otherwise it is ``failed_needs_attention`` with what is left wrong, and its journal
+stays so that running it again converges again.
+
+Running the same cluster after a crash of the orchestrator resumes from the journal: forward
+when its nodes were already verified on the release, else back. Before each irreversible
+step the downtime budget and the window are checked with a predicted rollback reserved.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -46,6 +58,7 @@ from amlfs.errors import (
     RetryableAzureError,
 )
 from amlfs.fanout import run_all
+from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldError, LeaseLostError
 from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
 from amlfs.reconcile import inspect_cluster
@@ -81,6 +94,7 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"
     FAILED = "failed_needs_attention"
     ALREADY_CURRENT = "already_current"
+    BUSY = "busy"  # another orchestrator holds (or took over) the cluster: not touched by us
 
 
 class Predictions(BaseModel):
@@ -119,6 +133,12 @@ class UpgradePolicy(BaseModel):
     naive_order: bool = Field(
         default=False,
         description="Benchmark baseline only: disks created inside the downtime, one VM at a time",
+    )
+    lease_ttl_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Real seconds a cluster's lease lasts unless renewed (renewed every "
+        "quarter of it while the run lives); a dead holder on the same host is taken over at once",
     )
 
 
@@ -160,7 +180,11 @@ class _State:
     release: str
     phase: str = "started"
     release_before: str = ""
+    # Recorded before suspend changes anything: what the way back restores.
     tunables: dict[str, str] | None = None
+    suspend_started: bool = False  # set (journaled) before the first suspend change
+    # The release's tunables as they were, journaled before the release sets them.
+    release_tunables_before: dict[str, str] | None = None
     vms: dict[str, dict[str, str]] = field(default_factory=dict)
     suspended_at: float | None = None  # this process's clock
     suspended_wall: float | None = None  # Unix time, to carry the downtime across a resume
@@ -193,11 +217,14 @@ class ClusterUpgrade:
     ) -> None:
         self.cluster = cluster
         self.release = release
-        self.gw = gateway
         self.store = store
         self.clock = clock
         self.policy = policy or UpgradePolicy()
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.lease = ClusterLease(store, cluster.name, self.run_id, ttl_s=self.policy.lease_ttl_s)
+        # Every write to Azure and every command sent to a node first checks the fence.
+        self.gw = cast(ComputeGateway, FencedGateway(gateway, self.lease.check))
+        shells = cast(ShellSource, FencedShells(shells, self.lease.check))
         self.window_end = window_end
         self.now_utc = now_utc
         self.runner: StepRunner = runner or (lambda name, fn: fn())
@@ -217,7 +244,6 @@ class ClusterUpgrade:
         )
         self.rg = cluster.resource_group
         self.timings: list[StepTiming] = []
-        self.undo: list[tuple[str, Callable[[], None]]] = []
         self.started = clock.now()
         self.state = _State(self.run_id, release.version)
         self.plans: dict[str, _VmPlan] = {}
@@ -232,6 +258,7 @@ class ClusterUpgrade:
         return ("clusters", self.cluster.name, *parts)
 
     def _journal(self, phase: str) -> None:
+        self.lease.check()  # only the lease holder writes the journal
         self.state.phase = phase
         self.state.vms = {
             name: {
@@ -340,92 +367,167 @@ class ClusterUpgrade:
 
     def run(self) -> UpgradeResult:
         try:
+            self.lease.acquire()
+        except LeaseHeldError as err:
+            return self._result(Outcome.BUSY, str(err))
+        except AmlfsError as err:
+            return self._result(Outcome.FAILED, f"cannot take the cluster's lease: {err}")
+        self.lease.start_renewing()
+        try:
+            return self._run_leased()
+        except LeaseLostError as err:
+            # Another orchestrator took the cluster over: it owns the journal, the disks and
+            # the way back now. Nothing more is changed from here, not even a rollback.
+            self.log(f"{self.cluster.name}: {err}")
+            return self._result(Outcome.BUSY, str(err))
+        finally:
+            self.lease.release()
+
+    def _run_leased(self) -> UpgradeResult:
+        try:
             position = inspect_cluster(self.cluster, self.gw, self.store)
         except AmlfsError as err:
             return self._result(Outcome.FAILED, f"cannot read the cluster's state: {err}")
         if position.interrupted:
             assert position.journal is not None
             return self._resume(position.journal)
+        foreign = [d for d in position.orphans if not self.lease.knows_run(d.tags.get(TAG_RUN, ""))]
+        if foreign:
+            names = ", ".join(f"{d.name} (run {d.tags.get(TAG_RUN, '?')})" for d in foreign)
+            return self._result(
+                Outcome.BUSY,
+                f"OS disks made by runs this state store never saw: {names}. Another "
+                "orchestrator, working from another state store, may be upgrading this "
+                "cluster: not touching it. If no run is active, delete those disks (they are "
+                "attached to nothing) and run again",
+            )
         for disk in position.orphans:
-            # Left by a run that died before journaling it: ours, unattached, not kept.
+            # Left by a run of this store that died before journaling it: ours, unattached.
             self.log(f"{self.cluster.name}: deleting {disk.name}, left by an earlier run")
             try:
                 self._retry(
                     f"delete {disk.name}",
                     functools.partial(self.gw.delete_disk, self.rg, disk.name),
                 )
+            except LeaseLostError:
+                raise
             except AmlfsError as err:
                 self.log(f"{self.cluster.name}: could not delete {disk.name}: {err}")
         try:
             self._step("preflight", self.preflight)
+        except LeaseLostError:
+            raise
         except AmlfsError as err:
             return self._result(
                 Outcome.FAILED, f"preflight: {err}", before=self.state.release_before
             )
         if self.already_current:
-            return self._result(Outcome.ALREADY_CURRENT, f"already on {self.release.version}")
+            return self._already_current()
         try:
-            self.undo.append(("delete new disks", self.delete_new_disks))
             if self.policy.naive_order:  # the baseline bench/downtime.py compares against
                 self._step("capture", self.capture)
                 self._step("suspend", self.suspend)
-                self.undo.append(("unsuspend", self.unsuspend))
                 self._step("prestage", self.prestage)
             else:
                 self._step("prestage", self.prestage)
                 self._step("capture", self.capture)
                 self._check_room("suspend", self.policy.predictions.downtime_s)
                 self._step("suspend", self.suspend)
-                self.undo.append(("unsuspend", self.unsuspend))
             self._check_room(
                 "swap", self.policy.predictions.downtime_s - self.policy.predictions.suspend_s
             )
-            self.undo.append(("swap back", self.swap_back))
             self._step("swap", self.swap)
             pred = self.policy.predictions
             self._check_room("restore", pred.restore_s + pred.unsuspend_s + pred.validate_s)
             self._step("restore", self.restore)
             self._step("unsuspend", self.unsuspend)
-            self.undo.append(("suspend again", self.suspend))
             self._step("validate", self.validate)
+        except LeaseLostError:
+            raise
         except Exception as err:  # any failure, expected or not, puts the old disks back
             self.log(f"{self.cluster.name}: upgrade failed, rolling back: {err}")
             return self.rollback(f"{type(err).__name__}: {err}")
         return self._finish_forward()
 
+    def _already_current(self) -> UpgradeResult:
+        """Every VM runs the release's image: claimed only if it also serves normally."""
+        version = self.release.lustre_version or self._version_now()
+        try:
+            self.ops.wait_healthy(self.nodes, version, self.policy.healthy_timeout_s / 4)
+            self.ops.wait_serving(self.policy.serving_timeout_s / 4, self.run_id)
+            left = self.ops.left_suspended(None, dict(self.release.tunables))
+        except LeaseLostError:
+            raise
+        except AmlfsError as err:
+            left = [str(err)]
+        if left:
+            return self._result(
+                Outcome.FAILED,
+                f"on release {self.release.version} but not serving normally, and no "
+                f"interrupted run of this state store to resume: {'; '.join(left)}",
+                before=self.release.version,
+            )
+        return self._result(Outcome.ALREADY_CURRENT, f"already on {self.release.version}")
+
     def _finish_forward(self) -> UpgradeResult:
-        self.undo.clear()
         try:
             self._step("finalize", self.finalize)
+        except LeaseLostError:
+            raise
         except AmlfsError as err:
             # Upgraded and serving; only the old disks are left behind.
             return self._result(Outcome.UPGRADED, f"old OS disks not removed: {err}")
         return self._result(Outcome.UPGRADED, "")
 
-    def rollback(self, reason: str) -> UpgradeResult:
-        self._journal("rolling_back")
-        failures = []
-        for name, fn in reversed(self.undo):
-            start = self.clock.now()
-            try:
-                self.runner(f"rollback: {name}", fn)
-                status = "compensated"
-            except Exception as err:  # the next undo step still runs
-                failures.append(f"{name}: {err}")
-                status = "failed"
-            self.timings.append(
-                StepTiming(
-                    name=f"rollback: {name}",
-                    started_s=start,
-                    ended_s=self.clock.now(),
-                    status=status,
-                )
+    def _compensate(self, name: str, fn: Callable[[], None], failures: list[str]) -> bool:
+        """One part of the way back, as its own step; False (and why) if it failed."""
+        start = self.clock.now()
+        status = "compensated"
+        try:
+            self.runner(f"rollback: {name}", fn)
+        except LeaseLostError:
+            raise
+        except Exception as err:  # the next part still runs where it is safe
+            failures.append(f"{name}: {err}")
+            status = "failed"
+        self.timings.append(
+            StepTiming(
+                name=f"rollback: {name}", started_s=start, ended_s=self.clock.now(), status=status
             )
-        self.undo.clear()
+        )
+        return status == "compensated"
+
+    def rollback(self, reason: str) -> UpgradeResult:
+        """Converge the cluster back to its old normal from wherever it is (see the module
+        docstring); ``rolled_back`` only once verified, else ``failed_needs_attention``."""
+        self._journal("rolling_back")
+        failures: list[str] = []
+        serving = True
+        if self.plans and self._needs_swap_back():
+            serving = self._compensate("swap back", self.swap_back, failures)
+        if self.state.release_tunables_before is not None:
+            self._compensate("release tunables", self.undo_release_tunables, failures)
+        if self.state.suspend_started:
+            if serving:
+                serving = self._compensate("clients back", self.let_clients_back, failures)
+            if serving:
+                # Only with clients back: a lower timeout would evict the ones still blocked.
+                self._compensate("tunables and HSM back", self.restore_tunables, failures)
+            else:
+                failures.append(
+                    "timeout and recovery windows left raised: clients are not back yet, and "
+                    "lowering them now would evict them"
+                )
+        if self.plans:
+            self._compensate("delete new disks", self.delete_new_disks, failures)
+        if not failures:
+            self._compensate("verify", self.verify_rolled_back, failures)
         if failures:
             self._journal("needs_attention")
             return self._result(
-                Outcome.FAILED, f"{reason}; rollback incomplete: {'; '.join(failures)}"
+                Outcome.FAILED,
+                f"{reason}; rollback incomplete: {'; '.join(failures)}. The journal is kept: "
+                "running the cluster again retries the way back",
             )
         self._done()
         return self._result(Outcome.ROLLED_BACK, reason)
@@ -458,6 +560,7 @@ class ClusterUpgrade:
         )
 
     def _done(self) -> None:
+        self.lease.check()  # only the lease holder deletes the journal and the config
         self.store.delete(*self._key("run"))
         for node in self.nodes:
             self.store.delete(*self._key("config", node.name))
@@ -545,10 +648,16 @@ class ClusterUpgrade:
         self._journal("captured")
 
     def suspend(self) -> None:
+        """Tunables up, HSM off and drained, then client traffic dropped on every server.
+
+        Journaled before the first change (the originals and ``suspend_started``), so a
+        failure or a crash anywhere in here is undone by the way back, part by part."""
         if self.state.tunables is None:
             self.state.tunables = self.ops.record_tunables()
-            self._journal("suspending")
-        self.ops.prepare(self.state.tunables)
+        self.state.suspend_started = True
+        self._journal("suspending")
+        self.ops.raise_tunables(self.state.tunables)
+        self.ops.quiesce_hsm()
         if self.state.suspended_at is None:
             self.state.suspended_at = self.clock.now()  # clients lose service from here
             self.state.suspended_wall = time.time()
@@ -654,21 +763,65 @@ class ClusterUpgrade:
         self.ops.each([n for n in self.nodes if n.role is not Role.MDS], one)
 
     def _apply_release_tunables(self) -> None:
-        if self.release.tunables:
-            self.ops.sh(self.ops.mds).run(
-                ["lctl", "set_param", "-P", *(f"{k}={v}" for k, v in self.release.tunables.items())]
-            )
+        if not self.release.tunables:
+            return
+        if self.state.release_tunables_before is None:
+            # Journaled before they change: the way back sets them to these again.
+            values = self.ops.read_params(self.ops.mds, list(self.release.tunables))
+            self.state.release_tunables_before = {
+                name: next(v for k, v in values.items() if k == name or k.endswith(f".{name}"))
+                for name in self.release.tunables
+            }
+            self._journal("restoring")
+        self.ops.sh(self.ops.mds).run(
+            ["lctl", "set_param", "-P", *(f"{k}={v}" for k, v in self.release.tunables.items())]
+        )
 
     def unsuspend(self) -> None:
-        if self.state.tunables is None:
-            return  # never suspended
-        self.ops.unsuspend(self.state.tunables)
+        """Clients back first (firewall off everywhere, recovery COMPLETE with 0 evicted),
+        then the tunables and HSM: lowering ``timeout`` under blocked clients evicts them."""
+        self._journal("unsuspending")
+        self.let_clients_back()
+        self.restore_tunables()
         self._journal("unsuspended")
 
-    def validate(self) -> None:
+    def let_clients_back(self) -> None:
+        self.ops.each(self.ops.servers(), self.ops.firewall_off)
+        left = [
+            n.name
+            for n, on in zip(
+                self.ops.servers(),
+                self.ops.each(self.ops.servers(), self.ops.firewalled).values(),
+                strict=True,
+            )
+            if on
+        ]
+        if left:
+            raise HealthCheckError(f"client traffic still dropped on {', '.join(left)}")
         self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
         self.serving_again_at = self.clock.now()
+
+    def restore_tunables(self) -> None:
+        saved = self.state.tunables
+        if saved is None:
+            return  # suspend never recorded them: it changed nothing
+        self.ops.set_tunables(saved)
+        self.ops.set_hsm_control(saved.get("hsm_control", "enabled"))
+
+    def validate(self) -> None:
+        """The release serves exactly as a normal cluster: the checks ``rolled_back`` uses."""
+        self._verify_normal(self.release.lustre_version or self._version_now(), upgraded=True)
         self._journal("validated")
+
+    def _verify_normal(self, version: str, *, upgraded: bool) -> None:
+        self.ops.wait_healthy(self.nodes, version, self.policy.healthy_timeout_s)
+        self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
+        wanted = dict(self.release.tunables) if upgraded else self.state.release_tunables_before
+        left = self.ops.left_suspended(self.state.tunables, wanted)
+        if left:
+            raise HealthCheckError("; ".join(left))
+        if self.serving_again_at is None:
+            self.serving_again_at = self.clock.now()
 
     def finalize(self) -> None:
         self._journal("finalizing")
@@ -698,21 +851,75 @@ class ClusterUpgrade:
 
     # ------------------------------------------------------------------ compensations
 
+    def _needs_swap_back(self) -> bool:
+        """Is any VM off its old OS disk or not running (read from Azure)?"""
+        for plan in self.plans.values():
+            vm = self._retry(
+                f"read VM {plan.node.name}",
+                functools.partial(self.gw.vm_info, self.rg, plan.node.name),
+            )
+            if vm.os_disk_id.lower() != plan.old_disk_id.lower() or vm.power_state != "running":
+                return True
+        return False
+
     def swap_back(self) -> None:
-        """Every VM back on its old OS disk, its config and services restored and healthy."""
+        """Every VM back on its old OS disk, its captured config and services restored and
+        healthy. The servers keep dropping client traffic until the clients may come back."""
+        if self.state.tunables is not None:
+            self._resuspend_for_swap_back()
 
         def one(plan: _VmPlan) -> None:
             self._swap_vm(plan, plan.old_disk, plan.old_disk_id, None)
 
         self._each(one)
+        self.restored.clear()  # what was restored on the release's disks does not count
+        self.restored_locally.clear()
         self._restore_nodes(None)
         self.ops.wait_healthy(self.nodes, self._version_now(), self.policy.healthy_timeout_s)
+
+    def _resuspend_for_swap_back(self) -> None:
+        """Before VMs go down again: timeouts up (clients must survive it), HSM off, client
+        traffic dropped on the servers that are up. Best effort on what cannot be reached:
+        a node that is down has no clients to protect."""
+        assert self.state.tunables is not None
+        self.state.suspend_started = True
+        self._journal("rolling_back")
+        try:
+            self.ops.raise_tunables(self.state.tunables)
+            self.ops.set_hsm_control("disabled")
+        except AmlfsError as err:
+            if isinstance(err, LeaseLostError):
+                raise
+            self.log(f"{self.cluster.name}: MDS not reachable to raise the timeouts: {err}")
+
+        def fence(node: NodeRef) -> None:
+            try:
+                self.ops.firewall_on(node)
+            except AmlfsError as err:
+                if isinstance(err, LeaseLostError):
+                    raise
+                self.log(f"{self.cluster.name}: {node.name} not firewalled (down?): {err}")
+
+        self.ops.each(self.ops.servers(), fence)
+
+    def undo_release_tunables(self) -> None:
+        before = self.state.release_tunables_before
+        if before:
+            self.ops.sh(self.ops.mds).run(
+                ["lctl", "set_param", "-P", *(f"{k}={v}" for k, v in before.items())]
+            )
+
+    def verify_rolled_back(self) -> None:
+        """The old release serves as a normal cluster: the checks ``upgraded`` uses."""
+        self._verify_normal(self._version_now(), upgraded=False)
 
     def delete_new_disks(self) -> None:
         def one(plan: _VmPlan) -> None:
             disk = self.gw.get_disk(self.rg, plan.new_disk)
             if disk is None:
                 return
+            if disk.tags.get(TAG_RUN) != self.run_id:
+                return  # not ours (another run's, with the same name): never delete it
             if disk.managed_by:
                 raise HealthCheckError(f"{plan.new_disk} is still attached to {disk.managed_by}")
             self._retry(
@@ -749,27 +956,22 @@ class ClusterUpgrade:
                 disk = self.gw.get_disk(self.rg, plan.new_disk)
                 if disk is not None and disk.tags.get(TAG_VM) == plan.node.name:
                     plan.new_disk_id = disk.id
+        self.lease.adopt_run(self.run_id)
         released = self.release.version == self.state.release
         phase = self.state.phase
         if released and phase in ("validated", "finalizing"):
             result = self._finish_forward()
-        elif released and phase in ("restored", "unsuspended"):
+        elif released and phase in ("restored", "unsuspending", "unsuspended"):
             try:
                 self._step("unsuspend", self.unsuspend)
-                self.undo.append(("delete new disks", self.delete_new_disks))
-                self.undo.append(("unsuspend", self.unsuspend))
-                self.undo.append(("swap back", self.swap_back))
-                self.undo.append(("suspend again", self.suspend))
                 self._step("validate", self.validate)
-            except AmlfsError as err:
+            except LeaseLostError:
+                raise
+            except Exception as err:
                 result = self.rollback(f"resumed at {phase}, validation failed: {err}")
             else:
                 result = self._finish_forward()
         else:
-            self.undo = [("delete new disks", self.delete_new_disks)]
-            if self.state.tunables is not None:
-                self.undo.append(("unsuspend", self.unsuspend))
-                self.undo.append(("swap back", self.swap_back))
             result = self.rollback(f"resumed after the orchestrator stopped at {phase}")
         result.resumed = True
         return result

@@ -9,10 +9,13 @@ may hold credentials of the HSM agents.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,34 @@ class StateStore:
 
     def delete(self, *parts: str) -> None:
         self._path(*parts).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _locked(self, *parts: str) -> Iterator[None]:
+        """An exclusive lock on one document, across processes (``flock`` on a lock file
+        beside it; NFS v4 and Azure Files NFS map it to byte-range locks)."""
+        path = self._path(*parts)
+        lock_path = path.with_name(f".{path.name}.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise StateStoreError(f"cannot lock {path}: {err.strerror}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def update(self, *parts: str, change: Callable[[Any | None], Any | None]) -> Any | None:
+        """Read-modify-write one document atomically with respect to every other ``update``
+        of it: ``change(current)`` returns the new value (None: delete it); returns it."""
+        with self._locked(*parts):
+            new = change(self.get(*parts))
+            if new is None:
+                self.delete(*parts)
+            else:
+                self.put(*parts, value=new)
+            return new
 
     def __repr__(self) -> str:
         return f"StateStore({str(self.root)!r})"

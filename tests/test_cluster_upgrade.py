@@ -11,6 +11,7 @@ from azure.mgmt.compute.models import DataDisk, ManagedDiskParameters
 
 from amlfs.azure.gateway import OperationTimes
 from amlfs.errors import DataDiskGuardError
+from amlfs.lease import ClusterLease
 from amlfs.models import Release, load_release
 from amlfs.runtime import Connections
 from amlfs.saga import ClusterUpgrade, Outcome, Predictions, UpgradePolicy, UpgradeResult
@@ -93,8 +94,13 @@ def test_happy_path_upgrades_with_no_eviction_and_short_downtime(
         "validate",
         "finalize",
     ]
-    # Journal and captured config are gone once done.
-    assert not list((tmp_path / "clusters").rglob("*.json"))
+    # Journal and captured config are gone once done; the lease is given back (its record
+    # stays: the fencing token only grows, and it remembers the runs this store made).
+    left = {p.name for p in (tmp_path / "clusters").rglob("*.json")}
+    assert left == {"lease.json"}
+    lease = StateStore(tmp_path).get("clusters", sim.cluster.name, "lease")
+    assert lease["holder"] is None
+    assert result.run_id in lease["runs"]
     # Running again: nothing to do.
     again = upgrade(sim, conns, tmp_path)
     assert again.outcome is Outcome.ALREADY_CURRENT
@@ -246,8 +252,9 @@ def test_a_body_changing_data_disks_is_refused_before_it_is_sent(
     assert sim.state()["violations"] == []
 
 
+@pytest.mark.parametrize("known_run", [True, False], ids=["this-stores-run", "unknown-run"])
 def test_disks_left_by_a_run_that_died_unjournaled_are_removed(
-    sim: Sim, conns: Connections, tmp_path: Path
+    sim: Sim, conns: Connections, tmp_path: Path, known_run: bool
 ) -> None:
     from azure.mgmt.compute.models import (
         CreationData,
@@ -274,9 +281,28 @@ def test_disks_left_by_a_run_that_died_unjournaled_are_removed(
         sim.cluster.resource_group, "eus01-oss0-osdisk-2.15.7", orphan
     ).result()
     assert sim.state()["leaked_disks"] == ["eus01-oss0-osdisk-2.15.7"]
+    if known_run:
+        # The run that made it held this store's lease for the cluster, then died.
+        dead = ClusterLease(StateStore(tmp_path), sim.cluster.name, "dead")
+        dead.acquire()
+        dead.release()
     result = upgrade(sim, conns, tmp_path)
-    assert result.outcome is Outcome.UPGRADED, result.reason
-    assert_customer_safe(sim, "2.15.6")
+    if known_run:
+        assert result.outcome is Outcome.UPGRADED, result.reason
+        assert_customer_safe(sim, "2.15.6")
+        return
+    # A run this store never saw: maybe another orchestrator with another state store is
+    # mid-upgrade. Nothing is touched, and the answer says why and what to do.
+    assert result.outcome is Outcome.BUSY, result.reason
+    assert "eus01-oss0-osdisk-2.15.7 (run dead)" in result.reason
+    state = sim.state()
+    assert state["leaked_disks"] == ["eus01-oss0-osdisk-2.15.7"]
+    assert images(state) == {"2.15.5"}
+    assert not [
+        op
+        for op in sim.timeline()["operations"]
+        if op["kind"] != "disk.create" and not op["kind"].endswith(("get", "list", "instance_view"))
+    ]
 
 
 def test_operation_times_learn_a_first_poll_delay_only_from_enough_samples() -> None:

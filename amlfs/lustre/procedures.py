@@ -7,7 +7,10 @@ Suspend-prepare, in the deck's order: record the tunables the procedure changes,
 ``timeout`` and the recovery windows with ``lctl set_param -P`` on the MGS (clients must
 survive the outage without eviction: Lustre evicts a client silent for ~1.5 x timeout), quiesce
 HSM (coordinator disabled, active requests drained), then drop client LNet traffic (TCP 988)
-on every server so the swap happens with no client I/O in flight. Unsuspend reverses it.
+on every server so the swap happens with no client I/O in flight. Each of these is a separate
+method so that the saga journals before each and can undo exactly what was done. Unsuspend
+reverses them in the order that keeps clients safe: firewall off, clients back, and only then
+the tunables (``left_suspended`` says what is still not back).
 """
 
 from __future__ import annotations
@@ -178,37 +181,42 @@ class LustreOps:
         return files
 
     def record_tunables(self) -> dict[str, str]:
-        """The values suspend will change, read from the MDS before they are raised."""
+        """The values suspend will change, read from the MDS before they are raised:
+        ``timeout``, the recovery windows and the HSM coordinator's state."""
         out = self.sh(self.mds).run(
-            ["lctl", "get_param", "timeout", "mdt.*.recovery_time_soft", "mdt.*.recovery_time_hard"]
+            [
+                "lctl",
+                "get_param",
+                "timeout",
+                "mdt.*.recovery_time_soft",
+                "mdt.*.recovery_time_hard",
+                "mdt.*.hsm_control",
+            ]
         )
         params = parse_params(out.stdout)
         soft = next(v for k, v in params.items() if k.endswith(".recovery_time_soft"))
         hard = next(v for k, v in params.items() if k.endswith(".recovery_time_hard"))
+        hsm = next((v for k, v in params.items() if k.endswith(".hsm_control")), "enabled")
         return {
             "timeout": params["timeout"],
             "recovery_time_soft": soft,
             "recovery_time_hard": hard,
+            "hsm_control": hsm,
+        }
+
+    def raised_tunables(self, saved: dict[str, str]) -> dict[str, str]:
+        policy = self.policy
+        return {
+            "timeout": str(max(policy.timeout_s, int(saved["timeout"]))),
+            "recovery_time_soft": str(policy.recovery_time_soft_s),
+            "recovery_time_hard": str(policy.recovery_time_hard_s),
         }
 
     # ------------------------------------------------------------------ suspend
 
-    def suspend(self, saved: dict[str, str]) -> None:
-        """Raise timeouts (persistent), quiesce HSM, firewall client traffic on the servers."""
-        self.prepare(saved)
-        self.each(self.servers(), self.firewall_on)
-
-    def prepare(self, saved: dict[str, str]) -> None:
-        """The part of suspend that clients do not notice: tunables up, HSM drained."""
-        policy = self.policy
-        self.set_tunables(
-            {
-                "timeout": str(max(policy.timeout_s, int(saved["timeout"]))),
-                "recovery_time_soft": str(policy.recovery_time_soft_s),
-                "recovery_time_hard": str(policy.recovery_time_hard_s),
-            }
-        )
-        self.quiesce_hsm()
+    def raise_tunables(self, saved: dict[str, str]) -> None:
+        """Timeouts and recovery windows up, persistently (clients must survive the outage)."""
+        self.set_tunables(self.raised_tunables(saved))
 
     def set_tunables(self, values: dict[str, str]) -> None:
         mds = self.sh(self.mds)
@@ -222,6 +230,9 @@ class LustreOps:
                 f"*.*.recovery_time_hard={values['recovery_time_hard']}",
             ]
         )
+
+    def set_hsm_control(self, value: str) -> None:
+        self.sh(self.mds).run(["lctl", "set_param", f"mdt.*.hsm_control={value}"])
 
     def quiesce_hsm(self) -> None:
         mds = self.sh(self.mds)
@@ -243,8 +254,16 @@ class LustreOps:
     def firewall_on(self, node: NodeRef) -> None:
         shell = self.sh(node)
         rule = self.firewall_rule()
-        if shell.run(["iptables", "-C", *rule], check=False).status != 0:
-            shell.run(["iptables", "-I", rule[0], "1", *rule[1:]])
+        # A second insert adds a second rule: after a session dropped mid-insert, look again.
+        for attempt in range(1, 4):
+            if shell.run(["iptables", "-C", *rule], check=False).status == 0:
+                return
+            try:
+                shell.run(["iptables", "-I", rule[0], "1", *rule[1:]], idempotent=False)
+                return
+            except NodeUnreachableError:
+                if attempt == 3:
+                    raise
 
     def firewall_off(self, node: NodeRef) -> None:
         shell = self.sh(node)
@@ -254,11 +273,49 @@ class LustreOps:
                 return
             shell.run(["iptables", "-D", *rule])
 
-    def unsuspend(self, saved: dict[str, str]) -> None:
-        """Let clients back in, then restore the tunables and HSM."""
-        self.each(self.servers(), self.firewall_off)
-        self.set_tunables(saved)
-        self.sh(self.mds).run(["lctl", "set_param", "mdt.*.hsm_control=enabled"])
+    def firewalled(self, node: NodeRef) -> bool:
+        """Does ``node`` still drop client LNet traffic?"""
+        return self.sh(node).run(["iptables", "-C", *self.firewall_rule()], check=False).status == 0
+
+    def read_params(self, node: NodeRef, names: Sequence[str]) -> dict[str, str]:
+        """``lctl get_param`` of ``names`` on ``node``, as name -> value."""
+        return parse_params(self.sh(node).run(["lctl", "get_param", *names]).stdout)
+
+    def left_suspended(
+        self, saved: dict[str, str] | None, wanted: dict[str, str] | None = None
+    ) -> list[str]:
+        """What still differs from a cluster back to normal service: a DROP rule on a
+        server, tunables not back to ``saved`` (plus the release's ``wanted`` values), the
+        HSM coordinator not back. Empty when nothing is left."""
+        problems = []
+        firewalled = self.each(self.servers(), self.firewalled)
+        problems += [
+            f"{name}: still drops client traffic (TCP 988)" for name, on in firewalled.items() if on
+        ]
+        expected: dict[str, str] = {}
+        if saved is not None:
+            expected.update(
+                {
+                    "timeout": saved["timeout"],
+                    "recovery_time_soft": saved["recovery_time_soft"],
+                    "recovery_time_hard": saved["recovery_time_hard"],
+                    "hsm_control": saved.get("hsm_control", "enabled"),
+                }
+            )
+        else:
+            expected["hsm_control"] = "enabled"
+        expected.update(wanted or {})
+        names = []
+        for name in expected:
+            names.append(f"mdt.*.{name}" if name.startswith(("recovery_", "hsm_")) else name)
+        values = self.read_params(self.mds, names)
+        for name, value in expected.items():
+            seen = [v for k, v in values.items() if k == name or k.endswith(f".{name}")]
+            if not seen:
+                problems.append(f"{self.mds.name}: {name} unreadable")
+            elif any(v != value for v in seen):
+                problems.append(f"{self.mds.name}: {name}={seen[0]}, expected {value}")
+        return problems
 
     # ------------------------------------------------------------------ boot + restore
 
@@ -302,10 +359,17 @@ class LustreOps:
             self.firewall_on(node)
         self._ensure_lnet(node, restart=changed)
         if node.role in SERVER_ROLES:
-            imported = set(shell.run(["zpool", "list", "-H", "-o", "name"]).stdout.split())
-            for pool in _pools_of(wanted.get("/etc/ldev.conf", "")):
-                if pool not in imported:
-                    shell.run(["zpool", "import", pool])
+            pools = _pools_of(wanted.get("/etc/ldev.conf", ""))
+            # Importing an imported pool fails: after a session dropped mid-import, list again.
+            for attempt in range(1, 4):
+                imported = set(shell.run(["zpool", "list", "-H", "-o", "name"]).stdout.split())
+                try:
+                    for pool in (p for p in pools if p not in imported):
+                        shell.run(["zpool", "import", pool], idempotent=False)
+                    break
+                except NodeUnreachableError:
+                    if attempt == 3:
+                        raise
 
     def start_services(self, node: NodeRef) -> None:
         """Lustre (targets register with the MGS, a client mounts through it), HSM agents."""
