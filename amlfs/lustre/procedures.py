@@ -302,9 +302,9 @@ class LustreOps:
                     "hsm_control": saved.get("hsm_control", "enabled"),
                 }
             )
-        else:
-            expected["hsm_control"] = "enabled"
         expected.update(wanted or {})
+        if not expected:
+            return problems
         names = []
         for name in expected:
             names.append(f"mdt.*.{name}" if name.startswith(("recovery_", "hsm_")) else name)
