@@ -8,7 +8,8 @@
     │   ├── RetryableAzureError     throttling, 5xx, timeouts: try again with backoff
     │   └── PermanentAzureError     4xx, failed operation, bad image: do not retry
     ├── NodeError               SSH to a node failed
-    │   ├── NodeUnreachableError    connect/auth/host key failed or the session dropped
+    │   ├── NodeUnreachableError    cannot connect, or the session dropped: try again later
+    │   ├── NodeAccessDeniedError   authentication or host key refused: do not retry
     │   └── CommandFailedError      a command exited non-zero
     ├── HealthCheckError        a node or cluster did not reach the healthy state in time
     ├── DeadlineError           the downtime budget or window cannot hold the next step
@@ -28,6 +29,7 @@ __all__ = [
     "DeadlineError",
     "HealthCheckError",
     "InventoryError",
+    "NodeAccessDeniedError",
     "NodeError",
     "NodeOutputError",
     "NodeUnreachableError",
@@ -79,7 +81,13 @@ class NodeError(AmlfsError):
 
 
 class NodeUnreachableError(NodeError):
-    """Cannot connect, authenticate or verify the host key; or the session dropped."""
+    """Transient: the node refused or timed out the connection, or the session dropped."""
+
+
+class NodeAccessDeniedError(NodeError):
+    """The node cannot be trusted or will not let us in: authentication failed, or its host
+    key is unknown or differs from known_hosts. Not a NodeUnreachableError: retrying cannot
+    help, and a changed host key may be a man in the middle."""
 
 
 class CommandFailedError(NodeError):

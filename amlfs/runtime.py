@@ -83,6 +83,16 @@ class SshSettings(BaseModel):
     port: int = Field(default=22, ge=1, le=65535)
     connect_timeout_s: float = Field(default=10.0, gt=0)
     command_timeout_s: float = Field(default=60.0, gt=0)
+    attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Tries of one command on transient SSH failures (refused or dropped)",
+    )
+    retry_wait_s: float = Field(default=0.5, gt=0, description="First backoff, sim seconds")
+    retry_wait_max_s: float = Field(default=2.0, gt=0, description="Longest backoff, sim s")
+    retry_budget_s: float = Field(
+        default=30.0, gt=0, description="No retry of a command starts later than this, sim s"
+    )
     max_checks_per_s: float = Field(
         default=40,
         ge=0,
@@ -99,6 +109,11 @@ class SshSettings(BaseModel):
             port=self.port,
             connect_timeout_s=max(2.0, clock.to_real(self.connect_timeout_s)),
             command_timeout_s=max(5.0, clock.to_real(self.command_timeout_s)),
+            # Sim seconds: the pool waits on the same clock.
+            attempts=self.attempts,
+            retry_wait_s=self.retry_wait_s,
+            retry_wait_max_s=self.retry_wait_max_s,
+            retry_budget_s=self.retry_budget_s,
         )
 
 
@@ -158,7 +173,7 @@ class Connections:
 
     def shells(self) -> SshPool:
         if self._pool is None:
-            self._pool = SshPool(self.ssh.config(self.clock))
+            self._pool = SshPool(self.ssh.config(self.clock), self.clock)
         return self._pool
 
     def close(self) -> None:

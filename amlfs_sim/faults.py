@@ -36,7 +36,9 @@ OP_KINDS = (
     "image.get",
     "operation.poll",
     # Node faults, matched on the VM name: a crash (fail) or a bad image (code BadImage) at
-    # the next boot; SSH refused while the rule fires; recovery that never completes.
+    # the next boot; SSH refused while the rule fires (phase accept, the default for
+    # node.ssh), or a command run and its session dropped before the exit status (phase
+    # complete); recovery that never completes.
     "node.boot",
     "node.ssh",
     "node.recovery",
@@ -60,7 +62,14 @@ class FaultSpec(BaseModel):
     code: str = "InternalServerError"
     message: str = "Injected fault."
     status: int = Field(default=500, ge=400, le=599)
-    phase: str = Field(default="complete", pattern="^(accept|complete)$")
+    # FAIL rules: ``accept`` refuses the request before it does anything, ``complete`` lets
+    # it take effect and then fails it (an ARM operation fails; an SSH command runs and its
+    # session drops before the exit status is sent). None: the kind's default, ``accept`` for
+    # node.ssh (a refused connection or command) and ``complete`` for everything else.
+    phase: str | None = Field(default=None, pattern="^(accept|complete)$")
+    # node.ssh only: fire for commands whose line matches this glob (``iptables -I *``), not
+    # for connections; None: any command or connection.
+    command: str | None = None
     count: int | None = Field(default=None, ge=1)
     probability: float | None = Field(default=None, gt=0, le=1)
     retry_after_s: float = Field(default=10.0, ge=0)
@@ -81,6 +90,9 @@ class FaultSpec(BaseModel):
         if self.count is not None:
             return self.count
         return None if self.probability is not None else 1
+
+
+_DEFAULT_PHASE = {"node.ssh": "accept"}
 
 
 @dataclass
@@ -106,22 +118,36 @@ class FaultBook:
         self.rules.clear()
 
     def take(
-        self, kind: str, target: str, modes: tuple[FaultMode, ...], *, phase: str = "complete"
+        self,
+        kind: str,
+        target: str,
+        modes: tuple[FaultMode, ...],
+        *,
+        phase: str = "complete",
+        command: str | None = None,
     ) -> FaultSpec | None:
         """The first rule of one of ``modes`` that fires for this request, consuming one use.
 
         ``phase`` selects FAIL rules: ``accept`` ones refuse the request itself, ``complete``
-        ones let it start and fail the long-running operation.
+        ones let it start and fail the long-running operation. ``command``: the command line
+        of a node.ssh request (None for a connection), matched against a rule's ``command``.
         """
         for rule in self.rules:
             spec = rule.spec
             if spec.mode not in modes or rule.remaining == 0:
                 continue
-            if spec.mode is FaultMode.FAIL and spec.phase != phase:
+            if (
+                spec.mode is FaultMode.FAIL
+                and (spec.phase or _DEFAULT_PHASE.get(kind, "complete")) != phase
+            ):
                 continue
             if not fnmatch.fnmatchcase(kind, spec.kind):
                 continue
             if not fnmatch.fnmatchcase(target.lower(), spec.target.lower()):
+                continue
+            if spec.command is not None and (
+                command is None or not fnmatch.fnmatchcase(command, spec.command)
+            ):
                 continue
             if spec.probability is not None and self.rng.random() >= spec.probability:
                 continue

@@ -1,4 +1,4 @@
-"""``SshAccess``: user, private key, known_hosts, timeouts and check budget for the nodes."""
+"""``SshAccess``: user, private key, known_hosts, timeouts, retries, check budget for the nodes."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class SshAccess(Block):
     port: int = like(SshSettings, "port")
     connect_timeout_s: float = like(SshSettings, "connect_timeout_s")
     command_timeout_s: float = like(SshSettings, "command_timeout_s")
+    attempts: int = like(SshSettings, "attempts")
+    retry_wait_s: float = like(SshSettings, "retry_wait_s")
+    retry_wait_max_s: float = like(SshSettings, "retry_wait_max_s")
+    retry_budget_s: float = like(SshSettings, "retry_budget_s")
     max_checks_per_s: float = like(SshSettings, "max_checks_per_s")
 
     def settings(self) -> SshSettings:

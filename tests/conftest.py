@@ -23,6 +23,7 @@ from azure.mgmt.compute.models import (
 )
 
 from amlfs.azure import StaticTokenCredential, compute_client
+from amlfs.clock import ScaledClock
 from amlfs.models import Cluster
 from amlfs.runtime import Connections, from_endpoint
 from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
@@ -101,7 +102,9 @@ class Sim:
     def shell(self, node_name: str) -> NodeShell:
         """An SSH shell on a node of the small fleet (real paramiko, verified host key)."""
         if not self.pools:
-            self.pools.append(SshPool(self.ssh_config()))
+            # Retries back off on the emulator's time scale, as the orchestrator's would.
+            clock = ScaledClock(self.endpoint.time_scale)
+            self.pools.append(SshPool(self.ssh_config(), clock))
         _, node = next((c, n) for c, n in self.world.fleet.iter_nodes() if n.name == node_name)
         return self.pools[0].shell(node_name, str(node.address))
 

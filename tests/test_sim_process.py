@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from amlfs.azure import StaticTokenCredential, compute_client
+from amlfs.clock import ScaledClock
 from amlfs.errors import NodeUnreachableError
 from amlfs.models import parse_fleet
 from amlfs.ssh import SshConfig, SshPool, load_private_key
@@ -67,7 +68,8 @@ def test_serve_process_swaps_a_disk_and_stops_on_sigterm(tmp_path: Path) -> None
                 known_hosts=Path(ssh["known_hosts"]),
                 port=ssh["port"],
                 connect_timeout_s=5,
-            )
+            ),
+            ScaledClock(300),  # the stopped node's refused connects back off in sim seconds
         )
         try:
             for _, node in parse_fleet(yaml.safe_load(SMALL_FLEET.read_text())).iter_nodes():

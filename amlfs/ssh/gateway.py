@@ -5,8 +5,16 @@ Commands are given as argument lists and sent ``shlex.join``-quoted: nothing a c
 is ever interpreted by the remote shell. ``run_batch`` sends several read-only commands in one
 exec, each followed by a marker line carrying its exit status (one channel instead of many:
 at fleet scale the per-channel cost on both ends dominated the SSH work). paramiko's and the
-socket layer's errors become ``NodeUnreachableError`` (retry later) or ``CommandFailedError``
-(the command said no).
+socket layer's errors become ``NodeUnreachableError`` (transient), ``NodeAccessDeniedError``
+(authentication or host key refused) or ``CommandFailedError`` (the command said no).
+
+Transient failures are retried here, with exponential backoff on the injected clock, for a
+bounded number of attempts and sim seconds (``SshConfig``): a refused, reset or timed-out
+connect, a transport found closed, a session that dropped (a channel closed without an exit
+status: paramiko's ``recv_exit_status()`` then answers -1), a batch answered short. A session
+that dropped after the command went out may have run it: ``run(..., idempotent=False)`` does
+not send such a command again, the caller checks the node and decides. Never retried:
+authentication and host-key failures, a command that exited non-zero, a command that timed out.
 """
 
 from __future__ import annotations
@@ -24,8 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
-from amlfs.errors import CommandFailedError, InventoryError, NodeUnreachableError
+from amlfs.clock import Clock, ScaledClock
+from amlfs.errors import (
+    CommandFailedError,
+    InventoryError,
+    NodeAccessDeniedError,
+    NodeUnreachableError,
+)
 
 __all__ = [
     "CommandResult",
@@ -49,7 +64,13 @@ class CommandResult:
 
 @dataclass(frozen=True)
 class SshConfig:
-    """How to reach nodes. ``key`` is a loaded key object: never printed (no key in repr)."""
+    """How to reach nodes. ``key`` is a loaded key object: never printed (no key in repr).
+
+    Timeouts are real seconds (they bound socket waits); the retry settings are sim seconds
+    on the shell's clock. A command is tried at most ``attempts`` times, the n-th retry after
+    ``retry_wait_s * 2**(n-1)`` (at most ``retry_wait_max_s``), and no retry starts more than
+    ``retry_budget_s`` after the first try.
+    """
 
     username: str
     key: paramiko.PKey
@@ -57,6 +78,16 @@ class SshConfig:
     port: int = 22
     connect_timeout_s: float = 10.0
     command_timeout_s: float = 60.0
+    attempts: int = 5
+    retry_wait_s: float = 0.5
+    # Small on purpose: waiting for a booting node is a poll loop of single commands, and the
+    # last backoff before the node answers is polling lag, counted as customer downtime.
+    retry_wait_max_s: float = 2.0
+    retry_budget_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
 
     def __repr__(self) -> str:
         return (
@@ -101,6 +132,28 @@ def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
     return QuietTransport(sock, **kwargs)
 
 
+class _UnknownHostKey(paramiko.SSHException):
+    pass
+
+
+class _RejectUnknownHost(paramiko.MissingHostKeyPolicy):
+    """paramiko's RejectPolicy, with an exception of its own: its plain ``SSHException`` looks
+    like any other handshake failure, and this one must not be retried."""
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        raise _UnknownHostKey(f"Server {hostname!r} not found in known_hosts")
+
+
+class _SessionFailed(NodeUnreachableError):
+    """A transient failure of one attempt. ``sent``: the command may have reached the node."""
+
+    def __init__(self, message: str, *, node: str, sent: bool) -> None:
+        super().__init__(message, node=node)
+        self.sent = sent
+
+
 class KnownHosts:
     """A known_hosts file read once and indexed by host name (``[addr]:port`` or ``addr``).
 
@@ -140,12 +193,18 @@ class NodeShell:
     """One node's SSH connection, opened on first use and reopened after a drop."""
 
     def __init__(
-        self, name: str, address: str, config: SshConfig, known: KnownHosts | None = None
+        self,
+        name: str,
+        address: str,
+        config: SshConfig,
+        known: KnownHosts | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.name = name
         self.address = address
         self.config = config
         self.known = known or KnownHosts(config.known_hosts)
+        self.clock: Clock = clock or ScaledClock()
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
 
@@ -154,25 +213,27 @@ class NodeShell:
         try:
             hostname, keys = self.known.keys_for(self.address, self.config.port)
         except OSError as err:
-            raise NodeUnreachableError(
+            # No host key can be verified: as final as an unknown one.
+            raise NodeAccessDeniedError(
                 f"{self.name}: cannot read known_hosts {self.config.known_hosts}: {err.strerror}",
                 node=self.name,
             ) from err
         for key_type, key in keys.items():
             client.get_host_keys().add(hostname, key_type, key)
         # Only the keys from known_hosts are trusted; anything else is refused.
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.set_missing_host_key_policy(_RejectUnknownHost())
         try:
             sock = socket.create_connection(
                 (self.address, self.config.port), timeout=self.config.connect_timeout_s
             )
             # Without it every command waits ~40 ms for Nagle + delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as err:
-            raise NodeUnreachableError(
+        except OSError as err:  # refused, reset, timed out, no route
+            raise _SessionFailed(
                 f"{self.name} ({self.address}:{self.config.port}) unreachable: "
                 f"{err.strerror or err}",
                 node=self.name,
+                sent=False,
             ) from err
         try:
             client.connect(
@@ -190,19 +251,23 @@ class NodeShell:
             )
         except paramiko.BadHostKeyException as err:
             sock.close()
-            raise NodeUnreachableError(
+            raise NodeAccessDeniedError(
                 f"{self.name}: host key does not match known_hosts: refusing to connect",
                 node=self.name,
             ) from err
+        except _UnknownHostKey as err:
+            sock.close()
+            raise NodeAccessDeniedError(f"{self.name}: SSH refused: {err}", node=self.name) from err
         except paramiko.AuthenticationException as err:
             sock.close()
-            raise NodeUnreachableError(
+            raise NodeAccessDeniedError(
                 f"{self.name}: authentication as {self.config.username!r} failed", node=self.name
             ) from err
         except (paramiko.SSHException, OSError, EOFError) as err:
-            sock.close()
-            # RejectPolicy raises a plain SSHException for an unknown host key.
-            raise NodeUnreachableError(f"{self.name}: SSH failed: {err}", node=self.name) from err
+            sock.close()  # closed during the handshake (banner, key exchange): transient
+            raise _SessionFailed(
+                f"{self.name}: SSH failed: {err or type(err).__name__}", node=self.name, sent=False
+            ) from err
         return client
 
     def run(
@@ -212,11 +277,22 @@ class NodeShell:
         stdin: bytes | None = None,
         check: bool = True,
         timeout_s: float | None = None,
+        idempotent: bool = True,
     ) -> CommandResult:
-        """Run ``argv`` (quoted with ``shlex.join``); raise on non-zero exit if ``check``."""
+        """Run ``argv`` (quoted with ``shlex.join``); raise on non-zero exit if ``check``.
+
+        Transient failures are retried (see the module docstring). ``idempotent=False``: a
+        command whose second run would differ from its first (``iptables -I``, ``zpool
+        import``) is not sent again once it may have reached the node; the session drop is
+        raised as ``NodeUnreachableError`` and the caller checks what happened.
+        """
         command = shlex.join(argv)
-        with self._lock:
-            result = self._run_once(command, stdin, timeout_s or self.config.command_timeout_s)
+        timeout = timeout_s or self.config.command_timeout_s
+
+        def attempt() -> CommandResult:
+            return self._run_once(command, stdin, timeout)
+
+        result = self._retrying(idempotent)(attempt)
         if check:
             self.check(argv, result)
         return result
@@ -250,28 +326,79 @@ class NodeShell:
         if not argvs:
             return []
         command, marker = batch_command(argvs)
-        with self._lock:
-            raw = self._run_once(command, None, timeout_s or self.config.command_timeout_s)
-        results = split_batch(raw, marker, len(argvs))
-        if results is None:
-            raise NodeUnreachableError(
-                f"{self.name}: a batch of {len(argvs)} commands was answered short "
-                f"(exit {raw.status}): output cut off, or the login shell is not POSIX",
-                node=self.name,
-            )
-        return results
+        timeout = timeout_s or self.config.command_timeout_s
+        what = f"a batch of {len(argvs)} commands"
 
-    def _run_once(self, command: str, stdin: bytes | None, timeout_s: float) -> CommandResult:
-        for attempt in (1, 2):
+        def attempt() -> list[CommandResult]:
+            raw = self._run_once(command, None, timeout, what)
+            results = split_batch(raw, marker, len(argvs))
+            if results is None:
+                raise _SessionFailed(
+                    f"{self.name}: {what} was answered short (exit {raw.status}): output cut "
+                    "off, or the login shell is not POSIX",
+                    node=self.name,
+                    sent=True,
+                )
+            return results
+
+        return self._retrying(idempotent=True)(attempt)
+
+    def _retrying(self, idempotent: bool) -> Retrying:
+        """Attempts of one command: backoff on the clock, bounded in number and sim time."""
+        config = self.config
+        started = self.clock.now()
+
+        def transient(err: BaseException) -> bool:
+            return isinstance(err, _SessionFailed) and (idempotent or not err.sent)
+
+        def give_up(state: RetryCallState) -> bool:
+            late = self.clock.now() + (state.upcoming_sleep or 0.0) - started
+            return state.attempt_number >= config.attempts or late > config.retry_budget_s
+
+        def exhausted(state: RetryCallState) -> Any:
+            err = state.outcome.exception() if state.outcome else None
+            raise NodeUnreachableError(
+                f"{err} (gave up after {state.attempt_number} attempts, "
+                f"{self.clock.now() - started:.1f} s)",
+                node=self.name,
+            ) from err
+
+        return Retrying(
+            sleep=self.clock.sleep,
+            wait=wait_exponential(
+                multiplier=config.retry_wait_s, min=config.retry_wait_s, max=config.retry_wait_max_s
+            ),
+            stop=give_up,
+            retry=retry_if_exception(transient),
+            retry_error_callback=exhausted,
+        )
+
+    def _run_once(
+        self, command: str, stdin: bytes | None, timeout_s: float, what: str | None = None
+    ) -> CommandResult:
+        """One attempt, on the open connection if it is still alive, else on a new one.
+        ``what``: the command as error messages name it (default: the command itself)."""
+        what = what or f"`{command}`"
+        with self._lock:
+            if self._client is not None and not _alive(self._client):
+                self._drop()  # closed since the last command (the node rebooted): reconnect
             if self._client is None:
                 self._client = self._connect()
             transport = self._client.get_transport()
-            if transport is None or not transport.is_active():
-                self._drop()
-                continue
             try:
+                if transport is None:  # never after a connect: keeps the types honest
+                    raise paramiko.SSHException("no transport")
                 channel = transport.open_session(timeout=timeout_s)
                 channel.settimeout(timeout_s)
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                self._drop()
+                raise _SessionFailed(
+                    f"{self.name}: cannot open a session: {err or type(err).__name__}",
+                    node=self.name,
+                    sent=False,
+                ) from err
+            # From here on the node may have run the command.
+            try:
                 channel.exec_command(command)
                 if stdin is not None:
                     channel.sendall(stdin)
@@ -280,16 +407,33 @@ class NodeShell:
                 stderr = _read_all(channel, stderr=True)
                 status = channel.recv_exit_status()
                 channel.close()
+            except TimeoutError as err:
+                self._drop()
+                # Not retried (a plain NodeUnreachableError): a hung command may still be
+                # running on the node, so a second one could run beside it; and each try
+                # costs a whole command timeout of real time, which no sim-seconds budget
+                # bounds. The caller's own loop (a poll, a saga step) decides what comes next.
+                raise NodeUnreachableError(
+                    f"{self.name}: {what} timed out after {timeout_s:.0f} s", node=self.name
+                ) from err
             except (paramiko.SSHException, OSError, EOFError) as err:
                 self._drop()
-                if attempt == 2 or isinstance(err, socket.timeout):
-                    raise NodeUnreachableError(
-                        f"{self.name}: session failed running `{command}`: {err or type(err).__name__}",
-                        node=self.name,
-                    ) from err
-                continue  # a reused connection may have dropped: reconnect once
+                raise _SessionFailed(
+                    f"{self.name}: session failed running {what}: {err or type(err).__name__}",
+                    node=self.name,
+                    sent=True,
+                ) from err
+            if status == -1:
+                # The channel closed without an exit status (paramiko's -1): the session
+                # dropped mid-command. Whether the command ran is unknown; it is no result.
+                # (OpenSSH also sends no status for a command killed by a signal.)
+                self._drop()
+                raise _SessionFailed(
+                    f"{self.name}: session dropped running {what} (no exit status)",
+                    node=self.name,
+                    sent=True,
+                )
             return CommandResult(status, stdout, stderr)
-        raise NodeUnreachableError(f"{self.name}: no SSH session", node=self.name)
 
     def _drop(self) -> None:
         if self._client is not None:
@@ -321,6 +465,11 @@ def split_batch(raw: CommandResult, marker: str, count: int) -> list[CommandResu
     return [CommandResult(int(outs[2 * i + 1]), outs[2 * i], errs[i]) for i in range(count)]
 
 
+def _alive(client: paramiko.SSHClient) -> bool:
+    transport = client.get_transport()
+    return transport is not None and transport.is_active()
+
+
 def _read_all(channel: paramiko.Channel, *, stderr: bool) -> str:
     chunks = []
     while True:
@@ -332,10 +481,12 @@ def _read_all(channel: paramiko.Channel, *, stderr: bool) -> str:
 
 
 class SshPool:
-    """Shells by node name; ``close()`` ends them all."""
+    """Shells by node name; ``close()`` ends them all. ``clock``: what retries wait on (the
+    orchestrator's; a real-time clock if none is given)."""
 
-    def __init__(self, config: SshConfig) -> None:
+    def __init__(self, config: SshConfig, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock: Clock = clock or ScaledClock()
         self._shells: dict[str, NodeShell] = {}
         self._lock = threading.Lock()
         self.known = KnownHosts(config.known_hosts)
@@ -344,7 +495,7 @@ class SshPool:
         with self._lock:
             shell = self._shells.get(name)
             if shell is None or shell.address != address:
-                shell = NodeShell(name, address, self.config, self.known)
+                shell = NodeShell(name, address, self.config, self.known, self.clock)
                 self._shells[name] = shell
             return shell
 

@@ -166,6 +166,7 @@ class SshServer:
         self.info: SshInfo | None = None
         self.accepted = 0
         self.commands = 0
+        self.dropped = 0  # sessions dropped by a complete-phase node.ssh fault
         self.commands_by_head: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ keys
@@ -351,7 +352,7 @@ class SshServer:
         conn.setblocking(True)
         node = self.fleet.nodes[name]
         with self.lock:
-            refused = not node.up or self._ssh_fault(name)
+            refused = not node.up or self._ssh_fault(name, "accept")
         if refused:
             conn.close()
             return
@@ -368,9 +369,13 @@ class SshServer:
         except (paramiko.SSHException, OSError):
             transport.close()
 
-    def _ssh_fault(self, name: str) -> bool:
+    def _ssh_fault(self, name: str, phase: str, command: str | None = None) -> bool:
+        """A ``node.ssh`` rule fires: ``accept`` refuse the connection (``command`` None) or
+        the command (a hang is a refusal too); ``complete`` drop the session of a command
+        that just ran."""
         faults = self.fleet.backend.faults
-        return faults.take("node.ssh", name, (FaultMode.FAIL, FaultMode.HANG)) is not None
+        modes = (FaultMode.FAIL, FaultMode.HANG) if phase == "accept" else (FaultMode.FAIL,)
+        return faults.take("node.ssh", name, modes, phase=phase, command=command) is not None
 
     # ------------------------------------------------------------------ commands
 
@@ -388,12 +393,19 @@ class SshServer:
             stdin = self._read_stdin(channel) if needs_stdin(command) else b""
             with self.lock:
                 self.fleet.backend.advance()
-                if not node.up or self._ssh_fault(node.name):
+                if not node.up or self._ssh_fault(node.name, "accept", command):
                     transport.close()
                     return
                 self.commands += 1
                 self.commands_by_head[" ".join(command.split()[:2])] += 1
                 result = run_command(self.fleet, node, command, stdin)
+                dropped = self._ssh_fault(node.name, "complete", command)
+                self.dropped += dropped
+            if dropped:
+                # The command took effect, the client never hears how it ended: no output,
+                # no exit status, the connection gone (a session dropped mid-command).
+                transport.close()
+                return
             if result.stdout:
                 channel.sendall(result.stdout.encode())
             if result.stderr:
@@ -421,5 +433,6 @@ class SshServer:
             "listening": len(self._listening),
             "accepted": self.accepted,
             "commands": self.commands,
+            "dropped": self.dropped,
             "commands_by_head": dict(self.commands_by_head.most_common()),
         }
