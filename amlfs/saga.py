@@ -33,6 +33,7 @@ step the downtime budget and the window are checked with a predicted rollback re
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import os
@@ -102,7 +103,7 @@ class Predictions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     suspend_s: float = 30
-    swap_s: float = 180  # stop + PUT + start of one VM (all VMs run in parallel)
+    swap_s: float = 180  # the PUT that stops, swaps and boots one VM (all VMs in parallel)
     restore_s: float = 90
     unsuspend_s: float = 30
     validate_s: float = 60
@@ -695,27 +696,33 @@ class ClusterUpgrade:
         self._journal("swapped")
 
     def _swap_vm(self, plan: _VmPlan, disk_name: str, disk_id: str, deadline: float | None) -> None:
+        """``plan``'s VM on ``disk_id`` and running.
+
+        A running VM gets one PUT with the new ``osDisk.managedDisk.id``: Azure stops it (not
+        deallocated), swaps the disk and boots it (the OS-disk-swap docs: stopping first is
+        optional). That is one token of Compute's per-VM and per-subscription write buckets
+        and one operation to poll, where stop + PUT + start cost three of each. A VM found
+        stopped (someone stopped it, or a swap that failed half-way) is swapped, then
+        started."""
         name = plan.node.name
         current = self._retry(
             f"read VM {name}", lambda: self.gw.vm_info(self.rg, name), deadline=deadline
         )
         if current.os_disk_id.lower() != disk_id.lower():
-            if current.power_state not in ("stopped", "deallocated"):
-                self._retry(
-                    f"stop {name}",
-                    lambda: self.gw.power_off(self.rg, name, self._lro_timeout()),
-                    deadline=deadline,
-                )
             target = DiskInfo(disk_id, disk_name, None, {}, None, None, "", None, None)
             self._retry(
                 f"swap {name} to {disk_name}",
                 lambda: self.gw.swap_os_disk(self.rg, name, target, self._lro_timeout()),
                 deadline=deadline,
             )
-            stopped = True  # the PUT succeeded on a stopped VM: no need to read it again
-        else:
-            stopped = current.power_state != "running"
-        if stopped:
+            if current.power_state == "running":
+                # Read again: a PUT retried after a failure half-way may have left it stopped.
+                current = self._retry(
+                    f"read VM {name}", lambda: self.gw.vm_info(self.rg, name), deadline=deadline
+                )
+            else:
+                current = dataclasses.replace(current, power_state="stopped")
+        if current.power_state != "running":
             self._retry(
                 f"start {name}",
                 lambda: self.gw.start(self.rg, name, self._lro_timeout()),

@@ -83,6 +83,12 @@ def test_happy_path_upgrades_with_no_eviction_and_short_downtime(
     down = next(e for e in timeline["events"] if e["type"] == "lustre.downtime_started")
     assert creates
     assert all(op["end"] <= down["at"] for op in creates)
+    # The deck's swap: one PUT per VM stops, swaps and boots it (no separate power off or
+    # start: each would take another token of the same write buckets).
+    kinds = [op["kind"] for op in timeline["operations"]]
+    assert kinds.count("vm.put") == len(sim.cluster.nodes)
+    assert "vm.power_off" not in kinds
+    assert "vm.start" not in kinds
     assert [t.name for t in result.steps] == [
         "preflight",
         "prestage",
@@ -121,12 +127,8 @@ FAULTS: dict[str, tuple[dict[str, Any], Outcome]] = {
         {"kind": "vm.put", "target": "eus01-oss1", "code": "InternalExecutionError", "count": 1},
         Outcome.UPGRADED,
     ),
-    "429-storm-on-power-off": (
-        {"kind": "vm.power_off", "mode": "throttle", "retry_after_s": 5, "count": 4},
-        Outcome.UPGRADED,
-    ),
-    "hung-start-that-finishes-late": (
-        {"kind": "vm.start", "target": "eus01-oss0", "mode": "hang", "hang_s": 200, "count": 1},
+    "hung-swap-that-finishes-late": (
+        {"kind": "vm.put", "target": "eus01-oss0", "mode": "hang", "hang_s": 200, "count": 1},
         Outcome.UPGRADED,
     ),
     # Transient API errors and 429 storms at each step that calls ARM: retried, upgraded.
@@ -137,8 +139,7 @@ FAULTS: dict[str, tuple[dict[str, Any], Outcome]] = {
         )
         for kind, target in (
             ("disk.create", "eus01-mds0*"),
-            ("vm.power_off", "eus01-oss0"),
-            ("vm.start", "eus01-agtpri0"),
+            ("vm.put", "eus01-agtpri0"),
             ("disk.delete", "eus01-oss1*"),
         )
     },
@@ -147,7 +148,7 @@ FAULTS: dict[str, tuple[dict[str, Any], Outcome]] = {
             {"kind": kind, "mode": "throttle", "retry_after_s": 5, "count": 3},
             Outcome.UPGRADED,
         )
-        for kind in ("disk.create", "vm.put", "vm.start", "disk.delete", "vm.get")
+        for kind in ("disk.create", "vm.put", "disk.delete", "vm.get")
     },
     "disk-create-refused": (
         {
@@ -215,8 +216,8 @@ def test_slow_swap_rolls_back_before_the_budget_is_gone(
 def test_nodes_restore_what_is_local_while_the_mds_boots_and_mount_after_it(
     sim: Sim, conns: Connections, tmp_path: Path
 ) -> None:
-    # The MDS's start takes 120 s longer than usual: every other node booted long before it.
-    sim.fault(kind="vm.start", mode="hang", hang_s=120, count=1, target="eus01-mds0")
+    # The MDS's swap takes 120 s longer than usual: every other node booted long before it.
+    sim.fault(kind="vm.put", mode="hang", hang_s=120, count=1, target="eus01-mds0")
     result = upgrade(sim, conns, tmp_path)
     assert result.outcome is Outcome.UPGRADED, result.reason
     assert_customer_safe(sim, "2.15.6")
@@ -410,3 +411,30 @@ def test_an_unexpected_error_in_the_swap_rolls_back_instead_of_leaving_the_clust
     assert result.outcome is Outcome.ROLLED_BACK, result.reason
     assert "RuntimeError: a bug nobody expected" in result.reason
     assert_customer_safe(sim, "2.15.5")
+
+
+def test_a_vm_someone_stopped_before_the_swap_is_swapped_then_started(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    compute = sim.compute()
+
+    def runner(name: str, fn: Any) -> Any:
+        if name == "swap":  # someone else powers a suspended server off before its swap
+            compute.virtual_machines.begin_power_off(
+                sim.cluster.resource_group, "eus01-oss1"
+            ).result()
+        return fn()
+
+    result = ClusterUpgrade(
+        sim.cluster,
+        RELEASE,
+        gateway=conns.gateway(sim.cluster.subscription_id),
+        shells=conns.shells(),
+        store=StateStore(tmp_path),
+        clock=conns.clock,
+        runner=runner,
+    ).run()
+    assert result.outcome is Outcome.UPGRADED, result.reason
+    assert_customer_safe(sim, "2.15.6")
+    starts = [op for op in sim.timeline()["operations"] if op["kind"] == "vm.start"]
+    assert [op["target"] for op in starts] == ["eus01-oss1"], starts

@@ -95,6 +95,22 @@ def test_firewall_on_under_a_session_dropped_after_the_insert_leaves_one_rule(
     assert drop_rules(sim, pool) == [DROP]  # inserted once: the re-check saw it, no second -I
 
 
+def test_firewall_off_under_a_session_dropped_after_the_delete_leaves_no_rule(
+    sim: Sim, clock: BackoffClock, pools: list[SshPool]
+) -> None:
+    pool = new_pool(sim, clock, pools)
+    ops = ops_for(sim, pool, clock)
+    ops.firewall_on(node_ref(sim, OSS))
+    assert drop_rules(sim, pool) == [DROP]
+    sim.fault(kind="node.ssh", target=OSS, phase="complete", command="iptables -D *", count=1)
+    dropped = ssh_stats(sim)["dropped"]
+
+    ops.firewall_off(node_ref(sim, OSS))
+
+    assert ssh_stats(sim)["dropped"] == dropped + 1, "the delete's session was not dropped"
+    assert drop_rules(sim, pool) == []
+
+
 def test_a_non_idempotent_command_is_not_sent_again_after_a_drop(
     sim: Sim, clock: BackoffClock, pools: list[SshPool]
 ) -> None:

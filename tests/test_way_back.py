@@ -126,12 +126,12 @@ def test_a_world_that_cannot_be_brought_back_is_reported_so_not_rolled_back(
     sim: Sim, conns: Connections, tmp_path: Path
 ) -> None:
     # The new image fails to boot one node, and its old disk never comes back either: the
-    # start of that VM hangs for good during the swap back.
+    # PUT that swaps that VM back hangs for good.
     sim.fault(kind="node.boot", target="eus01-oss1", code="BadImage", count=1)
 
     def runner(name: str, fn: Callable[[], Any]) -> Any:
         if name == "rollback: swap back":
-            sim.fault(kind="vm.start", target="eus01-oss1", mode="hang")
+            sim.fault(kind="vm.put", target="eus01-oss1", mode="hang")
         return fn()
 
     policy = UpgradePolicy(lro_timeout_s=120, boot_timeout_s=200, healthy_timeout_s=120)

@@ -582,7 +582,8 @@ class ComputeGateway:
     def swap_os_disk(
         self, resource_group: str, name: str, new_disk: DiskInfo, timeout_s: float | None = None
     ) -> None:
-        """Point the (stopped) VM's OS disk at ``new_disk``; data disks are carried unchanged."""
+        """Point the VM's OS disk at ``new_disk`` (a running VM is stopped, swapped and booted
+        by this one PUT); data disks are carried unchanged."""
         current = self.get_vm(resource_group, name)
         desired = copy.deepcopy(current)
         storage = desired.storage_profile

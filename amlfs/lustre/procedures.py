@@ -271,7 +271,12 @@ class LustreOps:
         for _ in range(10):  # every copy of the rule, in case a retry added two
             if shell.run(["iptables", "-C", *rule], check=False).status != 0:
                 return
-            shell.run(["iptables", "-D", *rule])
+            try:
+                # Not re-sent blindly: a -D that ran before its session dropped would fail
+                # ("Bad rule") when sent again. The -C above looks again instead.
+                shell.run(["iptables", "-D", *rule], idempotent=False)
+            except NodeUnreachableError:
+                continue
 
     def firewalled(self, node: NodeRef) -> bool:
         """Does ``node`` still drop client LNet traffic?"""
