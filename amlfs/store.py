@@ -3,8 +3,8 @@
 The node config captured before a swap (the fresh release disk does not have it) and the
 tunables recorded before suspend (once raised, the nodes no longer show the originals) are
 written here before the step that needs them, as JSON files replaced atomically (write, fsync,
-rename), readable by any worker that resumes the cluster. Files are created 0600: node config
-may hold credentials of the HSM agents.
+rename), readable by any worker that resumes the cluster. Files are created 0600 and
+directories 0700, every one of them: node config may hold credentials of the HSM agents.
 """
 
 from __future__ import annotations
@@ -21,9 +21,28 @@ from typing import Any
 
 from amlfs.errors import StateStoreError
 
-__all__ = ["StateStore"]
+__all__ = ["StateStore", "make_private_dir"]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def make_private_dir(path: str | Path) -> None:
+    """Create ``path`` and each missing parent 0700 (``Path.mkdir(parents=True, mode=...)``
+    gives the mode to the last one only: its parents got 0777 & ~umask). Directories that
+    already exist are left as they are."""
+    path = Path(path)
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            if not directory.is_dir():  # a file (or a dangling link) where a directory goes
+                raise
 
 
 class StateStore:
@@ -41,7 +60,7 @@ class StateStore:
     def put(self, *parts: str, value: Any) -> None:
         path = self._path(*parts)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(path.parent)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
             try:
                 # One line, by the C encoder: with indent (or json.dump) the pure-Python
@@ -84,7 +103,7 @@ class StateStore:
         path = self._path(*parts)
         lock_path = path.with_name(f".{path.name}.lock")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(path.parent)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise StateStoreError(f"cannot lock {path}: {err.strerror}") from err

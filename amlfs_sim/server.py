@@ -24,13 +24,14 @@ import uvicorn
 
 from amlfs.clock import ScaledClock
 from amlfs.gcpauses import GcPauses, settle_heap
+from amlfs.store import make_private_dir
 from amlfs_sim.arm.backend import ArmBackend
 from amlfs_sim.arm.responses import SimTime
 from amlfs_sim.arm.throttling import ThrottlePolicy
 from amlfs_sim.arm.urls import create_app
 from amlfs_sim.nodes.fleet import NodeFleet
 from amlfs_sim.nodes.ssh import SshServer
-from amlfs_sim.spec import SimWorld, load_world
+from amlfs_sim.spec import SimWorld, check_loopback, check_loopback_host, load_world
 from amlfs_sim.tls import make_tls_files
 
 __all__ = ["Emulator", "EndpointInfo", "serve_process"]
@@ -90,6 +91,9 @@ class Emulator:
         throttle: ThrottlePolicy | None = None,
         ssh_port: int = 0,
     ) -> None:
+        # Before anything listens: nodes listen on their fleet addresses with seed-derived keys.
+        check_loopback(world.fleet, "the emulated fleet")
+        check_loopback_host(host)
         self.world = world
         self.state_dir = Path(state_dir)
         self.host = host
@@ -115,7 +119,9 @@ class Emulator:
     def start(self, *, timeout: float = 30.0, freeze_heap: bool = False) -> EndpointInfo:
         """Serve; ``freeze_heap`` (for a process that is only this emulator, as ``amlfs-sim
         serve``) takes the fleet built so far out of later full garbage collections."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # 0700 all the way down: the TLS key and the SSH client key are in here.
+        for directory in (self.state_dir, self.state_dir / "tls", self.ssh.dir):
+            make_private_dir(directory)
         tls = make_tls_files(self.state_dir / "tls", self.host)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -6,19 +6,36 @@ which of them are bad, operation durations, data disks per role), not the invent
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from amlfs.errors import InventoryError
 from amlfs.ids import gallery_image_version_id, parse_resource_id
-from amlfs.models import Fleet, parse_fleet
+from amlfs.models import (
+    FLEET_MAX_BYTES,
+    Fleet,
+    Text,
+    check_image_version_id,
+    parse_fleet,
+    read_yaml,
+)
 
-__all__ = ["DurationRange", "Durations", "EmulatorSpec", "ImageSpec", "SimWorld", "load_world"]
+__all__ = [
+    "LOOPBACK",
+    "DurationRange",
+    "Durations",
+    "EmulatorSpec",
+    "ImageSpec",
+    "SimWorld",
+    "check_loopback",
+    "check_loopback_host",
+    "load_world",
+]
 
-IMAGE_VERSION_TYPE = "Microsoft.Compute/galleries/images/versions"
+LOOPBACK = IPv4Network("127.0.0.0/8")
 
 
 class DurationRange(BaseModel):
@@ -62,21 +79,16 @@ class ImageSpec(BaseModel):
     """A gallery image version the emulator serves, and what a node booted from it runs."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    id: str
-    os_version: str = "ubuntu-22.04"
-    lustre_version: str = "2.15.5"
+    id: Text
+    os_version: Text = "ubuntu-22.04"
+    lustre_version: Text = "2.15.5"
     disk_size_gb: int = Field(default=64, ge=1)
     bad: bool = False
 
     @field_validator("id")
     @classmethod
     def _is_image_version(cls, value: str) -> str:
-        rid = parse_resource_id(value)
-        if not rid.is_type(IMAGE_VERSION_TYPE):
-            raise ValueError(
-                f"must be a gallery image version id ({IMAGE_VERSION_TYPE}), got {value}"
-            )
-        return value
+        return check_image_version_id(value)
 
     @property
     def version(self) -> str:
@@ -88,12 +100,12 @@ class EmulatorSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     images: list[ImageSpec] = []
-    initial_image: str | None = None
+    initial_image: Text | None = None
     durations: Durations = Durations()
-    data_disks: dict[str, int] = {"mds": 1, "oss": 2, "agtpri": 1}
+    data_disks: dict[Text, int] = {"mds": 1, "oss": 2, "agtpri": 1}
     data_disk_size_gb: int = 1024
-    os_disk_sku: str = "Premium_LRS"
-    vm_size: str = "Standard_E16s_v5"
+    os_disk_sku: Text = "Premium_LRS"
+    vm_size: Text = "Standard_E16s_v5"
     poll_interval_s: float = Field(default=3.0, gt=0)
     clients_per_cluster: int = Field(default=4, ge=0)
 
@@ -131,9 +143,41 @@ def default_images(fleet: Fleet) -> list[ImageSpec]:
     ]
 
 
+def check_loopback(fleet: Fleet, source: str) -> None:
+    """Refuse a fleet whose nodes would make the emulator listen beyond loopback.
+
+    Each emulated node listens (SSH, keys derived from the seed) on its fleet ``address``
+    itself: 10.0.0.4 from a real inventory, or 0.0.0.0, would open those to the network.
+    """
+    outside = [
+        f"{cluster.name} > {node.name} > address {node.address}"
+        for cluster, node in fleet.iter_nodes()
+        if node.address is not None and node.address not in LOOPBACK
+    ]
+    if outside:
+        shown = "; ".join(outside[:3]) + (
+            f"; and {len(outside) - 3} more" if len(outside) > 3 else ""
+        )
+        raise InventoryError(
+            f"{source}: the emulator listens on each node's address and only on loopback "
+            f"({LOOPBACK}); {len(outside)} node(s) outside it: {shown}"
+        )
+
+
+def check_loopback_host(host: str) -> None:
+    """Refuse an emulator HTTPS address beyond loopback (its control API has no auth)."""
+    try:
+        inside = IPv4Address(host) in LOOPBACK
+    except ValueError:
+        inside = False
+    if not inside:
+        raise InventoryError(f"the emulator serves only on loopback ({LOOPBACK}), got {host!r}")
+
+
 def build_world(data: dict[str, Any], source: str) -> SimWorld:
     emulator_section = data.get("emulator") or {}
     fleet = parse_fleet(data, source=source)
+    check_loopback(fleet, source)
     try:
         spec = EmulatorSpec.model_validate(emulator_section)
     except ValueError as err:
@@ -147,12 +191,7 @@ def build_world(data: dict[str, Any], source: str) -> SimWorld:
 
 def load_world(path: str | Path) -> SimWorld:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise InventoryError(f"cannot read fleet file {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise InventoryError(f"fleet file {path} is not valid YAML: {err}") from err
+    data = read_yaml(path, kind="fleet file", max_bytes=FLEET_MAX_BYTES)
     if not isinstance(data, dict):
         raise InventoryError(f"fleet file {path}: top level must be a mapping")
     return build_world(data, str(path))
