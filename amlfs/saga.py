@@ -33,6 +33,7 @@ step the downtime budget and the window are checked with a predicted rollback re
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import functools
@@ -643,7 +644,8 @@ class ClusterUpgrade:
     def capture(self) -> None:
         def one(node: NodeRef) -> None:
             files = self.ops.capture_config(node)
-            self.store.put(*self._key("config", node.name), value=files)
+            self.lease.check()
+            self.store.put(*self._key("config", node.name), value=_encode_files(files))
 
         self.ops.each(self.nodes, one)
         self._journal("captured")
@@ -747,11 +749,15 @@ class ClusterUpgrade:
         key = (node.name, release.version if release else "")
         if key not in self.restored_locally:
             self.ops.wait_reachable(node, self.policy.boot_timeout_s)
-            files = self.store.get(*self._key("config", node.name))
-            if files is None:
+            stored = self.store.get(*self._key("config", node.name))
+            if stored is None:
                 raise HealthCheckError(f"{node.name}: no captured config in the state store")
-            overlay = release.files_for(node.role) if release is not None else None
-            self.ops.restore_local(node, files, overlay)
+            overlay = (
+                {path: text.encode() for path, text in release.files_for(node.role).items()}
+                if release is not None
+                else None
+            )
+            self.ops.restore_local(node, _decode_files(stored), overlay)
             self.restored_locally.add(key)
         if start:
             self.ops.start_services(node)
@@ -982,3 +988,15 @@ class ClusterUpgrade:
             result = self.rollback(f"resumed after the orchestrator stopped at {phase}")
         result.resumed = True
         return result
+
+
+def _encode_files(files: dict[str, bytes]) -> dict[str, dict[str, str]]:
+    """Captured files as the store keeps them: base64, so binary files stay byte-exact."""
+    return {"base64": {path: base64.b64encode(data).decode() for path, data in files.items()}}
+
+
+def _decode_files(stored: dict[str, Any]) -> dict[str, bytes]:
+    if "base64" in stored and isinstance(stored["base64"], dict):
+        return {path: base64.b64decode(text) for path, text in stored["base64"].items()}
+    # A journal written before files were kept as base64: they were text.
+    return {path: str(text).encode() for path, text in stored.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
 import socket
 import subprocess
@@ -149,7 +151,9 @@ def test_stopped_vm_refuses_connections_and_ssh_fault_makes_a_node_unreachable(s
 
 def test_fresh_release_disk_keeps_lustre_down_until_config_is_restored(sim: Sim) -> None:
     oss = sim.shell("eus01-oss0")
-    saved = {path: oss.run(["cat", path]).stdout for path in CONFIG_FILES}
+    saved = {
+        path: base64.b64decode(oss.run(["base64", "-w", "0", path]).stdout) for path in CONFIG_FILES
+    }
     swap_to_release(sim, "eus01-oss0", "2.15.6")
 
     assert oss.run(["lctl", "get_param", "-n", "version"]).stdout == "2.15.6\n"
@@ -162,7 +166,7 @@ def test_fresh_release_disk_keeps_lustre_down_until_config_is_restored(sim: Sim)
     assert sim.customer()["serving"] is False
 
     for path, content in saved.items():
-        oss.run(["tee", path], stdin=content.encode())
+        oss.run(["tee", path], stdin=content)
     oss.run(["systemctl", "restart", "lnet"])
     assert "127.1.0.2@tcp" in oss.run(["lnetctl", "net", "show"]).stdout
     oss.run(["zpool", "import", "eus01-oss0-ostpool"])
@@ -447,3 +451,28 @@ def test_node_changes_never_block_while_the_accept_loop_waits_for_the_lock(sim: 
     thread.join(timeout=30)
     assert finished.is_set(), "a node change blocked while the accept loop waited for the lock"
     assert sim.shell("eus01-mds0").run(["hostid"]).status == 0
+
+
+def test_hostid_is_four_binary_bytes_and_a_text_copy_of_it_breaks_the_pool_import(
+    sim: Sim,
+) -> None:
+    # glibc gethostid/sethostid and OpenZFS zgenhostid: /etc/hostid holds the 32-bit id as 4
+    # native-endian bytes; `hostid` prints it as 8 hex digits.
+    oss = sim.shell("eus01-oss0")
+    raw = base64.b64decode(oss.run(["base64", "-w", "0", "/etc/hostid"]).stdout)
+    assert len(raw) == 4
+    assert oss.run(["hostid"]).stdout == f"{int.from_bytes(raw, 'little'):08x}\n"
+    digest = oss.run(["sha256sum", "/etc/hostid"]).stdout
+    assert digest == f"{hashlib.sha256(raw).hexdigest()}  /etc/hostid\n"
+    assert any(byte >= 0x80 for byte in raw), "pick a node whose hostid is not ASCII"
+    as_text = oss.run(["cat", "/etc/hostid"]).stdout  # decoded as text: bytes are replaced
+    swap_to_release(sim, "eus01-oss0", "2.15.6")
+    for path in CONFIG_FILES:
+        if path != "/etc/hostid":
+            continue
+        oss.run(["tee", path], stdin=as_text.encode())
+    imported = oss.run(["zpool", "import", "eus01-oss0-ostpool"], check=False)
+    assert imported.status == 1
+    assert "previously in use from another system" in imported.stderr
+    oss.run(["tee", "/etc/hostid"], stdin=raw)  # byte for byte: the pool is ours again
+    oss.run(["zpool", "import", "eus01-oss0-ostpool"])

@@ -32,6 +32,7 @@ __all__ = [
     "parse_net_show",
     "parse_params",
     "parse_recovery_status",
+    "parse_sha256sum",
     "parse_version",
 ]
 
@@ -328,3 +329,15 @@ def parse_iptables_rules(text: str) -> list[str]:
         elif line.strip() and not line.startswith(("-P ", "-N ")):
             raise _error("iptables -S", line, "expected -P, -N or -A lines")
     return rules
+
+
+_SHA256 = re.compile(r"([0-9a-f]{64})  (.+)")
+
+
+def parse_sha256sum(text: str, path: str) -> str:
+    """``sha256sum PATH``: the hex digest coreutils prints for ``PATH``."""
+    lines = text.splitlines()
+    found = _SHA256.fullmatch(lines[0]) if len(lines) == 1 else None
+    if found is None or found.group(2) != path:
+        raise _error(f"sha256sum {path}", text, "expected one line '<64 hex>  PATH'")
+    return found.group(1)

@@ -15,6 +15,9 @@ the tunables (``left_suspended`` says what is still not back).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -26,6 +29,7 @@ from amlfs.errors import (
     CommandFailedError,
     HealthCheckError,
     NodeError,
+    NodeOutputError,
     NodeUnreachableError,
 )
 from amlfs.fanout import run_all
@@ -39,6 +43,7 @@ from amlfs.lustre.parsers import (
     parse_net_show,
     parse_params,
     parse_recovery_status,
+    parse_sha256sum,
     parse_version,
 )
 from amlfs.models import Role
@@ -164,15 +169,35 @@ class LustreOps:
 
     # ------------------------------------------------------------------ capture
 
-    def capture_config(self, node: NodeRef) -> dict[str, str]:
-        """The cluster files present on ``node`` (path -> content)."""
+    def capture_config(self, node: NodeRef) -> dict[str, bytes]:
+        """The cluster files present on ``node`` (path -> content), byte for byte.
+
+        Read as base64 and checked against the node's own sha256sum: ``/etc/hostid`` is 4
+        binary bytes (glibc ``sethostid``, OpenZFS ``zgenhostid``), which a text read would
+        corrupt on most hosts, and ``zpool import`` then refuses the pools on the new disk.
+        """
         files = {}
         shell = self.sh(node)
-        reads = [argv for path in CLUSTER_FILES for argv in (["test", "-e", path], ["cat", path])]
+        reads = [
+            argv
+            for path in CLUSTER_FILES
+            for argv in (["test", "-e", path], ["base64", "-w", "0", path], ["sha256sum", path])
+        ]
         results = shell.run_batch(reads)
         for i, path in enumerate(CLUSTER_FILES):
-            if results[2 * i].status == 0:
-                files[path] = shell.check(reads[2 * i + 1], results[2 * i + 1]).stdout
+            if results[3 * i].status != 0:
+                continue
+            encoded = shell.check(reads[3 * i + 1], results[3 * i + 1]).stdout
+            digest = parse_sha256sum(shell.check(reads[3 * i + 2], results[3 * i + 2]).stdout, path)
+            try:
+                content = base64.b64decode("".join(encoded.split()), validate=True)
+            except binascii.Error as err:
+                raise NodeOutputError(f"{node.name}: `base64 {path}` is not base64: {err}") from err
+            if hashlib.sha256(content).hexdigest() != digest:
+                raise NodeOutputError(
+                    f"{node.name}: {path} read with another checksum than the node reports"
+                )
+            files[path] = content
         if "/etc/lnet.conf" not in files or "/etc/hostid" not in files:
             raise HealthCheckError(
                 f"{node.name}: /etc/lnet.conf or /etc/hostid missing before the upgrade; "
@@ -341,8 +366,8 @@ class LustreOps:
     def restore_local(
         self,
         node: NodeRef,
-        files: dict[str, str],
-        overlay: dict[str, str] | None = None,
+        files: dict[str, bytes],
+        overlay: dict[str, bytes] | None = None,
     ) -> None:
         """Bring a booted node back, first part: what needs nothing but the node itself.
 
@@ -355,16 +380,25 @@ class LustreOps:
         wanted = dict(files)
         wanted.update(overlay or {})
         changed = False
-        currents = shell.run_batch([["cat", path] for path in wanted])
-        for (path, content), current in zip(wanted.items(), currents, strict=True):
-            if current.status != 0 or current.stdout != content:
-                shell.run(["tee", path], stdin=content.encode())
+        digests = self._digests(node, list(wanted))
+        written = []
+        for path, content in wanted.items():
+            if digests.get(path) != hashlib.sha256(content).hexdigest():
+                shell.run(["tee", path], stdin=content)
+                written.append(path)
                 changed = True
+        if written:  # read back: every byte, or the node does not come back as itself
+            after = self._digests(node, written)
+            wrong = [p for p in written if after.get(p) != hashlib.sha256(wanted[p]).hexdigest()]
+            if wrong:
+                raise HealthCheckError(
+                    f"{node.name}: {', '.join(wrong)} read back with another checksum than written"
+                )
         if node.role in SERVER_ROLES:
             self.firewall_on(node)
         self._ensure_lnet(node, restart=changed)
         if node.role in SERVER_ROLES:
-            pools = _pools_of(wanted.get("/etc/ldev.conf", ""))
+            pools = _pools_of(wanted.get("/etc/ldev.conf", b"").decode(errors="replace"))
             # Importing an imported pool fails: after a session dropped mid-import, list again.
             for attempt in range(1, 4):
                 imported = set(shell.run(["zpool", "list", "-H", "-o", "name"]).stdout.split())
@@ -375,6 +409,16 @@ class LustreOps:
                 except NodeUnreachableError:
                     if attempt == 3:
                         raise
+
+    def _digests(self, node: NodeRef, paths: Sequence[str]) -> dict[str, str]:
+        """sha256 of each of ``paths`` that exists on ``node``."""
+        shell = self.sh(node)
+        results = shell.run_batch([["sha256sum", path] for path in paths])
+        return {
+            path: parse_sha256sum(result.stdout, path)
+            for path, result in zip(paths, results, strict=True)
+            if result.status == 0
+        }
 
     def start_services(self, node: NodeRef) -> None:
         """Lustre (targets register with the MGS, a client mounts through it), HSM agents."""

@@ -10,6 +10,7 @@ listed here exits 127 the way a shell says "command not found".
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import shlex
@@ -24,7 +25,15 @@ from amlfs_sim.nodes.formats import (
     format_params,
     format_recovery_status,
 )
-from amlfs_sim.nodes.lustre import FSNAME, HOSTID_FILE, LustreNode, Target, _parse_rule
+from amlfs_sim.nodes.lustre import (
+    FSNAME,
+    HOSTID_FILE,
+    LustreNode,
+    Target,
+    _parse_rule,
+    file_bytes,
+    file_text,
+)
 
 __all__ = ["Result", "needs_stdin", "run_command"]
 
@@ -553,7 +562,7 @@ def _cat(ctx: Context, args: list[str]) -> Result:
 def _tee(ctx: Context, args: list[str]) -> Result:
     append = "-a" in args
     paths = [a for a in args if not a.startswith("-")]
-    data = ctx.stdin.decode(errors="replace")
+    data = file_text(ctx.stdin)  # byte for byte
     node = ctx.node
     for path in paths:
         if _lustre_path(path):
@@ -566,6 +575,41 @@ def _tee(ctx: Context, args: list[str]) -> Result:
     if any(p == HOSTID_FILE for p in paths):
         ctx.changed()
     return Result(0, data)
+
+
+def _base64(ctx: Context, args: list[str]) -> Result:
+    """``base64 [-w 0] FILE``: the file's bytes, encoded (coreutils: no line breaks with
+    ``-w 0``, and then no final newline)."""
+    words = list(args)
+    wrap = 76
+    if words[:1] == ["-w"] and len(words) >= 2:
+        try:
+            wrap = int(words[1])
+        except ValueError:
+            return Result(1, stderr=f"base64: invalid wrap size: '{words[1]}'\n")
+        words = words[2:]
+    if len(words) != 1 or words[0].startswith("-"):
+        return Result(1, stderr="base64: emulated: base64 [-w COLS] FILE\n")
+    path = words[0]
+    if path not in _files(ctx):
+        return Result(1, stderr=f"base64: {path}: No such file or directory\n")
+    encoded = base64.b64encode(file_bytes(_files(ctx)[path])).decode()
+    if wrap == 0:
+        return Result(0, encoded)
+    lines = [encoded[i : i + wrap] for i in range(0, len(encoded), wrap)]
+    return Result(0, "".join(line + "\n" for line in lines))
+
+
+def _sha256sum(ctx: Context, args: list[str]) -> Result:
+    """``sha256sum FILE...``: ``<hex>  FILE`` per file, as coreutils prints it."""
+    out, err = "", ""
+    for path in args:
+        if path in _files(ctx):
+            digest = hashlib.sha256(file_bytes(_files(ctx)[path])).hexdigest()
+            out += f"{digest}  {path}\n"
+        else:
+            err += f"sha256sum: {path}: No such file or directory\n"
+    return Result(1 if err else 0, out, err)
 
 
 def _rm(ctx: Context, args: list[str]) -> Result:
@@ -643,6 +687,8 @@ COMMANDS: dict[str, Handler] = {
     "hostid": _hostid,
     "cat": _cat,
     "tee": _tee,
+    "base64": _base64,
+    "sha256sum": _sha256sum,
     "rm": _rm,
     "test": _test,
     "uname": _uname,

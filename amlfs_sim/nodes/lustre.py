@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import ipaddress
 import shlex
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,8 +148,18 @@ class LustreNode:
 
     @property
     def hostid(self) -> str:
+        """What ``hostid`` prints and ZFS compares: glibc's ``gethostid`` reads the first 4
+        bytes of ``/etc/hostid`` as a native-endian (x86: little-endian) 32-bit integer
+        (glibc sysdeps/unix/sysv/linux/gethostid.c; OpenZFS ``zgenhostid`` writes the
+        same 4 bytes). A shorter file falls back to the install's own id."""
         assert self.disk is not None
-        return self.disk.files.get(HOSTID_FILE, self.disk.own_hostid).strip()
+        raw = self.disk.files.get(HOSTID_FILE)
+        if raw is None:
+            return self.disk.own_hostid
+        data = file_bytes(raw)
+        if len(data) < 4:
+            return self.disk.own_hostid
+        return f"{struct.unpack('<I', data[:4])[0]:08x}"
 
     @property
     def lustre_version(self) -> str:
@@ -696,7 +707,7 @@ def cluster_files(
             f"        - nid: {address}@tcp\n          interfaces:\n              0: eth0\n"
         ),
         LUSTRE_CONF: "options lnet networks=tcp0(eth0)\noptions ptlrpc at_max=600\n",
-        HOSTID_FILE: hostid + "\n",
+        HOSTID_FILE: hostid_file(hostid),
     }
     if targets:
         files[LDEV_CONF] = "".join(
@@ -713,3 +724,21 @@ def cluster_files(
 
 def derive_hostid(material: str) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:8]
+
+
+# File contents are kept as str holding one code point per byte (latin-1), so that a binary
+# file (``/etc/hostid``) goes through ``tee`` and ``cat`` byte for byte, as on a real node.
+def file_text(data: bytes) -> str:
+    return data.decode("latin-1")
+
+
+def file_bytes(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:  # text put there by the emulator itself, not by a write
+        return text.encode()
+
+
+def hostid_file(hostid: str) -> str:
+    """``/etc/hostid`` for ``hostid`` (8 hex digits): 4 binary bytes, little-endian."""
+    return file_text(struct.pack("<I", int(hostid, 16)))

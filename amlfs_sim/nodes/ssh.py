@@ -38,7 +38,7 @@ from amlfs.ssh.gateway import QuietTransport
 from amlfs_sim.faults import FaultMode
 from amlfs_sim.nodes.fleet import NodeFleet
 from amlfs_sim.nodes.interpreter import needs_stdin, run_command
-from amlfs_sim.nodes.lustre import LustreNode
+from amlfs_sim.nodes.lustre import LustreNode, file_bytes
 
 __all__ = ["SshInfo", "SshServer"]
 
@@ -407,7 +407,7 @@ class SshServer:
                 transport.close()
                 return
             if result.stdout:
-                channel.sendall(result.stdout.encode())
+                channel.sendall(file_bytes(result.stdout))  # a file's bytes as they are
             if result.stderr:
                 channel.sendall_stderr(result.stderr.encode())
             channel.send_exit_status(result.status)
