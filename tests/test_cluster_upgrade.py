@@ -438,3 +438,31 @@ def test_a_vm_someone_stopped_before_the_swap_is_swapped_then_started(
     assert_customer_safe(sim, "2.15.6")
     starts = [op for op in sim.timeline()["operations"] if op["kind"] == "vm.start"]
     assert [op["target"] for op in starts] == ["eus01-oss1"], starts
+
+
+def test_suspend_cuts_client_traffic_both_ways_on_every_server(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def runner(name: str, fn: Any) -> Any:
+        if name == "swap":  # suspended, nothing swapped yet
+            seen.update(sim.customer())
+        return fn()
+
+    result = ClusterUpgrade(
+        sim.cluster,
+        RELEASE,
+        gateway=conns.gateway(sim.cluster.subscription_id),
+        shells=conns.shells(),
+        store=StateStore(tmp_path),
+        clock=conns.clock,
+        runner=runner,
+    ).run()
+    assert result.outcome is Outcome.UPGRADED, result.reason
+    servers = [n.name for n in sim.cluster.nodes if n.role.value in ("mds", "oss")]
+    assert seen["clients_blocked"] == seen["clients"]
+    for name in servers:
+        assert seen["nodes"][name]["firewall_rules"] == 2, name
+        assert seen["nodes"][name]["firewall_one_way"] is False, name
+    assert_customer_safe(sim, "2.15.6")

@@ -24,6 +24,16 @@ GALLERY = (
     "Microsoft.Compute/galleries/amlfsgallery/images/amlfs-lustre/versions/"
 )
 FIREWALL = ["-s", "10.8.0.0/16", "-p", "tcp", "--dport", "988", "-j", "DROP"]
+# The server's own connections to clients' 988 (LNet connects both ways).
+FIREWALL_OUT = ["-d", "10.8.0.0/16", "-p", "tcp", "--dport", "988", "-j", "DROP"]
+
+
+def cut_clients(shell: NodeShell, action: str) -> None:
+    """Drop client LNet traffic on a server both ways (``-A``), or let it through (``-D``)."""
+    shell.run(["iptables", action, "INPUT", *FIREWALL])
+    shell.run(["iptables", action, "OUTPUT", *FIREWALL_OUT])
+
+
 CONFIG_FILES = (
     "/etc/lnet.conf",
     "/etc/modprobe.d/lustre.conf",
@@ -214,7 +224,7 @@ def test_boot_faults_crash_or_bad_image(sim: Sim) -> None:
 def firewall_servers(sim: Sim, action: str) -> None:
     for node in sim.cluster.nodes:
         if node.role.value in ("mds", "oss"):
-            sim.shell(node.name).run(["iptables", action, "INPUT", *FIREWALL])
+            cut_clients(sim.shell(node.name), action)
 
 
 def test_raised_timeout_before_a_long_outage_avoids_evictions(sim: Sim) -> None:
@@ -246,12 +256,12 @@ def test_default_timeout_evicts_every_client_in_a_long_outage(sim: Sim) -> None:
 
 def test_recovery_completes_only_after_clients_can_reach_the_server(sim: Sim) -> None:
     oss = sim.shell("eus01-oss0")
-    oss.run(["iptables", "-A", "INPUT", *FIREWALL])
+    cut_clients(oss, "-A")
     oss.run(["systemctl", "restart", "lustre"])
     sim.sleep(60)
     status = oss.run(["lctl", "get_param", "-n", "obdfilter.*.recovery_status"]).stdout
     assert status == "status: WAITING_FOR_CLIENTS\n", status
-    oss.run(["iptables", "-D", "INPUT", *FIREWALL])
+    cut_clients(oss, "-D")
     sim.sleep(2)
     assert target_row(sim, "eus01-oss0")["recovery"] in ("RECOVERING", "COMPLETE")
     sim.sleep(20)
@@ -264,7 +274,7 @@ def test_recovery_time_hard_evicts_clients_that_never_came_back(sim: Sim) -> Non
     mds = sim.shell("eus01-mds0")
     mds.run(["lctl", "set_param", "-P", "timeout=3000"])  # no eviction by timeout
     oss.run(["lctl", "set_param", "obdfilter.*.recovery_time_hard=120"])
-    oss.run(["iptables", "-A", "INPUT", *FIREWALL])
+    cut_clients(oss, "-A")
     oss.run(["systemctl", "restart", "lustre"])  # plain set_param is lost with the restart...
     oss.run(["lctl", "set_param", "obdfilter.*.recovery_time_hard=120"])  # ...so set it again
     sim.sleep(200)
@@ -476,3 +486,22 @@ def test_hostid_is_four_binary_bytes_and_a_text_copy_of_it_breaks_the_pool_impor
     assert "previously in use from another system" in imported.stderr
     oss.run(["tee", "/etc/hostid"], stdin=raw)  # byte for byte: the pool is ours again
     oss.run(["zpool", "import", "eus01-oss0-ostpool"])
+
+
+def test_dropping_only_inbound_988_leaves_the_servers_own_connections_to_clients_open(
+    sim: Sim,
+) -> None:
+    # LNet connects both ways: a rule on INPUT --dport 988 alone does not cut a client off.
+    oss = sim.shell("eus01-oss0")
+    oss.run(["iptables", "-A", "INPUT", *FIREWALL])
+    customer = sim.customer()
+    assert customer["clients_blocked"] == 0
+    assert customer["nodes"]["eus01-oss0"]["firewall_one_way"] is True
+    oss.run(["iptables", "-A", "OUTPUT", *FIREWALL_OUT])
+    customer = sim.customer()
+    assert customer["clients_blocked"] == customer["clients"]
+    assert customer["nodes"]["eus01-oss0"]["firewall_one_way"] is False
+    assert (
+        "-A OUTPUT -d 10.8.0.0/16 -p tcp -m tcp --dport 988 -j DROP"
+        in oss.run(["iptables", "-S", "OUTPUT"]).stdout
+    )

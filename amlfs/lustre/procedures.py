@@ -154,17 +154,18 @@ class LustreOps:
         nodes = list(nodes)
         return dict(zip([n.name for n in nodes], run_all(nodes, fn, self.parallelism), strict=True))
 
-    def firewall_rule(self) -> list[str]:
+    def firewall_rules(self) -> list[list[str]]:
+        """The rules that cut client LNet traffic on a server, both ways.
+
+        LNet connects in both directions (socklnd, lnet/lnet/acceptor.c at v2_15_5): clients
+        to the server's TCP 988, and the server from a reserved port (512-1023) to a client's
+        988, e.g. for a blocking callback. Dropping inbound 988 alone leaves the second open.
+        """
+        cidr = self.policy.client_cidr
+        port = str(LNET_PORT)
         return [
-            "INPUT",
-            "-s",
-            self.policy.client_cidr,
-            "-p",
-            "tcp",
-            "--dport",
-            str(LNET_PORT),
-            "-j",
-            "DROP",
+            ["INPUT", "-s", cidr, "-p", "tcp", "--dport", port, "-j", "DROP"],
+            ["OUTPUT", "-d", cidr, "-p", "tcp", "--dport", port, "-j", "DROP"],
         ]
 
     # ------------------------------------------------------------------ capture
@@ -277,8 +278,11 @@ class LustreOps:
             self.clock.sleep(self.policy.poll_s)
 
     def firewall_on(self, node: NodeRef) -> None:
+        for rule in self.firewall_rules():
+            self._rule_on(node, rule)
+
+    def _rule_on(self, node: NodeRef, rule: list[str]) -> None:
         shell = self.sh(node)
-        rule = self.firewall_rule()
         # A second insert adds a second rule: after a session dropped mid-insert, look again.
         for attempt in range(1, 4):
             if shell.run(["iptables", "-C", *rule], check=False).status == 0:
@@ -291,8 +295,12 @@ class LustreOps:
                     raise
 
     def firewall_off(self, node: NodeRef) -> None:
+        """Outbound first: the way back opens in the reverse order of ``firewall_on``."""
+        for rule in reversed(self.firewall_rules()):
+            self._rule_off(node, rule)
+
+    def _rule_off(self, node: NodeRef, rule: list[str]) -> None:
         shell = self.sh(node)
-        rule = self.firewall_rule()
         for _ in range(10):  # every copy of the rule, in case a retry added two
             if shell.run(["iptables", "-C", *rule], check=False).status != 0:
                 return
@@ -304,8 +312,9 @@ class LustreOps:
                 continue
 
     def firewalled(self, node: NodeRef) -> bool:
-        """Does ``node`` still drop client LNet traffic?"""
-        return self.sh(node).run(["iptables", "-C", *self.firewall_rule()], check=False).status == 0
+        """Does ``node`` still drop client LNet traffic, in either direction?"""
+        checks = [["iptables", "-C", *rule] for rule in self.firewall_rules()]
+        return any(r.status == 0 for r in self.sh(node).run_batch(checks))
 
     def read_params(self, node: NodeRef, names: Sequence[str]) -> dict[str, str]:
         """``lctl get_param`` of ``names`` on ``node``, as name -> value."""

@@ -424,11 +424,14 @@ def _normalize_rule(words: list[str]) -> str | None:
     if spec is None or "chain" not in spec or "jump" not in spec:
         return None
     parts = ["-A", spec["chain"]]
-    if "source" in spec:
-        source = spec["source"]
-        parts += ["-s", source if "/" in source else f"{source}/32"]
+    for key, flag in (("source", "-s"), ("dest", "-d")):
+        if key in spec:
+            address = spec[key]
+            parts += [flag, address if "/" in address else f"{address}/32"]
     if "proto" in spec:
         parts += ["-p", spec["proto"], "-m", spec["proto"]]
+    if "sport" in spec:
+        parts += ["--sport", spec["sport"]]
     if "dport" in spec:
         parts += ["--dport", spec["dport"]]
     parts += ["-j", spec["jump"]]

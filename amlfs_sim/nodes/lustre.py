@@ -218,20 +218,60 @@ class LustreNode:
         return names
 
     def drops_client_traffic(self, client_address: str) -> bool:
-        """Evaluate the INPUT chain for a TCP packet to port 988 from a client; policy ACCEPT."""
-        source = ipaddress.ip_address(client_address)
+        """Is LNet traffic between this server and a client cut, *both ways*?
+
+        LNet's socklnd (lnet/klnds/socklnd, v2_15_5) connects in either direction: a client
+        connects to the server's TCP 988, and a server opens its own connections to a
+        client's 988 from a reserved source port (512-1023, ``lnet_acceptor_port`` and
+        ``accept_port``/``lnet_connect``), e.g. to send a blocking callback. A rule on the
+        server's INPUT chain for ``--dport 988`` stops the first kind only: the second goes
+        out, and the client's answers come back with *source* port 988. The client is cut
+        off only when both are: inbound to 988 dropped, and outbound to the client's 988
+        dropped (OUTPUT ``-d CLIENT --dport 988``) or every packet from it dropped (INPUT
+        without a port, or ``--sport 988``). Chains are walked in order, policy ACCEPT.
+        """
+        inbound = self._chain_drops("INPUT", "source", client_address, ("dport",))
+        outbound = self._chain_drops(
+            "OUTPUT", "dest", client_address, ("dport",)
+        ) or self._chain_drops("INPUT", "source", client_address, ("sport",), portless=True)
+        return inbound and outbound
+
+    def firewall_one_way(self, client_address: str) -> bool:
+        """Client-initiated LNet traffic dropped but the server's own connections let out."""
+        inbound = self._chain_drops("INPUT", "source", client_address, ("dport",))
+        return inbound and not self.drops_client_traffic(client_address)
+
+    def _chain_drops(
+        self,
+        chain: str,
+        peer_key: str,
+        address: str,
+        port_keys: tuple[str, ...],
+        *,
+        portless: bool = False,
+    ) -> bool:
+        """The verdict of ``chain`` for TCP to/from LNet's port with ``address`` as peer:
+        the first matching DROP/REJECT or ACCEPT rule; no match: ACCEPT."""
+        peer = ipaddress.ip_address(address)
         for rule in self.iptables:
             spec = _parse_rule(rule)
-            if spec is None or spec.get("chain") != "INPUT":
+            if spec is None or spec.get("chain") != chain:
                 continue
-            if spec.get("dport") not in (None, str(LNET_PORT)):
+            ports = {k: spec.get(k) for k in ("dport", "sport")}
+            if portless:
+                # A rule that matches the client's answers: no port, or source port 988.
+                if ports["dport"] is not None or ports["sport"] not in (None, str(LNET_PORT)):
+                    continue
+            elif any(ports[k] not in (None, str(LNET_PORT)) for k in port_keys) or any(
+                ports[k] is not None for k in ("dport", "sport") if k not in port_keys
+            ):
                 continue
             if spec.get("proto") not in (None, "tcp"):
                 continue
-            cidr = spec.get("source")
+            cidr = spec.get(peer_key)
             if cidr is not None:
                 try:
-                    if source not in ipaddress.ip_network(cidr, strict=False):
+                    if peer not in ipaddress.ip_network(cidr, strict=False):
                         continue
                 except ValueError:
                     continue
@@ -391,9 +431,13 @@ def _parse_rule(rule: str) -> dict[str, str] | None:
         "-I": "chain",
         "-s": "source",
         "--source": "source",
+        "-d": "dest",
+        "--destination": "dest",
         "-p": "proto",
         "--dport": "dport",
         "--destination-port": "dport",
+        "--sport": "sport",
+        "--source-port": "sport",
         "-j": "jump",
     }
     i = 0
@@ -680,6 +724,8 @@ class ClusterSim:
                     "services": dict(n.services),
                     "nids": list(n.nids),
                     "firewall_rules": len(n.iptables),
+                    # Client-initiated traffic dropped, the server's own connections not.
+                    "firewall_one_way": any(n.firewall_one_way(c.address) for c in self.clients),
                 }
                 for n in self.nodes
             },
