@@ -865,12 +865,19 @@ class ClusterUpgrade:
     # ------------------------------------------------------------------ compensations
 
     def _needs_swap_back(self) -> bool:
-        """Is any VM off its old OS disk or not running (read from Azure)?"""
+        """Is any VM off its old OS disk or not running (read from Azure)? A VM that cannot
+        be read counts as off: the swap back then reads it again, or says why it cannot."""
         for plan in self.plans.values():
-            vm = self._retry(
-                f"read VM {plan.node.name}",
-                functools.partial(self.gw.vm_info, self.rg, plan.node.name),
-            )
+            try:
+                vm = self._retry(
+                    f"read VM {plan.node.name}",
+                    functools.partial(self.gw.vm_info, self.rg, plan.node.name),
+                )
+            except LeaseLostError:
+                raise
+            except AmlfsError as err:
+                self.log(f"{self.cluster.name}: cannot read VM {plan.node.name}: {err}")
+                return True
             if vm.os_disk_id.lower() != plan.old_disk_id.lower() or vm.power_state != "running":
                 return True
         return False
@@ -972,11 +979,14 @@ class ClusterUpgrade:
         self.lease.adopt_run(self.run_id)
         released = self.release.version == self.state.release
         phase = self.state.phase
-        if released and phase in ("validated", "finalizing"):
-            result = self._finish_forward()
-        elif released and phase in ("restored", "unsuspending", "unsuspended"):
+        if released and phase == "finalizing":
+            result = self._finish_forward()  # old disks may be gone already: only forward
+        elif released and phase in ("restored", "unsuspending", "unsuspended", "validated"):
+            # Verified on the release before the crash; the world may have moved since (a
+            # VM stopped by someone): validated again before the point of no return.
             try:
-                self._step("unsuspend", self.unsuspend)
+                if phase != "validated":
+                    self._step("unsuspend", self.unsuspend)
                 self._step("validate", self.validate)
             except LeaseLostError:
                 raise
