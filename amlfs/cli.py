@@ -119,8 +119,15 @@ def upgrade_cluster(
     except (InventoryError, ValueError, KeyError) as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
         raise typer.Exit(2) from err
-    result = cluster_upgrade(params)
+    # SIGTERM (a Prefect cancel, a kill) aborts it: the flow takes it in this main thread.
+    state = cluster_upgrade(params, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if not isinstance(result, dict):
+        Console(stderr=True).print(f"[red]cluster upgrade failed:[/] {result}", highlight=False)
+        raise typer.Exit(1)
     _print_result(console, result)
+    if state.is_cancelled():
+        console.print(f"flow run {state.name}: {state.message}", highlight=False)
     if result["outcome"] not in SUCCEEDED:
         raise typer.Exit(1)
 
@@ -138,10 +145,14 @@ def plan(
     cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters")] = None,
     override_window: Annotated[bool, typer.Option(help="Hotfix: ignore windows")] = False,
     reason: Annotated[str | None, typer.Option(help="Why (with --override-window)")] = None,
+    state_dir: Annotated[
+        Path, typer.Option(help="Durable state store (journals of interrupted runs)")
+    ] = Path(".amlfs-state"),
 ) -> None:
     """Dry run: per cluster its window, wave, current release, whether it would run and why.
 
-    Reads Azure (the OS disk of each cluster's MDS) and changes nothing.
+    Reads Azure (each VM and its OS disk) and the journals, and changes nothing. A cluster
+    an earlier run left half-way shows as "interrupted: resuming (what was found)".
     """
     import datetime as dt
 
@@ -149,6 +160,7 @@ def plan(
     from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
     from amlfs.saga import UpgradePolicy
     from amlfs.schedule import Prediction
+    from amlfs.store import StateStore
 
     console = Console()
     try:
@@ -172,22 +184,27 @@ def plan(
         dt.timedelta(seconds=predictions.rollback_s),
     )
     connections = Connections.create(azure, ssh)
-
-    def current(c: object) -> str | None:
-        from flows.fleet_maintenance import _current_release
-
-        return _current_release(connections, c)  # type: ignore[arg-type]
+    selector = ClusterSelector(names=cluster or [])
 
     try:
+        from flows.fleet_maintenance import read_fleet
+
+        readings = read_fleet(
+            connections,
+            [c for c in parsed.clusters if selector.matches(c)],
+            parsed_release,
+            StateStore(state_dir),
+        )
         rows = plan_fleet(
             parsed,
             parsed_release,
-            ClusterSelector(names=cluster or []),
+            selector,
             policy,
             now,
             prediction,
             predictions.downtime_s,
-            current_release=current,
+            current_release=lambda c: readings[c.name].release,
+            interrupted=lambda c: readings[c.name].interrupted,
         )
     except InventoryError as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
@@ -300,6 +317,12 @@ def run_fleet(
     admit_every: Annotated[
         float, typer.Option(help="Start at most one cluster per this many seconds (0: no ramp)")
     ] = _POLICY["admit_every_s"],
+    error_budget: Annotated[
+        str, typer.Option(help="Failed clusters tolerated: a count or a percentage like 10%")
+    ] = str(_POLICY["error_budget"]),
+    bake: Annotated[
+        float, typer.Option(help="Seconds (sim) to wait after a wave before the next")
+    ] = _POLICY["bake_s"],
     state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
     cluster_deployment: Annotated[
         str | None,
@@ -312,9 +335,16 @@ def run_fleet(
         int, typer.Option(help="Orchestrator processes on this machine running the clusters")
     ] = 1,
 ) -> None:
-    """Run the fleet-maintenance flow from here, with a live progress bar."""
+    """Run the fleet-maintenance flow from here, with a live progress bar.
+
+    Exits 0 when the run completed (every cluster upgraded, already current or rolled back
+    and serving), 1 when a cluster needs attention or the run was cancelled or failed.
+    SIGTERM is a cancel: the clusters in flight roll back (or finish past the point of no
+    return) and are recorded; run the same command again to resume what is left.
+    """
     import datetime as dt
     import os
+    import signal
     import threading
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -322,6 +352,7 @@ def run_fleet(
 
     from amlfs.fleet import ClusterSelector
     from amlfs.store import StateStore
+    from flows.cluster_upgrade import on_sigterm
     from flows.fleet_maintenance import FleetParams, fleet_maintenance
 
     try:
@@ -336,6 +367,8 @@ def run_fleet(
                 max_per_subscription=max_per_subscription,
                 max_per_region=max_per_region,
                 admit_every_s=admit_every,
+                error_budget=int(error_budget) if error_budget.strip().isdigit() else error_budget,
+                bake_s=bake,
                 override_window=bool(hotfix_reason),
                 reason=hotfix_reason,
             ),
@@ -356,10 +389,14 @@ def run_fleet(
 
     def work() -> None:
         try:
-            outcome["summary"] = fleet_maintenance(params)
+            state = fleet_maintenance(params, return_state=True)
+            outcome["state"] = state
+            outcome["summary"] = state.result(raise_on_failure=False)
         except Exception as err:  # shown below; the flow run records it too
             outcome["error"] = err
 
+    # The flow runs in a thread: SIGTERM is taken here, in the main thread, and handed to it.
+    signal.signal(signal.SIGTERM, on_sigterm)
     thread = threading.Thread(target=work, name="fleet-run", daemon=True)
     thread.start()
     store = StateStore(state_dir)
@@ -379,19 +416,30 @@ def run_fleet(
             last = next(reversed(results.items()), None) if results else None
             progress.update(
                 task,
-                completed=len(results) + len(record.get("not_started", {})),
+                # The record also keeps what earlier runs of this name did elsewhere.
+                completed=sum(
+                    1 for n in {*results, *record.get("not_started", {})} if n in selected
+                ),
                 last=f"{last[0]}: {last[1]['outcome']}" if last else "",
             )
-    if "error" in outcome:
-        Console(stderr=True).print(f"[red]fleet run failed:[/] {outcome['error']}")
+    summary = outcome.get("summary")
+    if "error" in outcome or not isinstance(summary, dict):
+        Console(stderr=True).print(
+            f"[red]fleet run failed:[/] {outcome.get('error', summary)}", highlight=False
+        )
         raise typer.Exit(1)
-    summary = outcome["summary"]
-    assert isinstance(summary, dict)
     if dry_run:
         for row in summary["plan"]:
             console.print(f"{row['cluster']}: {'run' if row['run'] else 'no'} ({row['reason']})")
         return
     status(run_name, state_dir)
+    from prefect.client.schemas.objects import State
+
+    state = outcome["state"]
+    assert isinstance(state, State)
+    console.print(f"fleet run {run_name}: {state.name}: {state.message}", highlight=False)
+    if not state.is_completed():
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Used when a cluster upgrade starts: an interrupted run is resumed (``ClusterUpgr
 forward if its nodes were verified on the release, else back to the old disks), and OS disks
 an earlier run left behind (tagged by this tool, attached to nothing, not kept on purpose)
 are found so they can be removed instead of leaking.
+
+Used before a fleet run plans (``read_cluster``, read-only): a cluster left half-way by an
+orchestrator that died is resumed whatever its MDS's image, its window or its wave say. What
+says "half-way" is the world, not one VM: a journal not done, a VM not running, VMs on disks
+of different runs or on different images, an OS disk this tool made for the release that is
+attached to nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amlfs.azure.gateway import ComputeGateway, DiskInfo
+from amlfs.errors import AmlfsError
 from amlfs.models import Cluster
 from amlfs.store import StateStore
 
-__all__ = ["ClusterPosition", "inspect_cluster"]
+__all__ = [
+    "ClusterPosition",
+    "ClusterReading",
+    "inspect_cluster",
+    "interrupted_reason",
+    "read_cluster",
+]
 
+TAG_RUN = "amlfs-run"
 TAG_VM = "amlfs-vm"
 TAG_REPLACES = "amlfs-replaces"
 TAG_RELEASE = "amlfs-release"
@@ -71,3 +85,123 @@ def inspect_cluster(
             continue
         position.orphans.append(disk)
     return position
+
+
+@dataclass(frozen=True)
+class ClusterReading:
+    """What a fleet run's planning needs of one cluster, read without changing anything."""
+
+    cluster: str
+    release: str | None  # the gallery version the MDS's OS disk was made from (None: unknown)
+    interrupted: str | None  # what says an earlier run stopped half-way (None: at rest)
+    error: str | None = None  # Azure could not be read (release None; only the journal judged)
+
+
+def new_disk_name(vm: str, version: str) -> str:
+    """The name ``ClusterUpgrade`` gives the OS disk it makes for ``vm`` and ``version``."""
+    return f"{vm}-osdisk-{version}"
+
+
+def _version(image_id: str | None) -> str | None:
+    return image_id.rsplit("/", 1)[-1] if image_id else None
+
+
+def _names(vms: list[str]) -> str:
+    return ", ".join(vms[:3]) + (f" and {len(vms) - 3} more" if len(vms) > 3 else "")
+
+
+def read_cluster(
+    cluster: Cluster,
+    gateway: ComputeGateway,
+    store: StateStore,
+    *,
+    release_version: str | None = None,
+) -> ClusterReading:
+    """Read-only: the MDS's release, and whether the cluster was left half-way.
+
+    GETs by name only (each VM with its instance view, each VM's OS disk and, when
+    ``release_version`` is given and nothing else was found, the disk this tool would have
+    made for each VM): no disk list of the resource group. An ARM read that fails gives
+    ``error``, and a verdict from the journal alone: the upgrade itself then reports it.
+    """
+    found: list[str] = []
+    journal = store.get("clusters", cluster.name, "run")
+    if journal is not None and journal.get("phase") not in (None, "done"):
+        found.append(f"journal of run {journal.get('run_id')} at {journal.get('phase')}")
+    rg = cluster.resource_group
+    try:
+        vms = [gateway.vm_info(rg, node.name) for node in cluster.nodes]
+        disks = {vm.name: gateway.get_disk(rg, vm.os_disk_name) for vm in vms}
+    except AmlfsError as err:  # the journal's word stands without Azure's
+        return ClusterReading(cluster.name, None, "; ".join(found) or None, error=str(err))
+    mds = next((vm for vm in vms if vm.name == cluster.mds.name), vms[0])
+    mds_disk = disks.get(mds.name)
+    release = _version(mds_disk.image_id) if mds_disk is not None else None
+
+    stopped = [
+        f"{vm.name} is {vm.power_state or 'in an unknown power state'}"
+        for vm in vms
+        if vm.power_state != "running"
+    ]
+    if stopped:
+        found.append(
+            "VM " + "; ".join(stopped[:3]) + (f" (+{len(stopped) - 3})" if len(stopped) > 3 else "")
+        )
+    missing = [vm.name for vm in vms if disks[vm.name] is None]
+    if missing:
+        found.append(f"OS disk not found for {_names(missing)}")
+    # Which run made each VM's OS disk (None: not this tool): after a whole upgrade or a
+    # whole rollback every VM runs a disk of the same origin.
+    origin: dict[str | None, list[str]] = {}
+    images: dict[str | None, list[str]] = {}
+    for vm in vms:
+        disk = disks[vm.name]
+        if disk is None:
+            continue
+        made_by = (
+            disk.tags.get(TAG_RUN) if (TAG_REPLACES in disk.tags or TAG_RUN in disk.tags) else None
+        )
+        origin.setdefault(made_by, []).append(vm.name)
+        images.setdefault(_version(disk.image_id), []).append(vm.name)
+    if len(origin) > 1:
+        found.append(
+            "VMs on OS disks of different runs: "
+            + "; ".join(
+                f"{_names(names)} on {f'run {run}' if run else 'disks not made by this tool'}"
+                for run, names in origin.items()
+            )
+        )
+    if len(images) > 1:
+        found.append(
+            "VMs on mixed images: "
+            + ", ".join(f"{image or 'unknown'} ({len(names)})" for image, names in images.items())
+        )
+    if not found and release_version is not None:
+        for vm in vms:
+            name = new_disk_name(vm.name, release_version)
+            if name == vm.os_disk_name:
+                continue
+            try:
+                disk = gateway.get_disk(rg, name)
+            except AmlfsError as err:
+                return ClusterReading(cluster.name, release, None, error=str(err))
+            if (
+                disk is not None
+                and disk.tags.get(TAG_VM) == vm.name
+                and not disk.managed_by
+                and KEEP_TAG not in disk.tags
+            ):
+                run = disk.tags.get(TAG_RUN)
+                found.append(f"OS disk {name} made by run {run} is attached to nothing")
+    return ClusterReading(cluster.name, release, "; ".join(found) or None)
+
+
+def interrupted_reason(
+    cluster: Cluster,
+    gateway: ComputeGateway,
+    store: StateStore,
+    *,
+    release_version: str | None = None,
+) -> str | None:
+    """What says an earlier run left ``cluster`` half-way, or None (``read_cluster``)."""
+    return read_cluster(cluster, gateway, store, release_version=release_version).interrupted

@@ -37,10 +37,12 @@ __all__ = [
     "Admission",
     "ErrorBudget",
     "Prediction",
+    "WaveGate",
     "WindowOccurrence",
     "admit",
     "current_or_next_window",
     "order_waves",
+    "wave_gate",
     "wave_may_open",
     "windows_opening_in",
 ]
@@ -323,6 +325,57 @@ def order_waves(
     return [(wave, groups[wave]) for wave in ordered]
 
 
+@dataclass(frozen=True)
+class WaveGate:
+    """Whether the next wave may start, why, and how much bake time is left.
+
+    ``bake_left`` is positive only when the previous wave passed its threshold and the wave
+    waits for the bake time alone: waiting that long (and asking again) opens it.
+    """
+
+    open: bool
+    reason: str
+    bake_left: dt.timedelta = dt.timedelta(0)
+
+
+def wave_gate(
+    previous_results: Sequence[bool],
+    *,
+    success_threshold: float,
+    finished_at: dt.datetime | None,
+    bake: dt.timedelta,
+    now: dt.datetime,
+) -> WaveGate:
+    """May the next wave start? (``wave_may_open``, with the bake time left as a value.)"""
+    now = _utc(now, "now")
+    if not 0.0 <= success_threshold <= 1.0:
+        raise ValueError(f"success_threshold must be between 0 and 1, got {success_threshold}")
+    if bake < dt.timedelta(0):
+        raise ValueError(f"bake must be >= 0, got {bake}")
+    if finished_at is not None:
+        finished_at = _utc(finished_at, "finished_at")
+    if not previous_results:
+        return WaveGate(True, "first wave: no previous wave to wait for")
+    if finished_at is None:
+        return WaveGate(False, "previous wave has not finished")
+    ok, total = sum(1 for r in previous_results if r), len(previous_results)
+    ratio = ok / total
+    score = f"previous wave succeeded on {ok}/{total} clusters ({ratio:.0%})"
+    if ratio < success_threshold:
+        return WaveGate(False, f"{score}, below the {success_threshold:.0%} threshold")
+    elapsed = now - finished_at
+    if elapsed < bake:
+        return WaveGate(
+            False,
+            f"{score}; baking until {_fmt(finished_at + bake)} "
+            f"({_floor_minutes(max(elapsed, dt.timedelta(0)))} of {_ceil_minutes(bake)} elapsed)",
+            bake_left=bake - elapsed,
+        )
+    return WaveGate(
+        True, f"{score}, threshold {success_threshold:.0%}; baked {_ceil_minutes(bake)}"
+    )
+
+
 def wave_may_open(
     previous_results: Sequence[bool],
     *,
@@ -338,29 +391,14 @@ def wave_may_open(
     the previous one has finished (``finished_at`` not None), its success ratio is
     ``>= success_threshold`` (0..1) and ``bake`` has elapsed since ``finished_at``.
     """
-    now = _utc(now, "now")
-    if not 0.0 <= success_threshold <= 1.0:
-        raise ValueError(f"success_threshold must be between 0 and 1, got {success_threshold}")
-    if bake < dt.timedelta(0):
-        raise ValueError(f"bake must be >= 0, got {bake}")
-    if finished_at is not None:
-        finished_at = _utc(finished_at, "finished_at")
-    if not previous_results:
-        return True, "first wave: no previous wave to wait for"
-    if finished_at is None:
-        return False, "previous wave has not finished"
-    ok, total = sum(1 for r in previous_results if r), len(previous_results)
-    ratio = ok / total
-    score = f"previous wave succeeded on {ok}/{total} clusters ({ratio:.0%})"
-    if ratio < success_threshold:
-        return False, f"{score}, below the {success_threshold:.0%} threshold"
-    elapsed = now - finished_at
-    if elapsed < bake:
-        return False, (
-            f"{score}; baking until {_fmt(finished_at + bake)} "
-            f"({_floor_minutes(max(elapsed, dt.timedelta(0)))} of {_ceil_minutes(bake)} elapsed)"
-        )
-    return True, f"{score}, threshold {success_threshold:.0%}; baked {_ceil_minutes(bake)}"
+    gate = wave_gate(
+        previous_results,
+        success_threshold=success_threshold,
+        finished_at=finished_at,
+        bake=bake,
+        now=now,
+    )
+    return gate.open, gate.reason
 
 
 # ------------------------------------------------------------------------ error budget

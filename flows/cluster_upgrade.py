@@ -4,24 +4,38 @@ Thin: it resolves where to connect (the emulator's ``endpoint.json`` or the save
 runs ``amlfs.saga.ClusterUpgrade`` with each step as its own Prefect task, and publishes the
 result as a table artifact. Running it again for the same cluster after a crash resumes the
 interrupted upgrade (the journal is in the state store, the truth in Azure and the nodes).
+
+Its final state tells the cluster's truth (``tasks.cluster.outcome_state``): Completed when
+upgraded, Completed named RolledBack when rolled back, Failed when it needs attention. A
+cancel in Prefect (the run goes to Cancelling, then the runner sends SIGTERM and kills the
+process after its grace period), a SIGTERM, or an abort request from the fleet run that
+dispatched it (``cluster-aborts`` in the state store) is an abort: the cluster rolls back, or
+finishes when past the point of no return, and the run ends Cancelled with the outcome.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
+import signal
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
+from amlfs.errors import AmlfsError
 from amlfs.models import load_fleet, load_release
 from amlfs.runtime import (
     AzureSettings,
@@ -33,7 +47,19 @@ from amlfs.runtime import (
 from amlfs.saga import UpgradePolicy
 from amlfs.store import StateStore
 
-__all__ = ["ClusterUpgradeParams", "cluster_upgrade", "run_cluster_upgrade"]
+__all__ = [
+    "ABORTS",
+    "ClusterUpgradeParams",
+    "StopSignals",
+    "cluster_upgrade",
+    "on_sigterm",
+    "run_cluster_upgrade",
+    "stop_signals",
+]
+
+#: State store collection: an abort request per cluster flow run id (written by the fleet
+#: run that dispatched it, read by the cluster run at its step boundaries).
+ABORTS = "cluster-aborts"
 
 
 class ClusterUpgradeParams(BaseModel):
@@ -86,6 +112,121 @@ def customer_view(endpoint_file: str, cluster: str) -> dict[str, Any] | None:
 HEARTBEAT_S = 2.0  # real seconds between liveness records of a running cluster flow
 
 
+# ------------------------------------------------------------------ stopping from outside
+
+POLL_S = 1.0  # real seconds between reads of a run's own state in Prefect
+_listeners: tuple[StopSignals, ...] = ()  # replaced whole: read by the signal handler
+_listeners_lock = threading.Lock()
+_sigterm_seen = threading.Event()
+
+
+class StopSignals:
+    """Whether a flow run must stop before its end, and why: SIGTERM (what Prefect's runner
+    sends a cancelled run), its own flow run gone to Cancelling or Cancelled in Prefect, or
+    an abort request for it in the state store. Prefect and the store are read at most
+    every ``POLL_S``; a read that fails changes nothing (the Prefect API answering 503 must
+    not stop a cluster)."""
+
+    def __init__(
+        self,
+        flow_run_id: str | None,
+        store: StateStore | None = None,
+        *,
+        log: Any = None,
+    ) -> None:
+        self.flow_run_id = flow_run_id
+        self.store = store
+        self.log = log or (lambda message: None)
+        self.event = threading.Event()
+        self.why = ""
+        self.cancelled_in_prefect = False
+        self._polled_at = -POLL_S
+        self._polling = threading.Lock()
+
+    def stop(self, why: str) -> None:
+        if not self.event.is_set():
+            self.why = why
+            self.event.set()
+
+    def requested(self) -> bool:
+        if self.event.is_set():
+            return True
+        if time.monotonic() - self._polled_at >= POLL_S and self._polling.acquire(blocking=False):
+            try:
+                self._polled_at = time.monotonic()
+                self._poll()
+            finally:
+                self._polling.release()
+        return self.event.is_set()
+
+    def _poll(self) -> None:
+        if self.store is not None and self.flow_run_id:
+            try:
+                request = self.store.get(ABORTS, self.flow_run_id)
+            except AmlfsError as err:
+                self.log(f"cannot read the abort requests: {err}")
+                request = None
+            if request is not None:
+                self.stop(f"abort requested by {request.get('by', 'the fleet run')}")
+                return
+        if not self.flow_run_id:
+            return
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(UUID(self.flow_run_id)).state
+        except Exception as err:  # the API down or slow: keep running, ask again later
+            self.log(f"cannot read this flow run's state in Prefect: {err}")
+            return
+        if state is not None and (state.is_cancelling() or state.is_cancelled()):
+            self.cancelled_in_prefect = True
+            self.stop(f"flow run {state.type.value.lower()} in Prefect")
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM handler: every run of this process stops as an abort would (Prefect's runner
+    sends SIGTERM to a cancelled run and SIGKILL after its grace period)."""
+    _sigterm_seen.set()
+    for listener in _listeners:
+        listener.stop("SIGTERM")
+
+
+@contextlib.contextmanager
+def stop_signals(
+    flow_run_id: str | None, store: StateStore | None = None, *, log: Any = None
+) -> Iterator[StopSignals]:
+    """A ``StopSignals`` for the calling run; in the main thread it also takes SIGTERM (the
+    previous handler, Prefect's own, is put back at the end). Off the main thread (``amlfs
+    run-fleet`` runs the flow in a thread) the caller's main thread installs ``on_sigterm``.
+    """
+    global _listeners
+    stop = StopSignals(flow_run_id, store, log=log)
+    with _listeners_lock:
+        _listeners = (*_listeners, stop)
+    if _sigterm_seen.is_set():
+        stop.stop("SIGTERM")
+    previous: Any = None
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stop
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        with _listeners_lock:
+            _listeners = tuple(x for x in _listeners if x is not stop)
+
+
+def variable_says_abort(variable: Any, name: str = "amlfs-fleet-control") -> bool:
+    """The fleet's operator control says abort (a failed read says nothing)."""
+    try:
+        return bool(variable.get(name, default="run") == "abort")
+    except Exception:
+        return False
+
+
 def _heartbeat(store: StateStore, key: str, stop: threading.Event) -> None:
     """Record that this flow run is alive, where, until ``stop``: a fleet flow that dispatched
     it to a worker declares it dead (and starts a follow-up run) when the record goes stale."""
@@ -101,29 +242,53 @@ def _heartbeat(store: StateStore, key: str, stop: threading.Event) -> None:
 
 @flow(name="cluster-upgrade", persist_result=False, log_prints=False)
 def cluster_upgrade(params: ClusterUpgradeParams) -> dict[str, Any]:
-    """Upgrade one cluster; returns the result (outcome, reason, timings, downtime)."""
+    """Upgrade one cluster; its final state carries the result (outcome, reason, timings,
+    downtime). Prefect unwraps it: called directly the flow gives the result (and raises
+    for a Failed run); with ``return_state=True``, the state (``state.result(
+    raise_on_failure=False)`` is the result whatever the state)."""
     from prefect.runtime import flow_run
     from prefect.variables import Variable
 
     from tasks import run_step
+    from tasks.cluster import outcome_state
 
     logger = get_run_logger()
     store = StateStore(params.state_dir)
-    run_key = str(flow_run.get_id() or "local")
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(store, run_key, stop), daemon=True)
+    flow_run_id = flow_run.get_id()
+    run_key = str(flow_run_id or "local")
+    done = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(store, run_key, done), daemon=True)
     beat.start()
-    try:
-        out = _cluster_upgrade(params, logger, run_step, Variable)
-    finally:
-        stop.set()
-        beat.join(timeout=10)
-    store.put("cluster-results", run_key, value=out)
-    return out
+    with stop_signals(flow_run_id, store, log=logger.warning) as stop:
+        try:
+            out = _cluster_upgrade(
+                params,
+                logger,
+                run_step,
+                # The fleet's operator control, a cancel of this run, SIGTERM, or the
+                # dispatching fleet run's abort request: the cluster rolls back.
+                lambda: stop.requested() or variable_says_abort(Variable),
+            )
+        finally:
+            done.set()
+            beat.join(timeout=10)
+        store.put("cluster-results", run_key, value=out)
+        if stop.event.is_set():
+            # From Cancelling, Prefect accepts only Cancelled; the outcome is in the message
+            # and the result (also in the state store under cluster-results).
+            final: State[Any] = Cancelled(
+                message=f"{stop.why}: {out['outcome']}"
+                + (f": {out['reason']}" if out.get("reason") else ""),
+                data=out,
+            )
+        else:
+            final = outcome_state(out)
+    # A returned state is the run's final state; Prefect hands its data to a direct caller.
+    return final  # type: ignore[return-value]
 
 
 def _cluster_upgrade(
-    params: ClusterUpgradeParams, logger: Any, run_step: Any, variable: Any
+    params: ClusterUpgradeParams, logger: Any, run_step: Any, should_abort: Any
 ) -> dict[str, Any]:
     fleet = load_fleet(params.fleet_file)
     cluster = fleet.cluster(params.cluster)
@@ -141,8 +306,7 @@ def _cluster_upgrade(
             window_end=params.window_end,
             log=logger.info,
             runner=run_step,
-            # The fleet's operator control: abort rolls this cluster back too.
-            should_abort=lambda: variable.get("amlfs-fleet-control", default="run") == "abort",
+            should_abort=should_abort,
         )
     finally:
         connections.close()

@@ -7,14 +7,25 @@ One typed parameter model (the UI renders it as a form). ``mode`` says how it wa
 * ``hotfix``: named clusters now; outside their window only with ``override_window`` and a
   ``reason`` (recorded in the plan, the artifacts and the result).
 
-Every run plans first (a table artifact: per cluster its window, wave, whether it runs and
-why, predicted downtime). ``dry_run`` stops there; nothing in Azure changes. Otherwise the
-admitted clusters run wave by wave (``amlfs.fleet.FleetRunner``) as ``cluster-upgrade`` tasks
-within the caps; the Prefect Variable ``amlfs-fleet-control`` (``run``/``halt``/``abort``)
-is read between admissions. With ``processes`` > 1 the clusters run in that many orchestrator
-processes on this machine (``amlfs.shards``: one core each); with ``cluster_deployment``
-each runs as its own flow run on a work pool. Results are saved in the state store under the
-run name, so a run started again with the same ``run_name`` continues where it stopped.
+Every run first reads each selected cluster (``amlfs.reconcile.read_cluster``: read-only
+GETs; a cluster an earlier run left half-way is resumed before the waves, whatever its
+MDS's image or window say), then plans (a table artifact: per cluster its window, wave,
+whether it runs and why, predicted downtime). ``dry_run`` stops there; nothing in Azure
+changes. Otherwise the admitted clusters run wave by wave (``amlfs.fleet.FleetRunner``) as
+``cluster-upgrade`` tasks within the caps; the Prefect Variable ``amlfs-fleet-control``
+(``run``/``halt``/``abort``) and the run's own state in Prefect are read between admissions.
+A cancel in Prefect (Cancelling; then the runner's SIGTERM, and SIGKILL after its grace
+period) or a SIGTERM is an abort: the clusters in flight roll back (or finish past the point
+of no return), each recorded ``interrupted`` until its outcome is known, so that a resume
+finds them. With ``processes`` > 1 the clusters run in that many orchestrator processes on
+this machine (``amlfs.shards``: one core each); with ``cluster_deployment`` each runs as its
+own flow run on a work pool. Results are saved in the state store under the run name, so a
+run started again with the same ``run_name`` continues where it stopped.
+
+The run's final state counts the outcomes in its message (``3 upgraded, 1 rolled_back, 0
+failed_needs_attention``): Failed if any cluster needs attention, Cancelled if it was
+cancelled, else Completed; each cluster's task run tells its own outcome
+(``tasks.cluster.outcome_state``).
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 from uuid import UUID
 
@@ -32,19 +45,37 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, Completed, Failed
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amlfs.errors import AmlfsError, InventoryError
-from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, FleetSummary, plan_fleet
-from amlfs.models import Cluster, load_fleet, load_release
+from amlfs.fleet import (
+    RESUME_WAVE,
+    ClusterSelector,
+    Control,
+    FleetPolicy,
+    FleetRunner,
+    FleetSummary,
+    plan_fleet,
+    read_all,
+)
+from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
+from amlfs.reconcile import ClusterReading, read_cluster
 from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
 from amlfs.shards import ShardPool, ShardSpec
 from amlfs.store import StateStore
-from flows.cluster_upgrade import ClusterUpgradeParams, resolve_settings, run_cluster_upgrade
+from flows.cluster_upgrade import (
+    ABORTS,
+    ClusterUpgradeParams,
+    resolve_settings,
+    run_cluster_upgrade,
+    stop_signals,
+)
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
 
@@ -131,14 +162,71 @@ def _current_release(connections: Connections, cluster: Cluster) -> str | None:
     return (disk.image_id or "").rsplit("/", 1)[-1] if disk and disk.image_id else None
 
 
-def _control() -> Literal["run", "halt", "abort"]:
-    value = Variable.get(CONTROL_VARIABLE, default="run")
-    return value if value in ("halt", "abort") else "run"  # type: ignore[return-value]
+def read_fleet(
+    connections: Connections,
+    clusters: list[Cluster],
+    release: Release,
+    store: StateStore,
+    workers: int = 16,
+) -> dict[str, ClusterReading]:
+    """Every cluster read for planning (``read_cluster``), ``workers`` at a time."""
+    for subscription in {c.subscription_id for c in clusters}:
+        connections.gateway(subscription)  # made here: the threads below only read the dict
+    return read_all(
+        clusters,
+        lambda c: read_cluster(
+            c, connections.gateway(c.subscription_id), store, release_version=release.version
+        ),
+        workers,
+    )
+
+
+def with_journal(fleet: Fleet, store: StateStore) -> list[str]:
+    """Clusters whose journal says a run stopped half-way (state store reads only)."""
+    names = []
+    for cluster in fleet.clusters:
+        journal = store.get("clusters", cluster.name, "run")
+        if journal is not None and journal.get("phase") not in (None, "done"):
+            names.append(cluster.name)
+    return names
+
+
+class _Control:
+    """The operator's Variable, read at most every ``every_s``; the last value stands when
+    the Prefect API does not answer (a 503 must not stop, or restart, a fleet run)."""
+
+    def __init__(self, every_s: float = 1.0, log: Callable[[str], None] = lambda m: None):
+        self.every_s = every_s
+        self.log = log
+        self.value: Control = "run"
+        self._read_at = -every_s
+
+    def __call__(self) -> Control:
+        if time.monotonic() - self._read_at >= self.every_s:
+            self._read_at = time.monotonic()
+            try:
+                value = Variable.get(CONTROL_VARIABLE, default="run")
+            except Exception as err:
+                self.log(f"cannot read {CONTROL_VARIABLE}: {err}; still {self.value}")
+            else:
+                self.value = "halt" if value == "halt" else "abort" if value == "abort" else "run"
+        return self.value
+
+
+def outcome_message(summary: FleetSummary) -> str:
+    """``3 upgraded, 1 rolled_back, 0 failed_needs_attention`` (+ any other outcome)."""
+    counts: Counter[str] = summary.counts()
+    main = ("upgraded", "rolled_back", "failed_needs_attention")
+    parts = [f"{counts.get(name, 0)} {name}" for name in main]
+    parts += [f"{n} {name}" for name, n in sorted(counts.items()) if name not in main]
+    if not_started := len(summary.all_not_started()):
+        parts.append(f"{not_started} not started")
+    return ", ".join(parts)
 
 
 def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
-    for name, result in summary.results.items():
+    for name, result in summary.all_results().items():
         if names is not None and name not in names:
             continue
         view = result.get("customer_view") or {}
@@ -155,7 +243,7 @@ def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[s
                 "reason": result.get("reason", ""),
             }
         )
-    for name, reason in summary.not_started.items():
+    for name, reason in summary.all_not_started().items():
         if names is None or name in names:
             rows.append({"cluster": name, "result": "not started", "reason": reason})
     return rows
@@ -163,11 +251,22 @@ def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[s
 
 @flow(name="fleet-maintenance", persist_result=False, log_prints=False)
 def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
-    """Plan, then upgrade the admitted clusters wave by wave; returns the fleet summary."""
+    """Plan, then upgrade the admitted clusters wave by wave. A dry run returns the plan;
+    a run returns its final state, carrying the fleet summary, its message counting the
+    outcomes. Prefect unwraps it: called directly the flow gives the summary (and raises
+    for a Failed run); with ``return_state=True``, the state (``state.result(
+    raise_on_failure=False)`` is the summary whatever the state)."""
+    logger = get_run_logger()
+    with stop_signals(flow_run.get_id(), log=logger.warning) as stop:
+        outcome = _fleet_maintenance(params, logger, stop)
+    # A returned state is the run's final state; Prefect hands its data to a direct caller.
+    return outcome  # type: ignore[return-value]
+
+
+def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str, Any] | State[Any]:
     from tasks import run_step
     from tasks.cluster import upgrade_cluster
 
-    logger = get_run_logger()
     fleet = load_fleet(params.fleet_file)
     release = load_release(params.release_file)
     azure, ssh = resolve_settings(
@@ -187,6 +286,7 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
     def now_utc() -> dt.datetime:  # on the emulator's time scale when there is one
         return start_utc + dt.timedelta(seconds=connections.clock.now() - start_clock)
 
+    store = StateStore(params.state_dir)
     selector = params.selector
     if params.mode == "scheduled":
         tick_start = start_utc.replace(second=0, microsecond=0)
@@ -196,9 +296,26 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
         )
         names = [w.cluster for w in opening if selector.matches(fleet.cluster(w.cluster))]
         logger.info("scheduled tick %s: windows opening for %s", tick_start, names or "no cluster")
-        selector = selector.model_copy(update={"names": names or ["<none>"]})
+        # And whatever an earlier run left half-way (its journal says so): resumed now, not
+        # when its window next opens.
+        halfway = [
+            n
+            for n in with_journal(fleet, store)
+            if n not in names and selector.matches(fleet.cluster(n))
+        ]
+        if halfway:
+            logger.info(
+                "scheduled tick %s: journals of interrupted runs for %s", tick_start, halfway
+            )
+        selector = selector.model_copy(update={"names": (names + halfway) or ["<none>"]})
     prediction, downtime = _prediction(params.upgrade)
     try:
+        readings = read_fleet(
+            connections, [c for c in fleet.clusters if selector.matches(c)], release, store
+        )
+        for reading in readings.values():
+            if reading.error:
+                logger.warning("%s: cannot read it: %s", reading.cluster, reading.error)
         rows = plan_fleet(
             fleet,
             release,
@@ -207,9 +324,10 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
             start_utc,
             prediction,
             downtime,
-            current_release=lambda c: _current_release(connections, c),
+            current_release=lambda c: readings[c.name].release,
+            interrupted=lambda c: readings[c.name].interrupted,
         )
-    except InventoryError:
+    except (InventoryError, AmlfsError):
         connections.close()
         raise
     run_name = params.run_name or str(flow_run.get_name() or "fleet-run")
@@ -226,7 +344,6 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
         connections.close()
         return {"run_name": run_name, "dry_run": True, "plan": [r.as_dict() for r in rows]}
 
-    store = StateStore(params.state_dir)
     admitted = [r for r in rows if r.run]
     progress: UUID | None = None
     if admitted:
@@ -256,6 +373,7 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
             store,
             logger,
             params.dead_run_after_s,
+            should_abort,
         )
         if params.policy.override_window:
             out["override"] = params.policy.reason
@@ -306,15 +424,30 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
             return out
 
         # Worker threads do not inherit the flow's context: run the task inside a copy of it.
-        return context.copy().run(
-            upgrade_cluster.with_options(task_run_name=f"upgrade-{cluster.name}"), job
+        # Its state says the cluster's outcome (a rolled-back cluster is not plain Completed,
+        # one that needs attention is Failed) and carries the result.
+        state: State[Any] = context.copy().run(
+            lambda: upgrade_cluster.with_options(task_run_name=f"upgrade-{cluster.name}")(
+                job, return_state=True
+            )
         )
+        data = state.result(raise_on_failure=False)
+        if isinstance(data, BaseException):
+            raise data  # a bug in the job: FleetRunner records it as failed_needs_attention
+        assert isinstance(data, dict)
+        return data
 
     def on_result(summary: FleetSummary, cluster: str) -> None:
         result = summary.results[cluster]
         logger.info("%s: %s %s", cluster, result["outcome"], result.get("reason", ""))
         if progress is not None:
             update_progress_artifact(progress, 100.0 * len(summary.results) / len(admitted))
+
+    operator = _Control(log=logger.warning)
+
+    def control() -> Control:
+        # A cancel of this flow run in Prefect, or SIGTERM, is an abort of the whole run.
+        return "cancel" if stop.requested() else operator()
 
     runner = FleetRunner(
         fleet,
@@ -323,9 +456,11 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
         upgrade,
         store,
         run_name,
-        control=_control,
+        control=control,
         now=now_utc,
         sleep=connections.clock.sleep,
+        # Waits (the bake time) ask the controls about once a real second.
+        control_every_s=connections.clock.time_scale,
         on_result=on_result,
         log=logger.info,
     )
@@ -336,7 +471,10 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
             shards.close()
         connections.close()
     for wave in summary.waves:
-        names = [r.cluster for r in rows if r.wave == wave["wave"]]
+        if wave["wave"] == RESUME_WAVE:
+            names = [r.cluster for r in rows if r.interrupted]
+        else:
+            names = [r.cluster for r in rows if r.wave == wave["wave"] and not r.interrupted]
         create_table_artifact(
             key=f"fleet-wave-{wave['wave']}".lower().replace("_", "-"),
             table=_table(summary, names),
@@ -352,13 +490,19 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
     )
     out = summary.as_dict()
     out["plan"] = [r.as_dict() for r in rows]
+    message = outcome_message(summary)
     logger.info(
         "fleet run %s done: %s%s",
         run_name,
-        dict(counts),
+        message,
         f"; stopped: {summary.stopped}" if summary.stopped else "",
     )
-    return out
+    if summary.cancelled or stop.event.is_set():
+        # From Cancelling, Prefect accepts only Cancelled.
+        return Cancelled(message=f"{stop.why or 'cancelled'}: {message}", data=out)
+    if counts.get("failed_needs_attention"):
+        return Failed(message=message, data=out)
+    return Completed(message=message, data=out)
 
 
 FOLLOW_UPS = 2
@@ -371,9 +515,13 @@ def run_on_workers(
     store: StateStore,
     logger: Any,
     dead_after_s: float = 30.0,
+    should_abort: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
     """One cluster as a flow run on the work pool; a run whose worker died is marked crashed
-    and followed by a new run, which resumes the cluster from its journal."""
+    and followed by a new run, which resumes the cluster from its journal. Once
+    ``should_abort()`` says so, the run is asked to abort (an abort request in the state
+    store, read at its step boundaries: the cluster rolls back where it runs, without its
+    process being killed mid-swap)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
@@ -395,6 +543,9 @@ def run_on_workers(
         with get_client(sync_client=True) as client:
             while True:
                 time.sleep(1.0)
+                if should_abort() and store.get(ABORTS, str(run.id)) is None:
+                    store.put(ABORTS, str(run.id), value={"by": "the fleet run", "at": time.time()})
+                    logger.info("%s: asked flow run %s to abort", cluster, run.id)
                 current = client.read_flow_run(run.id)
                 state = current.state
                 if state is not None and state.is_final():
@@ -408,16 +559,26 @@ def run_on_workers(
                     )
                     client.set_flow_run_state(run.id, Crashed(message=silent), force=True)
                     break
+        # The run's own record of the outcome, whatever its state says: Completed, Failed
+        # (needs attention), Cancelled (rolled back on a cancel) all leave one.
+        result = store.get("cluster-results", str(run.id))
+        if result is not None and state is not None and state.is_final() and not silent:
+            result["flow_run"] = str(run.id)
+            result["follow_ups"] = attempt
+            return dict(result)
         if state is not None and state.is_completed():
-            result = store.get("cluster-results", str(run.id))
-            if result is not None:
-                result["flow_run"] = str(run.id)
-                result["follow_ups"] = attempt
-                return dict(result)
             reason = f"flow run {run.id} completed without a result"
         elif state is not None and state.is_cancelled():
-            reason = f"flow run {run.id} was cancelled: {state.message}"
-            break  # an operator's decision: no follow-up
+            # An operator's decision: no follow-up. Killed before it recorded an outcome,
+            # the cluster may be half-way: a resume of the fleet run finds it.
+            return {
+                "cluster": cluster,
+                "outcome": "interrupted",
+                "reason": f"flow run {run.id} was cancelled before it recorded an outcome: "
+                f"{state.message}",
+                "flow_run": str(run.id),
+                "follow_ups": attempt,
+            }
         else:
             # Crashed (its worker or process died or went silent) or failed (an error escaped
             # the flow): the cluster may be mid-swap, and a follow-up resumes it from its

@@ -1,4 +1,8 @@
-"""Prefect task: one cluster's whole upgrade inside a fleet run (its steps are nested tasks)."""
+"""Prefect task: one cluster's whole upgrade inside a fleet run (its steps are nested tasks).
+
+The task run's state tells the cluster's truth (``outcome_state``), the result dict rides in
+it: call it with ``return_state=True`` and read ``state.result(raise_on_failure=False)``.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,43 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.states import Cancelled, Completed, Failed
+
+__all__ = ["outcome_state", "upgrade_cluster"]
 
 
-def _upgrade(job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    return job()
+def outcome_state(result: dict[str, Any]) -> State[Any]:
+    """The Prefect state that says what happened to the cluster, carrying ``result``.
+
+    * ``upgraded``, ``already_current``: Completed.
+    * ``rolled_back``: Completed named ``RolledBack``, the reason as its message. Not Failed:
+      the cluster is verified serving on its old release, nobody has to act, and a Failed
+      state is what Prefect retries, notifies and automates on; failing here would page an
+      operator for every cluster a fleet's safety checks rolled back and bury the clusters
+      that do need a human (``failed_needs_attention``) among them. Not plain Completed
+      either: the release is not there, and the UI and API show the state's name.
+    * ``failed_needs_attention``: Failed, with the reason (what is left wrong).
+    * ``busy`` (another orchestrator holds the cluster's lease: nothing was touched):
+      Completed named ``Busy``; ``interrupted`` (its run was cancelled before it recorded an
+      outcome): Cancelled named ``Interrupted``. Neither is final for the fleet: a resume
+      runs the cluster again.
+    """
+    outcome = str(result.get("outcome", ""))
+    reason = str(result.get("reason") or "") or None
+    if outcome in ("upgraded", "already_current"):
+        return Completed(message=reason or outcome, data=result)
+    if outcome == "rolled_back":
+        return Completed(name="RolledBack", message=reason, data=result)
+    if outcome == "busy":
+        return Completed(name="Busy", message=reason, data=result)
+    if outcome == "interrupted":
+        return Cancelled(name="Interrupted", message=reason, data=result)
+    return Failed(message=f"{outcome}: {reason}" if reason else outcome, data=result)
+
+
+def _upgrade(job: Callable[[], dict[str, Any]]) -> State[Any]:
+    return outcome_state(job())
 
 
 upgrade_cluster = task(name="cluster-upgrade", cache_policy=NO_CACHE, persist_result=False)(

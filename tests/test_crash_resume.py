@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim
+from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim, cli_args
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +152,91 @@ def test_cli_runs_the_flow_and_publishes_the_result_artifact(
     assert "upgraded" in artifact["description"]
     steps = [row["step"] for row in json.loads(artifact["data"])]
     assert steps[:3] == ["preflight", "prestage", "capture"]
+
+
+def fleet_process(
+    sim: Sim, server: PrefectServer, state_dir: Path, run_name: str, *clusters: str
+) -> subprocess.Popen[str]:
+    """``amlfs run-fleet`` as an operator types it: a hotfix of ``clusters``, one at a time."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "amlfs.cli",
+            *cli_args("run-fleet", sim.emulator.state_dir / "endpoint.json"),
+            "--hotfix-reason",
+            "crash test",
+            *(arg for name in clusters for arg in ("--cluster", name)),
+            "--max-parallel",
+            "1",
+            "--state-dir",
+            str(state_dir),
+            "--run-name",
+            run_name,
+        ],
+        env=server.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_fleet_run_killed_after_an_mds_swap_resumes_that_cluster_and_keeps_the_others(
+    sim: Sim, prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    first_cluster, halfway = "lustre-eus-01", "lustre-weu-01"
+    # The other VMs of lustre-weu-01 swap slowly and then not at all (their PUT hangs for
+    # 1,000 sim s, then fails before the swap): the MDS alone is swapped, and the orchestrator
+    # is SIGKILLed then (the issue's repro), leaving the cluster half-swapped.
+    others = "weu01-[!m]*"
+    sim.fault(kind="vm.put", target=others, mode="hang", hang_s=1000, count=5)
+    sim.fault(kind="vm.put", target=others, mode="fail", phase="complete", count=5)
+    first = fleet_process(sim, prefect_server, tmp_path, "k1", first_cluster, halfway)
+    deadline = time.monotonic() + 180
+    while not any(
+        e["type"] == "vm.os_disk_swapped" and e["vm"] == "weu01-mds0"
+        for e in sim.timeline()["events"]
+    ):
+        assert first.poll() is None, first.communicate()[0]
+        assert time.monotonic() < deadline, "no swap of weu01-mds0"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    while sim.state()["operations_in_flight"]:  # the hung PUTs end (failed) on their own
+        assert time.monotonic() < deadline, "operations still in flight"
+        time.sleep(0.1)
+    images = {vm["name"]: vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state(halfway)["vms"]}
+    assert images["weu01-mds0"] == "2.15.6"  # planning used to see only this: "already on"
+    assert set(images.values()) == {"2.15.5", "2.15.6"}
+
+    second = fleet_process(sim, prefect_server, tmp_path, "k1", first_cluster, halfway)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    # The world: every VM running, each cluster on one release and serving, nothing leaked.
+    state = sim.state()
+    assert {vm["power_state"] for vm in state["vms"]} == {"running"}, out
+    assert state["leaked_disks"] == [], out
+    assert state["data_disk_changes"] == []
+    for name in (first_cluster, halfway):
+        vms = [vm for vm in state["vms"] if vm["cluster"] == name]
+        assert len({vm["os_image"] for vm in vms}) == 1, (name, out)
+        assert state["clusters"][name]["serving"] is True, (name, out)
+    assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state(halfway)["vms"]} == {"2.15.5"}
+    # The record: the half-swapped cluster resumed (back: it was never verified on the
+    # release), the one finished before the kill still there.
+    record = json.loads((tmp_path / "fleet-runs" / "k1.json").read_text())
+    assert record["results"][halfway]["outcome"] == "rolled_back", out
+    assert record["results"][halfway]["resumed"] is True
+    assert record["results"][first_cluster]["outcome"] == "upgraded"
+    shown = subprocess.run(
+        [sys.executable, "-m", "amlfs.cli", "status", "k1", "--state-dir", str(tmp_path)],
+        env={**prefect_server.env, "COLUMNS": "250"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert first_cluster in shown.stdout
+    assert halfway in shown.stdout

@@ -3,6 +3,7 @@ the error budget and operators stop admission, waves gate, a stopped run resumes
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction
 from amlfs.store import StateStore
 from flows.cluster_upgrade import run_cluster_upgrade
-from flows.fleet_maintenance import FleetParams, _current_release
+from flows.fleet_maintenance import FleetParams, _current_release, read_fleet
 from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
@@ -277,3 +278,222 @@ def test_cli_run_fleet_refuses_a_bad_policy_before_anything_changes(
         assert field in refused.output
     assert sim.timeline()["operations"] == []
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ resume from the truth
+
+
+def read_plan(
+    sim: Sim, conns: Connections, store: StateStore, policy: FleetPolicy, **selector: Any
+) -> list[PlanRow]:
+    """The plan as the fleet flow makes it: every selected cluster read first (read-only)."""
+    chosen = ClusterSelector(**selector)
+    readings = read_fleet(
+        conns, [c for c in sim.world.fleet.clusters if chosen.matches(c)], RELEASE, store
+    )
+    return plan_fleet(
+        sim.world.fleet,
+        RELEASE,
+        chosen,
+        policy,
+        IN_EUS_WINDOW,
+        PREDICTION,
+        390.0,
+        current_release=lambda c: readings[c.name].release,
+        interrupted=lambda c: readings[c.name].interrupted,
+    )
+
+
+def test_plan_admits_clusters_left_half_way_first_whatever_their_window(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    store = StateStore(tmp_path)
+    weu = sim.world.fleet.cluster("lustre-weu-01")
+    # Someone (or a run that died) left a VM of lustre-weu-01 stopped; a journal says a run
+    # of lustre-scus-01 stopped mid-swap. Both are outside their windows.
+    conns.gateway(weu.subscription_id).power_off(weu.resource_group, "weu01-oss1")
+    store.put("clusters", "lustre-scus-01", "run", value={"run_id": "r1", "phase": "swapping"})
+    operations = len(sim.timeline()["operations"])
+    rows = read_plan(sim, conns, store, FleetPolicy())
+    assert len(sim.timeline()["operations"]) == operations  # planning changed nothing
+    by_name = {r.cluster: r for r in rows}
+    assert [r.cluster for r in rows[:2]] == ["lustre-weu-01", "lustre-scus-01"]
+    assert by_name["lustre-weu-01"].run is True
+    assert by_name["lustre-weu-01"].interrupted is True
+    assert by_name["lustre-weu-01"].reason.startswith("interrupted: resuming (VM weu01-oss1 is")
+    assert by_name["lustre-scus-01"].reason == (
+        "interrupted: resuming (journal of run r1 at swapping)"
+    )
+    assert by_name["lustre-eus-01"].interrupted is False
+    assert "inside its window" in by_name["lustre-eus-01"].reason
+
+
+def test_a_half_swapped_cluster_is_interrupted_though_its_mds_is_on_the_release(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    from amlfs.reconcile import read_cluster
+
+    store = StateStore(tmp_path)
+    cluster = sim.world.fleet.cluster("lustre-eus-01")
+    gateway = conns.gateway(cluster.subscription_id)
+    # The MDS alone on a disk of the release, made and tagged the way a run makes it.
+    old = gateway.vm_info(cluster.resource_group, cluster.mds.name)
+    disk = gateway.create_os_disk(
+        cluster.resource_group,
+        f"{cluster.mds.name}-osdisk-{RELEASE.version}",
+        location=cluster.region,
+        image_version_id=RELEASE.image_id,
+        sku=None,
+        like=gateway.get_disk(cluster.resource_group, old.os_disk_name),  # its zone, size
+        tags={
+            "amlfs-run": "r2",
+            "amlfs-vm": cluster.mds.name,
+            "amlfs-replaces": old.os_disk_name,
+            "amlfs-release": RELEASE.version,
+        },
+    )
+    gateway.power_off(cluster.resource_group, cluster.mds.name)
+    gateway.swap_os_disk(cluster.resource_group, cluster.mds.name, disk)
+    gateway.start(cluster.resource_group, cluster.mds.name)
+    reading = read_cluster(cluster, gateway, store, release_version=RELEASE.version)
+    assert reading.release == RELEASE.version  # what planning used to judge by alone
+    assert reading.interrupted is not None
+    assert "VMs on OS disks of different runs" in reading.interrupted
+    assert "VMs on mixed images: 2.15.6 (1), 2.15.5 (5)" in reading.interrupted
+    # An OS disk a run made for the release and left unattached is a sign too.
+    other = sim.world.fleet.cluster("lustre-weu-01")
+    vm = other.nodes[1].name
+    conns.gateway(other.subscription_id).create_os_disk(
+        other.resource_group,
+        f"{vm}-osdisk-{RELEASE.version}",
+        location=other.region,
+        image_version_id=RELEASE.image_id,
+        sku=None,
+        tags={"amlfs-run": "r3", "amlfs-vm": vm, "amlfs-replaces": "x"},
+    )
+    found = read_cluster(other, gateway, store, release_version=RELEASE.version).interrupted
+    assert found == f"OS disk {vm}-osdisk-{RELEASE.version} made by run r3 is attached to nothing"
+    clean = sim.world.fleet.cluster("lustre-scus-01")
+    reading = read_cluster(
+        clean, conns.gateway(clean.subscription_id), store, release_version=RELEASE.version
+    )
+    assert reading.interrupted is None
+    assert reading.release == "2.15.5"
+
+
+def test_a_resumed_run_keeps_every_cluster_of_the_original_run(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from amlfs.cli import app
+
+    store = StateStore(tmp_path)
+    policy = FleetPolicy(override_window=True, reason="test", max_parallel=1, error_budget=3)
+    rows = read_plan(sim, conns, store, policy)
+    first = FleetRunner(
+        sim.world.fleet,
+        rows,
+        policy,
+        upgrader(conns, store),
+        store,
+        "keep",
+        control=lambda: "halt" if store_results(store, "keep") else "run",  # after the first
+    ).run()
+    assert list(first.results) == ["lustre-eus-01"]
+    # Resumed for one cluster: lustre-eus-01 is now on the release (planned "already on
+    # release", not run) and lustre-scus-01 is not selected; the record still has both.
+    rows = read_plan(sim, conns, store, policy)
+    assert {r.cluster: r.run for r in rows}["lustre-eus-01"] is False
+    rows = [r for r in rows if r.cluster == "lustre-weu-01"]
+    FleetRunner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "keep").run()
+    record = store.get("fleet-runs", "keep")
+    assert {k: v["outcome"] for k, v in record["results"].items()} == {
+        "lustre-eus-01": "upgraded",
+        "lustre-weu-01": "upgraded",
+    }
+    assert set(record["not_started"]) == {"lustre-scus-01"}
+    assert record["counts"] == {"upgraded": 2}
+    shown = CliRunner().invoke(
+        app, ["status", "keep", "--state-dir", str(tmp_path)], env={"COLUMNS": "250"}
+    )
+    assert shown.exit_code == 0, shown.output
+    for name in ("lustre-eus-01", "lustre-weu-01", "lustre-scus-01"):
+        assert name in shown.output
+
+
+def store_results(store: StateStore, run_name: str) -> list[str]:
+    return list((store.get("fleet-runs", run_name) or {}).get("results") or {})
+
+
+# ------------------------------------------------------------------ bake time
+
+
+@dataclasses.dataclass
+class RunClock:
+    """The fleet runner's clock, advanced only by its own waits (the upgrades run on the
+    emulator's): what the runner waited is exactly what it asked to wait."""
+
+    now_at: dt.datetime = IN_EUS_WINDOW
+    waits: list[float] = dataclasses.field(default_factory=list)
+
+    def now(self) -> dt.datetime:
+        return self.now_at
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now_at += dt.timedelta(seconds=seconds)
+
+
+def test_the_next_wave_waits_the_bake_time(sim: Sim, conns: Connections, tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    policy = FleetPolicy(override_window=True, reason="test", bake_s=900, error_budget=3)
+    rows = read_plan(sim, conns, store, policy, names=["lustre-eus-01", "lustre-weu-01"])
+    clock = RunClock()
+    started: dict[str, dt.datetime] = {}
+    upgrade = upgrader(conns, store)
+
+    def timed(cluster: Cluster, should_abort: Callable[[], bool]) -> dict[str, Any]:
+        started[cluster.name] = clock.now()
+        return upgrade(cluster, should_abort)
+
+    summary = FleetRunner(
+        sim.world.fleet,
+        rows,
+        policy,
+        timed,
+        store,
+        "bake",
+        now=clock.now,
+        sleep=clock.sleep,
+        control_every_s=60,
+    ).run()
+    assert summary.counts() == {"upgraded": 2}, summary.as_dict()
+    assert sum(clock.waits) == 900
+    assert max(clock.waits) <= 60  # the controls were asked at least every 60 s
+    assert started["lustre-weu-01"] - started["lustre-eus-01"] == dt.timedelta(seconds=900)
+
+
+def test_a_halt_cuts_the_bake_time_short(sim: Sim, conns: Connections, tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    policy = FleetPolicy(override_window=True, reason="test", bake_s=900, error_budget=3)
+    rows = read_plan(sim, conns, store, policy, names=["lustre-eus-01", "lustre-weu-01"])
+    clock = RunClock()
+    summary = FleetRunner(
+        sim.world.fleet,
+        rows,
+        policy,
+        upgrader(conns, store),
+        store,
+        "halted-bake",
+        control=lambda: "halt" if clock.waits else "run",  # once the bake began
+        now=clock.now,
+        sleep=clock.sleep,
+        control_every_s=60,
+    ).run()
+    assert clock.waits == [60]
+    assert summary.results["lustre-eus-01"]["outcome"] == "upgraded"
+    assert summary.not_started == {"lustre-weu-01": "halted by operator"}
+    assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state("lustre-weu-01")["vms"]} == {
+        "2.15.5"
+    }
