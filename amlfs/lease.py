@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from amlfs.errors import AmlfsError, StateStoreError
-from amlfs.store import StateStore
+from amlfs.store import Store
 
 __all__ = [
     "ClusterLease",
@@ -88,7 +88,7 @@ class ClusterLease:
 
     def __init__(
         self,
-        store: StateStore,
+        store: Store,
         cluster: str,
         run_id: str,
         *,

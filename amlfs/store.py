@@ -5,6 +5,11 @@ tunables recorded before suspend (once raised, the nodes no longer show the orig
 written here before the step that needs them, as JSON files replaced atomically (write, fsync,
 rename), readable by any worker that resumes the cluster. Files are created 0600 and
 directories 0700, every one of them: node config may hold credentials of the HSM agents.
+
+Two backends answer the one ``Store`` protocol: ``StateStore``, JSON files under a directory
+(the embedded default, shared between machines only through a network file system), and
+``amlfs.pgstore.PostgresStore``, rows of one PostgreSQL table (several machines, no shared
+file system). ``open_store(location)`` picks one: a ``postgresql://`` URL or a directory.
 """
 
 from __future__ import annotations
@@ -17,13 +22,59 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from amlfs.errors import StateStoreError
 
-__all__ = ["StateStore", "make_private_dir"]
+__all__ = ["StateStore", "Store", "check_key", "make_private_dir", "open_store"]
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Store(Protocol):
+    """A durable store of JSON documents, each addressed by a key of safe name parts
+    (letters, digits, ``.``, ``_``, ``-``; not ``.`` or ``..``).
+
+    ``get`` of a missing document is None. ``update(*key, change=f)`` reads the document,
+    calls ``f(current)`` (None when missing) and writes what it returns (None: deletes the
+    document), atomically with respect to every other ``update`` of that document from any
+    thread, process or machine using the same store; it returns the new value. An exception
+    raised by ``f`` leaves the document as it was and propagates unchanged. Failures of the
+    store itself raise ``StateStoreError``."""
+
+    def put(self, *parts: str, value: Any) -> None: ...
+
+    def get(self, *parts: str) -> Any | None: ...
+
+    def delete(self, *parts: str) -> None: ...
+
+    def update(self, *parts: str, change: Callable[[Any | None], Any | None]) -> Any | None: ...
+
+    def names(self, *prefix: str) -> list[str]:
+        """The last parts of the documents whose key is ``prefix`` plus one part, sorted."""
+        ...
+
+
+def check_key(parts: tuple[str, ...], *, prefix: bool = False) -> None:
+    """Refuse a key (or, with ``prefix``, a key prefix, which may be empty) that is not a
+    tuple of safe name parts."""
+    if not parts and not prefix:
+        raise StateStoreError("a state store key needs at least one part")
+    for part in parts:
+        if not isinstance(part, str) or not _SAFE.match(part) or part in (".", ".."):
+            raise StateStoreError(f"state store key part {part!r} is not a safe name")
+
+
+def open_store(location: str | Path) -> Store:
+    """The store at ``location``: a ``postgresql://USER@HOST:PORT/DB`` URL (query parameters
+    ``table``, ``schema`` and ``pool_size`` are the store's, the rest libpq's) opens the
+    PostgreSQL backend, anything else is a directory for ``StateStore``."""
+    if isinstance(location, str) and location.startswith(_URL_SCHEMES):
+        from amlfs.pgstore import PostgresStore
+
+        return PostgresStore.from_url(location)
+    return StateStore(location)
 
 
 def make_private_dir(path: str | Path) -> None:
@@ -49,12 +100,16 @@ class StateStore:
     """JSON documents under ``root``, addressed by a path of safe name parts."""
 
     def __init__(self, root: str | Path) -> None:
+        if isinstance(root, str) and root.startswith(_URL_SCHEMES):
+            # Not a directory named "postgresql:": the caller wants the other backend.
+            raise StateStoreError(
+                "StateStore is the filesystem store; open a PostgreSQL store with "
+                "amlfs.store.open_store(url)"
+            )
         self.root = Path(root)
 
     def _path(self, *parts: str) -> Path:
-        for part in parts:
-            if not _SAFE.match(part) or part in (".", ".."):
-                raise StateStoreError(f"state store key part {part!r} is not a safe name")
+        check_key(parts)
         return self.root.joinpath(*parts[:-1], parts[-1] + ".json")
 
     def put(self, *parts: str, value: Any) -> None:
@@ -94,7 +149,29 @@ class StateStore:
             raise StateStoreError(f"{path} is not valid JSON: {err}") from err
 
     def delete(self, *parts: str) -> None:
-        self._path(*parts).unlink(missing_ok=True)
+        path = self._path(*parts)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise StateStoreError(f"cannot delete {path}: {err.strerror}") from err
+
+    def names(self, *prefix: str) -> list[str]:
+        check_key(prefix, prefix=True)
+        directory = self.root.joinpath(*prefix)
+        try:
+            entries = list(directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as err:
+            raise StateStoreError(f"cannot list {directory}: {err.strerror}") from err
+        return sorted(
+            entry.name[: -len(".json")]
+            for entry in entries
+            if entry.name.endswith(".json")
+            and not entry.name.startswith(".tmp-")  # put's file before its rename
+            and _SAFE.match(entry.name[: -len(".json")])
+            and entry.is_file()
+        )
 
     @contextlib.contextmanager
     def _locked(self, *parts: str) -> Iterator[None]:

@@ -20,8 +20,12 @@ from amlfs.lease import ClusterLease, LeaseHeldError, LeaseLostError
 from amlfs.models import load_release
 from amlfs.runtime import Connections
 from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy, UpgradeResult
-from amlfs.store import StateStore
+from amlfs.store import StateStore, open_store
+from tests import stores
 from tests.conftest import REPO, SMALL_FLEET, Sim
+
+# The lease's own tests run on both backends: it lives in one document, through update/get.
+store_location = stores.store_location
 
 RELEASE_FILE = REPO / "examples" / "release-2.15.6.yaml"
 RELEASE = load_release(RELEASE_FILE)
@@ -37,8 +41,8 @@ class Wall:
         return self.now
 
 
-def test_a_second_holder_is_refused_with_the_holder_and_the_expiry(tmp_path: Path) -> None:
-    store, wall = StateStore(tmp_path), Wall()
+def test_a_second_holder_is_refused_with_the_holder_and_the_expiry(store_location: str) -> None:
+    store, wall = open_store(store_location), Wall()
     first = ClusterLease(store, "c1", "run-a", ttl_s=60, wall=wall)
     first.acquire()
     second = ClusterLease(store, "c1", "run-b", ttl_s=60, wall=wall)
@@ -54,8 +58,8 @@ def test_a_second_holder_is_refused_with_the_holder_and_the_expiry(tmp_path: Pat
         first.check()
 
 
-def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(tmp_path: Path) -> None:
-    store, wall = StateStore(tmp_path), Wall()
+def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(store_location: str) -> None:
+    store, wall = open_store(store_location), Wall()
     old = ClusterLease(store, "c1", "run-a", ttl_s=60, wall=wall)
     old.acquire()
     wall.now += 59
@@ -71,8 +75,8 @@ def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(tmp_path: Path
     new.check()
 
 
-def test_a_paused_holder_nobody_took_over_from_keeps_its_lease(tmp_path: Path) -> None:
-    store, wall = StateStore(tmp_path), Wall()
+def test_a_paused_holder_nobody_took_over_from_keeps_its_lease(store_location: str) -> None:
+    store, wall = open_store(store_location), Wall()
     lease = ClusterLease(store, "c1", "run-a", ttl_s=60, wall=wall)
     lease.acquire()
     wall.now += 600
@@ -82,31 +86,36 @@ def test_a_paused_holder_nobody_took_over_from_keeps_its_lease(tmp_path: Path) -
 
 
 def test_the_lease_of_a_process_that_died_on_this_host_is_taken_over_at_once(
-    tmp_path: Path,
+    store_location: str,
 ) -> None:
     script = textwrap.dedent(
         f"""
         from amlfs.lease import ClusterLease
-        from amlfs.store import StateStore
-        ClusterLease(StateStore({str(tmp_path)!r}), "c1", "dead-run", ttl_s=3600).acquire()
+        from amlfs.store import open_store
+        ClusterLease(open_store({store_location!r}), "c1", "dead-run", ttl_s=3600).acquire()
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=60)
-    record = StateStore(tmp_path).get("clusters", "c1", "lease")
+    record = open_store(store_location).get("clusters", "c1", "lease")
     assert record["holder"]["run_id"] == "dead-run"
-    lease = ClusterLease(StateStore(tmp_path), "c1", "resume", ttl_s=60)
+    lease = ClusterLease(open_store(store_location), "c1", "resume", ttl_s=60)
     lease.acquire()  # its pid is gone: no need to wait an hour
     assert lease.knows_run("dead-run")
 
 
-def test_processes_racing_for_a_lease_get_it_exactly_once(tmp_path: Path) -> None:
+def test_processes_racing_for_a_lease_get_it_exactly_once(
+    store_location: str, tmp_path: Path
+) -> None:
     go, done = tmp_path / "go", tmp_path / "done"
     script = textwrap.dedent(
         f"""
         import pathlib, sys, time
         from amlfs.lease import ClusterLease, LeaseHeldError
-        from amlfs.store import StateStore
-        lease = ClusterLease(StateStore({str(tmp_path)!r}), "c1", sys.argv[1], ttl_s=3600)
+        from amlfs.store import open_store
+        store = open_store({store_location!r})
+        store.get("clusters", "c1", "lease")  # connected before the start line
+        lease = ClusterLease(store, "c1", sys.argv[1], ttl_s=3600)
+        print("ready", flush=True)
         while not pathlib.Path({str(go)!r}).exists():  # start together
             time.sleep(0.005)
         try:
@@ -129,6 +138,9 @@ def test_processes_racing_for_a_lease_get_it_exactly_once(tmp_path: Path) -> Non
         for i in range(6)
     ]
     try:
+        for proc in procs:  # every racer at the start line before the start
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
         go.touch()
         outputs = []
         for proc in procs:
