@@ -20,7 +20,7 @@ from typing import Any
 from amlfs.azure.gateway import ComputeGateway, DiskInfo
 from amlfs.errors import AmlfsError
 from amlfs.models import Cluster
-from amlfs.store import StateStore
+from amlfs.store import Store
 
 __all__ = [
     "ClusterPosition",
@@ -62,7 +62,7 @@ class ClusterPosition:
 
 
 def inspect_cluster(
-    cluster: Cluster, gateway: ComputeGateway, store: StateStore
+    cluster: Cluster, gateway: ComputeGateway, store: Store
 ) -> ClusterPosition:
     """Read-only: the journal, which OS disk each VM runs, and disks left unattached."""
     journal = store.get("clusters", cluster.name, "run")
@@ -113,7 +113,7 @@ def _names(vms: list[str]) -> str:
 def read_cluster(
     cluster: Cluster,
     gateway: ComputeGateway,
-    store: StateStore,
+    store: Store,
     *,
     release_version: str | None = None,
 ) -> ClusterReading:
@@ -199,7 +199,7 @@ def read_cluster(
 def interrupted_reason(
     cluster: Cluster,
     gateway: ComputeGateway,
-    store: StateStore,
+    store: Store,
     *,
     release_version: str | None = None,
 ) -> str | None:

@@ -22,7 +22,7 @@ from amlfs.errors import InventoryError
 from amlfs.models import Cluster, Release
 from amlfs.saga import ClusterUpgrade, UpgradePolicy, UpgradeResult
 from amlfs.ssh import SshConfig, SshPool, load_private_key
-from amlfs.store import StateStore
+from amlfs.store import Store
 
 __all__ = [
     "AzureSettings",
@@ -212,7 +212,7 @@ def run_cluster_upgrade(
     cluster: Cluster,
     release: Release,
     connections: Connections,
-    store: StateStore,
+    store: Store,
     policy: UpgradePolicy,
     *,
     run_id: str | None = None,

@@ -64,7 +64,7 @@ from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldErro
 from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
 from amlfs.reconcile import inspect_cluster
-from amlfs.store import StateStore
+from amlfs.store import Store
 
 __all__ = [
     "AbortRequestedError",
@@ -206,7 +206,7 @@ class ClusterUpgrade:
         *,
         gateway: ComputeGateway,
         shells: ShellSource,
-        store: StateStore,
+        store: Store,
         clock: Clock,
         policy: UpgradePolicy | None = None,
         run_id: str | None = None,
@@ -625,6 +625,9 @@ class ClusterUpgrade:
                     location=old.location if old else vm_location,
                     image_version_id=self.release.image_id,
                     sku=old.sku if old else None,
+                    # Zone, size, generation and security type of the disk it replaces:
+                    # Azure swaps in nothing else.
+                    like=old,
                     tags={
                         TAG_RUN: self.run_id,
                         TAG_VM: plan.node.name,

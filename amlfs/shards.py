@@ -40,7 +40,7 @@ from amlfs.gcpauses import GcPauses, settle_heap
 from amlfs.models import Cluster, Release
 from amlfs.runtime import AzureSettings, Connections, SshSettings, run_cluster_upgrade
 from amlfs.saga import UpgradePolicy
-from amlfs.store import StateStore
+from amlfs.store import open_store
 
 __all__ = ["ShardError", "ShardPool", "ShardSpec", "ShardStats"]
 
@@ -362,7 +362,7 @@ def _serve(conn: Connection) -> None:
     if spec.switch_interval_s is not None:
         sys.setswitchinterval(spec.switch_interval_s)
     connections = Connections.create(spec.azure, spec.ssh)
-    store = StateStore(spec.state_dir)
+    store = open_store(spec.state_dir)
     if spec.freeze_heap:
         settle_heap()
     pauses = GcPauses().install()
