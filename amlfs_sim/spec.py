@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,9 +25,11 @@ from amlfs.models import (
 
 __all__ = [
     "LOOPBACK",
+    "ClusterHardware",
     "DurationRange",
     "Durations",
     "EmulatorSpec",
+    "Hardware",
     "ImageSpec",
     "SimWorld",
     "check_loopback",
@@ -36,6 +38,13 @@ __all__ = [
 ]
 
 LOOPBACK = IPv4Network("127.0.0.0/8")
+
+# Values as ARM spells them (azure-rest-api-specs, Microsoft.Compute ComputeRP/DiskRP
+# 2025-01-02: HyperVGeneration "V1"/"V2"; a VM's securityProfile.securityType "Standard",
+# "TrustedLaunch", ...; availability zones "1".."3").
+HyperVGeneration = Literal["V1", "V2"]
+SecurityType = Literal["Standard", "TrustedLaunch"]
+Zone = Literal["1", "2", "3"]
 
 
 class DurationRange(BaseModel):
@@ -83,6 +92,10 @@ class ImageSpec(BaseModel):
     os_version: Text = "ubuntu-22.04"
     lustre_version: Text = "2.15.5"
     disk_size_gb: int = Field(default=64, ge=1)
+    # The generation of the gallery image definition this version belongs to (in ARM it is a
+    # property of the definition, galleries/{g}/images/{i}: properties.hyperVGeneration); a
+    # disk created from the version has it.
+    hyper_v_generation: HyperVGeneration = "V2"
     bad: bool = False
 
     @field_validator("id")
@@ -95,8 +108,33 @@ class ImageSpec(BaseModel):
         return parse_resource_id(self.id).name
 
 
+class Hardware(BaseModel):
+    """What one cluster's VMs are, as ARM describes them: zone (None: regional), security
+    type, OS disk size (None: the initial image's size)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    zone: Zone | None = "1"
+    security_type: SecurityType = "TrustedLaunch"
+    os_disk_size_gb: int | None = Field(default=None, ge=1, le=4095)
+
+
+class ClusterHardware(BaseModel):
+    """Per-cluster overrides of the section's hardware; a field left out keeps the default
+    (``zone: null`` makes the cluster regional)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    zone: Zone | None = None
+    security_type: SecurityType | None = None
+    os_disk_size_gb: int | None = Field(default=None, ge=1, le=4095)
+
+
 class EmulatorSpec(BaseModel):
-    """The ``emulator:`` section. Every field has a default so a plain inventory runs as is."""
+    """The ``emulator:`` section. Every field has a default so a plain inventory runs as is.
+
+    Azure Managed Lustre is zonal: by default every VM is in zone "1", a Trusted Launch
+    VM (generation V2, from its image), with an OS disk the size of its image (64 GiB).
+    ``zone``, ``security_type`` and ``os_disk_size_gb`` change that for the whole fleet,
+    ``clusters: {NAME: {...}}`` for one cluster."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     images: list[ImageSpec] = []
@@ -108,6 +146,36 @@ class EmulatorSpec(BaseModel):
     vm_size: Text = "Standard_E16s_v5"
     poll_interval_s: float = Field(default=3.0, gt=0)
     clients_per_cluster: int = Field(default=4, ge=0)
+    zone: Zone | None = "1"
+    security_type: SecurityType = "TrustedLaunch"
+    os_disk_size_gb: int | None = Field(default=None, ge=1, le=4095)
+    clusters: dict[Text, ClusterHardware] = {}
+
+    @model_validator(mode="after")
+    def _one_generation_per_definition(self) -> EmulatorSpec:
+        # hyperVGeneration belongs to the image definition: its versions cannot differ.
+        seen: dict[str, str] = {}
+        for image in self.images:
+            definition = image.id.lower().rsplit("/versions/", 1)[0]
+            if seen.setdefault(definition, image.hyper_v_generation) != image.hyper_v_generation:
+                raise ValueError(
+                    f"images of one definition differ in hyper_v_generation: {image.id}"
+                )
+        return self
+
+    def hardware(self, cluster: str) -> Hardware:
+        """The zone, security type and OS disk size of ``cluster``'s VMs."""
+        values: dict[str, Any] = {
+            "zone": self.zone,
+            "security_type": self.security_type,
+            "os_disk_size_gb": self.os_disk_size_gb,
+        }
+        override = self.clusters.get(cluster)
+        if override is not None:
+            values.update({k: getattr(override, k) for k in override.model_fields_set})
+        if values["security_type"] is None:
+            values["security_type"] = self.security_type
+        return Hardware.model_validate(values)
 
 
 class SimWorld(BaseModel):
@@ -128,6 +196,32 @@ class SimWorld(BaseModel):
             if image.id.lower() == wanted:
                 return image
         raise InventoryError(f"emulator.initial_image {self.spec.initial_image} is not in images")
+
+    def check_hardware(self, source: str) -> None:
+        """Refuse hardware Azure would not build: a Trusted Launch VM from a generation 1
+        image (learn.microsoft.com/azure/virtual-machines/trusted-launch: "Trusted launch
+        ... generation 2 VMs"), an OS disk smaller than its image, an override of a
+        cluster the fleet does not have."""
+        image = self.initial_image
+        names = {c.name for c in self.fleet.clusters}
+        unknown = sorted(set(self.spec.clusters) - names)
+        if unknown:
+            raise InventoryError(
+                f"{source}: emulator.clusters names clusters not in the fleet: "
+                + ", ".join(unknown[:3])
+            )
+        for cluster in self.fleet.clusters:
+            hw = self.spec.hardware(cluster.name)
+            if hw.security_type == "TrustedLaunch" and image.hyper_v_generation != "V2":
+                raise InventoryError(
+                    f"{source}: cluster {cluster.name}: TrustedLaunch needs a generation V2 "
+                    f"image; the initial image is {image.hyper_v_generation}"
+                )
+            if hw.os_disk_size_gb is not None and hw.os_disk_size_gb < image.disk_size_gb:
+                raise InventoryError(
+                    f"{source}: cluster {cluster.name}: os_disk_size_gb {hw.os_disk_size_gb} "
+                    f"is smaller than the initial image's {image.disk_size_gb} GB"
+                )
 
 
 def default_images(fleet: Fleet) -> list[ImageSpec]:
@@ -186,6 +280,7 @@ def build_world(data: dict[str, Any], source: str) -> SimWorld:
         spec = spec.model_copy(update={"images": default_images(fleet)})
     world = SimWorld(fleet=fleet, spec=spec)
     world.initial_image  # noqa: B018  (validates initial_image early)
+    world.check_hardware(source)
     return world
 
 

@@ -18,6 +18,7 @@ from azure.mgmt.compute.models import (
     Disk,
     DiskCreateOption,
     DiskProperties,
+    DiskSecurityProfile,
     DiskSku,
     ImageDiskReference,
 )
@@ -205,17 +206,24 @@ def os_disk_body(
     *,
     disk_size_gb: int | None = None,
     tags: dict[str, str] | None = None,
+    zones: tuple[str, ...] = ("1",),
+    security_type: str | None = "TrustedLaunch",
 ) -> Disk:
-    """The SDK body of a Premium OS disk created from a gallery image version."""
+    """The SDK body of a Premium OS disk created from a gallery image version, by default
+    one a VM of the emulator's default hardware takes (zone "1", Trusted Launch)."""
     return Disk(
         location=region,
         sku=DiskSku(name="Premium_LRS"),
+        zones=list(zones) or None,
         properties=DiskProperties(
             creation_data=CreationData(
                 create_option=DiskCreateOption.FROM_IMAGE,
                 gallery_image_reference=ImageDiskReference(id=image_id),
             ),
             disk_size_gb=disk_size_gb,
+            security_profile=(
+                DiskSecurityProfile(security_type=security_type) if security_type else None
+            ),
         ),
         tags=tags,
     )

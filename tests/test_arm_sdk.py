@@ -13,7 +13,11 @@ import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.compute.models import (
+    CreationData,
     Disk,
+    DiskCreateOption,
+    DiskProperties,
+    DiskSecurityProfile,
 )
 
 from amlfs.azure.client import StaticTokenCredential, compute_client
@@ -29,13 +33,20 @@ RELEASE = (
 
 
 def new_os_disk(
-    compute: ComputeManagementClient, sim: Sim, vm_name: str, disk_size_gb: int | None = None
+    compute: ComputeManagementClient,
+    sim: Sim,
+    vm_name: str,
+    disk_size_gb: int | None = None,
+    **hardware: Any,
 ) -> Disk:
+    """A release OS disk for ``vm_name``; ``hardware``: ``zones``, ``security_type`` (by
+    default the small fleet's: zone "1", Trusted Launch)."""
     cluster = sim.cluster
     body = os_disk_body(
         cluster.region,
         RELEASE,
         disk_size_gb=disk_size_gb,
+        **hardware,
         tags={
             "amlfs-run": "run-1",
             "amlfs-vm": vm_name,
@@ -224,21 +235,132 @@ def test_time_scaled_retry_after_is_in_real_milliseconds(sim: Sim) -> None:
     assert response.headers["x-ms-sim-retry-after"] == "30"
 
 
-def test_swap_to_a_disk_of_another_size_is_refused(sim: Sim) -> None:
-    compute = sim.compute()
+def swap_refused(sim: Sim, compute: ComputeManagementClient, disk: Disk) -> HttpResponseError:
+    """PUT the first VM with ``disk`` as its OS disk, which must be refused, and check that
+    nothing changed: the VM keeps its disk, and no operation started."""
     rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
-    bigger = new_os_disk(compute, sim, vm_name, disk_size_gb=128)
     vm = compute.virtual_machines.get(rg, vm_name)
     before = vm.storage_profile.os_disk.managed_disk.id
-    vm.storage_profile.os_disk.managed_disk.id = bigger.id
+    vm.storage_profile.os_disk.managed_disk.id = disk.id
+    vm.storage_profile.os_disk.name = disk.name
     with pytest.raises(HttpResponseError) as caught:
         compute.virtual_machines.begin_create_or_update(rg, vm_name, vm)
-    assert caught.value.status_code == 400
+    after = compute.virtual_machines.get(rg, vm_name).storage_profile.os_disk.managed_disk.id
+    assert after == before
+    assert ops_of(sim, "vm.put") == []
     assert caught.value.error is not None
-    assert caught.value.error.code == "OperationNotAllowed"
-    assert "diskSizeGB" in str(caught.value)
-    assert (
-        compute.virtual_machines.get(rg, vm_name).storage_profile.os_disk.managed_disk.id == before
+    return caught.value
+
+
+def test_swap_to_a_bigger_disk_is_refused_as_a_shrink(sim: Sim) -> None:
+    # The PUT carries osDisk.diskSizeGB as GET gave it (the current 64 GB): Compute reads it
+    # as the size wanted, and a 128 GB disk cannot shrink to it (azure-docs issue 47704).
+    compute = sim.compute()
+    bigger = new_os_disk(compute, sim, sim.cluster.nodes[0].name, disk_size_gb=128)
+    refused = swap_refused(sim, compute, bigger)
+    assert refused.status_code == 400
+    assert refused.error is not None
+    assert refused.error.code == "BadRequest"
+    assert "cannot be resized down" in str(refused)
+
+
+def test_a_zonal_vm_and_its_disks_read_as_arm_returns_them(sim: Sim) -> None:
+    compute = sim.compute()
+    rg, vm_name = sim.cluster.resource_group, sim.cluster.nodes[0].name
+    vm = compute.virtual_machines.get(rg, vm_name, expand="instanceView")
+    assert vm.zones == ["1"]
+    assert vm.security_profile.security_type == "TrustedLaunch"
+    assert vm.security_profile.uefi_settings.secure_boot_enabled is True
+    assert vm.security_profile.uefi_settings.v_tpm_enabled is True
+    assert vm.instance_view.hyper_v_generation == "V2"
+    os_disk = compute.disks.get(rg, vm.storage_profile.os_disk.name)
+    assert os_disk.zones == ["1"]
+    assert os_disk.disk_size_gb == 64
+    assert os_disk.hyper_v_generation == "V2"
+    assert os_disk.security_profile.security_type == "TrustedLaunch"
+    data = compute.disks.get(rg, vm.storage_profile.data_disks[0].name)
+    assert data.zones == ["1"]
+    assert data.security_profile is None
+    # The generation is the gallery image definition's, and every version has it.
+    definition = compute.gallery_images.get("rg-amlfs-images", "amlfsgallery", "amlfs-lustre")
+    assert definition.hyper_v_generation == "V2"
+    assert [(f.name, f.value) for f in definition.features] == [
+        ("SecurityType", "TrustedLaunchSupported")
+    ]
+    made = new_os_disk(compute, sim, vm_name, zones=("1",), security_type=None)
+    assert made.hyper_v_generation == "V2"  # from the image, asked for or not
+    assert made.security_profile is None  # only when asked for
+
+
+@pytest.mark.parametrize(
+    ("zones", "message"),
+    [
+        ((), "cannot be attached to the VM because it is not in zone '1'."),
+        (
+            ("2",),
+            "cannot be attached to the VM because it is not in the same zone as the VM. "
+            "VM zone: '1'. Disk zone: '2'.",
+        ),
+    ],
+    ids=["regional-disk", "other-zone"],
+)
+def test_a_disk_outside_the_vms_zone_cannot_be_swapped_in(
+    sim: Sim, zones: tuple[str, ...], message: str
+) -> None:
+    compute = sim.compute()
+    disk = new_os_disk(compute, sim, sim.cluster.nodes[0].name, zones=zones)
+    assert (disk.zones or []) == list(zones)
+    refused = swap_refused(sim, compute, disk)
+    assert refused.status_code == 400
+    assert refused.error is not None
+    assert refused.error.code == "BadRequest"
+    assert f"Disk {disk.id} {message}" in str(refused)
+
+
+def test_a_disk_without_the_vms_security_type_cannot_be_swapped_in(sim: Sim) -> None:
+    compute = sim.compute()
+    standard = new_os_disk(compute, sim, sim.cluster.nodes[0].name, security_type=None)
+    refused = swap_refused(sim, compute, standard)
+    assert refused.status_code == 409
+    assert refused.error is not None
+    assert refused.error.code == "PropertyChangeNotAllowed"
+    assert "Security type of VM is not compatible with the security type" in str(refused)
+
+
+def test_disk_creation_refuses_what_azure_refuses(sim: Sim) -> None:
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    # Trusted Launch only on a disk made from an image.
+    empty = Disk(
+        location=sim.cluster.region,
+        zones=["1"],
+        properties=DiskProperties(
+            creation_data=CreationData(create_option=DiskCreateOption.EMPTY),
+            disk_size_gb=64,
+            security_profile=DiskSecurityProfile(security_type="TrustedLaunch"),
+        ),
+    )
+    with pytest.raises(HttpResponseError) as caught:
+        compute.disks.begin_create_or_update(rg, "empty-tl", empty)
+    assert caught.value.status_code == 400
+    assert "Security Type 'TrustedLaunch' is not supported for CreateOption 'Empty'" in str(
+        caught.value
+    )
+    # A disk made from an image has the image's generation.
+    body = os_disk_body(sim.cluster.region, RELEASE)
+    body.properties.hyper_v_generation = "V1"
+    with pytest.raises(HttpResponseError) as caught:
+        compute.disks.begin_create_or_update(rg, "gen1-from-gen2", body)
+    assert caught.value.status_code == 409
+    assert "different Hypervisor generation ['V1']" in str(caught.value)
+    for zones in (["1", "2"], ["4"]):
+        body = os_disk_body(sim.cluster.region, RELEASE)
+        body.zones = zones
+        with pytest.raises(HttpResponseError) as caught:
+            compute.disks.begin_create_or_update(rg, "many-zones", body)
+        assert caught.value.status_code == 400
+    assert {d["name"] for d in sim.state()["disks"]}.isdisjoint(
+        {"empty-tl", "gen1-from-gen2", "many-zones"}
     )
 
 

@@ -2,9 +2,13 @@
 
 * Every VM update goes through ``update_vm``, the one guard that refuses a body whose
   ``storageProfile.dataDisks`` differs from the VM's current one, before anything is sent.
-* azure-core errors become ``RetryableAzureError`` (429, 5xx, transport errors, a long-running
-  operation that did not finish in time) or ``PermanentAzureError`` (the rest). The SDK's own
-  retry policy honours ``Retry-After``; callers retry what is left with backoff on the clock.
+* azure-core errors become ``RetryableAzureError`` (429, 5xx, a 409 of a VM or disk busy with
+  another operation, transport errors, a long-running operation that did not finish in time)
+  or ``PermanentAzureError`` (the rest, other 409s included: PropertyChangeNotAllowed...). The
+  SDK's own retry policy honours ``Retry-After``; callers retry what is left with backoff on
+  the clock.
+* A replacement OS disk copies the zone, size, SKU, generation and security type of the one
+  it replaces (``create_os_disk(like=...)``): Azure swaps in nothing else.
 * Long-running operations are awaited with a deadline in sim seconds (``Clock``): a hung
   operation becomes a retryable error instead of a stuck orchestrator.
 """
@@ -45,6 +49,7 @@ from azure.mgmt.compute.models import (
     Disk,
     DiskCreateOption,
     DiskProperties,
+    DiskSecurityProfile,
     DiskSku,
     ImageDiskReference,
     VirtualMachine,
@@ -57,6 +62,7 @@ __all__ = [
     "OperationTimes",
     "VmInfo",
     "data_disk_layout",
+    "is_busy_conflict",
     "map_azure_error",
 ]
 
@@ -74,6 +80,40 @@ def transport_error(err: Exception, what: str) -> RetryableAzureError:
         f"{what}: the connection failed under the request ({type(err).__name__}: {err})",
         code="TransportError",
     )
+
+
+# 409 Conflict is "not allowed in the resource's current state" (learn.microsoft.com/azure/
+# azure-resource-manager/troubleshooting/common-deployment-errors): only a state that another
+# operation is about to end is worth another try. These codes say so by themselves: another
+# operation is in progress (AnotherOperationInProgress, same page), a more recent operation
+# preempted this one (OperationPreempted), "A retryable error occurred" (RetryableError, with
+# RetryableErrorDueToAnotherOperation as its detail). Sources: amlfs_sim/arm/README.md, "409".
+BUSY_CONFLICT_CODES = {
+    "anotheroperationinprogress",
+    "operationpreempted",
+    "retryableerror",
+    "retryableerrorduetoanotheroperation",
+}
+# Conflict and OperationNotAllowed are umbrella codes: busy only when the message says another
+# operation holds the resource ("... since the VM is busy with operation ...", "Another
+# operation ... is in progress", "... is currently being updated"). The rest, like
+# PropertyChangeNotAllowed ("Swapping OS Disk is not supported since HyperVisor property on
+# the OSDisk and VM do not match"), "The operation requires the VM to be running" or "the VM is
+# marked for deletion", will answer the same to every retry.
+BUSY_UMBRELLA_CODES = {"conflict", "operationnotallowed"}
+BUSY_MESSAGE = re.compile(
+    r"another operation|operation[^.]* in progress|is busy|currently being (updated|modified)"
+    r"|retry after it completes",
+    re.IGNORECASE,
+)
+
+
+def is_busy_conflict(code: str | None, message: str) -> bool:
+    """Whether a 409 says the resource is busy with another operation (retry once it ends)."""
+    code = (code or "").lower()
+    if code in BUSY_CONFLICT_CODES:
+        return True
+    return code in BUSY_UMBRELLA_CODES and BUSY_MESSAGE.search(message) is not None
 
 
 # Codes of a failed long-running operation that are worth another try.
@@ -106,9 +146,12 @@ def map_azure_error(err: Exception, what: str) -> AzureError:
         text = f"{what}: {code or 'error'}{f' ({status})' if status else ''}: {message}".rstrip(
             ": "
         )
-        # 409: the VM or disk is busy with another operation ("Retry after it completes").
+        # A 409 is retried only when the VM or disk is busy with another operation: a
+        # permanent one (PropertyChangeNotAllowed...) fails at once, since each retry in the
+        # customer's downtime costs the customer.
         retryable = (
-            status in (408, 409, 429)
+            status in (408, 429)
+            or (status == 409 and is_busy_conflict(code, message))
             or (status is not None and status >= 500)
             or (status in (None, 200) and (code or "").lower() in RETRYABLE_CODES)
         )
@@ -277,6 +320,11 @@ class DiskInfo:
     location: str
     size_gb: int | None
     sku: str | None
+    # What a replacement OS disk must copy to be swapped in (os-disk-swap: same size; the
+    # VM's zone, hyperVGeneration and security type): () is a regional disk.
+    zones: tuple[str, ...] = ()
+    hyper_v_generation: str | None = None
+    security_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +336,19 @@ class VmInfo:
     os_disk_name: str
     power_state: str | None  # running, stopped, deallocated... (from the instance view)
     data_disks: tuple[tuple[int, str], ...]
+
+
+def _unlike(disk: DiskInfo, like: DiskInfo) -> bool:
+    """Whether ``disk`` differs from ``like`` in what an OS disk swap needs to match."""
+    return (
+        tuple(disk.zones) != tuple(like.zones)
+        or (like.size_gb is not None and disk.size_gb != like.size_gb)
+        or (
+            like.hyper_v_generation is not None
+            and disk.hyper_v_generation != like.hyper_v_generation
+        )
+        or disk.security_type != like.security_type
+    )
 
 
 def _disk_info(disk: Disk) -> DiskInfo:
@@ -305,6 +366,11 @@ def _disk_info(disk: Disk) -> DiskInfo:
         location=str(disk.location),
         size_gb=disk.disk_size_gb,
         sku=disk.sku.name if disk.sku is not None else None,
+        zones=tuple(disk.zones or ()),
+        hyper_v_generation=disk.hyper_v_generation,
+        security_type=(
+            disk.security_profile.security_type if disk.security_profile is not None else None
+        ),
     )
 
 
@@ -463,9 +529,17 @@ class ComputeGateway:
         image_version_id: str,
         sku: str | None,
         tags: dict[str, str],
+        like: DiskInfo | None = None,
         timeout_s: float | None = None,
     ) -> DiskInfo:
-        """Create (or find, if a previous attempt made it) an OS disk from a gallery image."""
+        """Create (or find, if a previous attempt made it) an OS disk from a gallery image.
+
+        ``like``: the OS disk it replaces. The new disk copies its zone, size, SKU (unless
+        ``sku`` names one), hyperVGeneration and security type, without which Azure refuses
+        the swap: a disk outside the VM's zone cannot be attached, the current and the
+        replacement OS disk must be the same size, and the generation and security type must
+        be the VM's (os-disk-swap, amlfs_sim/arm/README.md). A disk of that name left by an
+        earlier attempt that differs from it, unattached, is made again."""
         existing = self.get_disk(resource_group, name)
         if (
             existing is not None
@@ -481,15 +555,29 @@ class ComputeGateway:
                     f"disk {name} exists from another image ({existing.image_id})",
                     code="DiskExists",
                 )
-            return existing
+            if like is None or existing.managed_by or not _unlike(existing, like):
+                return existing
+            # Made by an attempt that did not copy the old disk, it cannot be swapped in; it
+            # is attached to nothing: make it again.
+            self.delete_disk(resource_group, name, timeout_s)
+        if like is not None and sku is None:
+            sku = like.sku
         body = Disk(
             location=location,
             sku=DiskSku(name=sku) if sku else None,
+            zones=list(like.zones) if like is not None and like.zones else None,
             properties=DiskProperties(
                 creation_data=CreationData(
                     create_option=DiskCreateOption.FROM_IMAGE,
                     gallery_image_reference=ImageDiskReference(id=image_version_id),
-                )
+                ),
+                disk_size_gb=like.size_gb if like is not None else None,
+                hyper_v_generation=like.hyper_v_generation if like is not None else None,
+                security_profile=(
+                    DiskSecurityProfile(security_type=like.security_type)
+                    if like is not None and like.security_type
+                    else None
+                ),
             ),
             tags=tags,
         )

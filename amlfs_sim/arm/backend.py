@@ -164,13 +164,15 @@ class ArmBackend:
     def _add_initial_vm(self, cluster: Cluster, node: Node) -> None:
         spec = self.world.spec
         image = self.world.initial_image
+        hardware = spec.hardware(cluster.name)
+        zones = [hardware.zone] if hardware.zone else []
         sub, rg = cluster.subscription_id, cluster.resource_group
         os_disk = Disk(
             sub,
             rg,
             f"{node.name}-osdisk-{image.version}",
             cluster.region,
-            image.disk_size_gb,
+            hardware.os_disk_size_gb or image.disk_size_gb,
             spec.os_disk_sku,
             "Linux",
             image.id,
@@ -178,6 +180,11 @@ class ArmBackend:
             str(uuid.UUID(int=self.rng.getrandbits(128))),
             0.0,
             initial=True,
+            zones=list(zones),
+            hyper_v_generation=image.hyper_v_generation,
+            # The OS disk of a Trusted Launch VM carries the VM's security type; a Standard
+            # VM's carries none (Disk_Create_WithSecurityProfile.json, DiskRP 2025-01-02).
+            security_type=None if hardware.security_type == "Standard" else "TrustedLaunch",
         )
         attachments = []
         for lun in range(spec.data_disks.get(node.role.value, 0)):
@@ -194,6 +201,7 @@ class ArmBackend:
                 str(uuid.UUID(int=self.rng.getrandbits(128))),
                 0.0,
                 initial=True,
+                zones=list(zones),
             )
             data.checksum = self._checksum(data)
             self.disks[data.key] = data
@@ -210,6 +218,9 @@ class ArmBackend:
             attachments,
             str(uuid.UUID(int=self.rng.getrandbits(128))),
             image_reference=image.id,
+            zones=list(zones),
+            security_type=hardware.security_type,
+            hyper_v_generation=image.hyper_v_generation,
         )
         os_disk.managed_by = vm.id
         for attachment in attachments:
@@ -633,10 +644,15 @@ class ArmBackend:
         disk = self.disks.get(key_of(rid.subscription_id, rid.resource_group, rid.name))
         if disk is None:
             raise not_found(DISK_TYPE, rid.name, rid.resource_group)
-        if disk.provisioning_state != "Succeeded" or disk.busy_op is not None:
+        if disk.provisioning_state != "Succeeded":
             raise conflict(
                 "OperationNotAllowed",
                 f"Disk '{disk.name}' is not ready (provisioningState {disk.provisioning_state}).",
+            )
+        if disk.busy_op is not None:
+            raise conflict(
+                "OperationNotAllowed",
+                f"Disk '{disk.name}' is busy with another operation. Retry after it completes.",
             )
         if disk.managed_by and disk.managed_by.lower() != vm.id.lower():
             raise conflict(
@@ -648,11 +664,12 @@ class ArmBackend:
                 "InvalidParameter",
                 f"Disk '{disk.name}' is in {disk.location}, VM '{vm.name}' in {vm.location}.",
             )
+        self._check_zone(vm, disk)
+        self._check_swap_size(vm, disk, current, os_disk.get("diskSizeGB"))
         mismatch = [
             f"{what} {new!r} differs from the current OS disk's {old!r}"
             for what, new, old in (
                 ("osType", disk.os_type, current.os_type),
-                ("diskSizeGB", disk.size_gb, current.size_gb),
                 ("sku", disk.sku, current.sku),
             )
             if new != old
@@ -664,7 +681,71 @@ class ArmBackend:
                 + "; ".join(mismatch)
                 + ".",
             )
+        self._check_generation_and_security(vm, disk)
         return disk
+
+    def _check_zone(self, vm: VirtualMachine, disk: Disk) -> None:
+        """A zonal VM takes only a disk of its zone: 400 BadRequest, the zone named, worded
+        as Compute words it (README: zones)."""
+        if not vm.zones or disk.zones == vm.zones:
+            return
+        if not disk.zones:
+            message = (
+                f"Disk {disk.id} cannot be attached to the VM because it is not in zone "
+                f"'{vm.zones[0]}'."
+            )
+        else:
+            message = (
+                f"Disk {disk.id} cannot be attached to the VM because it is not in the same "
+                f"zone as the VM. VM zone: '{vm.zones[0]}'. Disk zone: '{disk.zones[0]}'."
+            )
+        raise bad_request("BadRequest", message)
+
+    def _check_swap_size(
+        self, vm: VirtualMachine, disk: Disk, current: Disk, requested: Any
+    ) -> None:
+        """The replacement OS disk must be the size of the current one (README: size).
+
+        A PUT carries ``osDisk.diskSizeGB`` as GET returned it, the current disk's size:
+        Compute reads it as the size wanted, and a bigger disk would have to shrink."""
+        try:
+            wanted = int(requested) if requested is not None else None
+        except (TypeError, ValueError) as err:
+            raise bad_request("InvalidParameter", f"osDisk.diskSizeGB {requested!r}") from err
+        if wanted is not None and disk.size_gb > wanted:
+            raise bad_request(
+                "BadRequest",
+                f"The disk {disk.id} cannot be resized down. Reducing disk/snapshot size is not "
+                "supported in Azure to prevent data loss. If you do need to reduce the size of "
+                "the disk, please create new snapshot/disks with the appropriate size. More "
+                "information is available at https://aka.ms/AzureDisksFAQ.",
+            )
+        if disk.size_gb != current.size_gb:
+            raise bad_request(
+                "OperationNotAllowed",
+                f"Cannot swap the OS disk of VM '{vm.name}' to '{disk.name}': its diskSizeGB "
+                f"{disk.size_gb} differs from the current OS disk's {current.size_gb}; the "
+                "current and replacement OS disks must be the same size.",
+            )
+
+    def _check_generation_and_security(self, vm: VirtualMachine, disk: Disk) -> None:
+        """The disk's hyperVGeneration and security type must be the VM's: 409
+        PropertyChangeNotAllowed (README: generation, security type)."""
+        if disk.hyper_v_generation != vm.hyper_v_generation:
+            raise conflict(
+                "PropertyChangeNotAllowed",
+                "Swapping OS Disk is not supported since HyperVisor property on the OSDisk and "
+                "VM do not match. Please make sure the HyperVisor property on the OSDisk is "
+                f"HyperVisor Generation '{vm.hyper_v_generation}'",
+            )
+        wanted = None if vm.security_type == "Standard" else vm.security_type
+        if disk.security_type != wanted:
+            raise conflict(
+                "PropertyChangeNotAllowed",
+                "Security type of VM is not compatible with the security type of attached OS "
+                f"Disk. VM securityType: '{vm.security_type}'; disk {disk.name} securityType: "
+                f"'{disk.security_type or 'None'}'.",
+            )
 
     def _requested_data_disks(
         self, vm: VirtualMachine, requested: Iterable[Any]
@@ -802,6 +883,8 @@ class ArmBackend:
                 f"creationData.createOption {option!r} is not supported by the emulator "
                 "(FromImage, Empty).",
             )
+        zones = self._requested_zones(body.get("zones"))
+        generation, security = self._requested_os_properties(props, image, option)
         sku = str((body.get("sku") or {}).get("name") or "Premium_LRS")
         tags = body.get("tags") or {}
         disk = Disk(
@@ -817,6 +900,9 @@ class ArmBackend:
             str(uuid.uuid4()),
             self.clock.now(),
             provisioning_state="Creating",
+            zones=zones,
+            hyper_v_generation=generation,
+            security_type=security,
         )
         if os_type is None:
             disk.checksum = self._checksum(disk)
@@ -836,6 +922,63 @@ class ArmBackend:
             on_fail=failed,
         )
         return disk, op, True
+
+    @staticmethod
+    def _requested_zones(zones: Any) -> list[str]:
+        """``zones`` of a disk PUT: absent or [] is a regional disk, ["1"] a zonal one."""
+        if zones is None:
+            return []
+        if not isinstance(zones, list) or not all(isinstance(z, str) for z in zones):
+            raise bad_request("InvalidParameter", f"zones must be a list of strings: {zones!r}")
+        if len(zones) > 1 or any(z not in ("1", "2", "3") for z in zones):
+            raise bad_request(
+                "InvalidParameter", f"A disk is in one availability zone ('1'-'3'): {zones!r}"
+            )
+        return list(zones)
+
+    @staticmethod
+    def _requested_os_properties(
+        props: dict[str, Any], image: ImageSpec | None, option: str
+    ) -> tuple[str | None, str | None]:
+        """(hyperVGeneration, securityProfile.securityType) of a new disk (README: disks).
+
+        A disk from an image has the image's generation; naming another one is refused.
+        Trusted Launch needs a V2 image and a FromImage disk."""
+        generation = props.get("hyperVGeneration")
+        security = (props.get("securityProfile") or {}).get("securityType")
+        if image is not None:
+            if generation is not None and str(generation) != image.hyper_v_generation:
+                raise conflict(
+                    "Conflict",
+                    f"The disk has a different Hypervisor generation ['{generation}'] than the "
+                    f"parent gallery image Hypervisor generation ['{image.hyper_v_generation}'].",
+                )
+            generation = image.hyper_v_generation
+        elif generation is not None and str(generation) not in ("V1", "V2"):
+            raise bad_request("InvalidParameter", f"hyperVGeneration {generation!r}")
+        if security is None:
+            return (None if generation is None else str(generation)), None
+        if security != "TrustedLaunch":
+            raise bad_request(
+                "InvalidParameter",
+                f"securityProfile.securityType {security!r} is not supported by the emulator "
+                "(TrustedLaunch).",
+            )
+        if image is None:
+            raise bad_request(
+                "BadRequest",
+                f"Security Type 'TrustedLaunch' is not supported for CreateOption '{option}'. "
+                "Supported create options are FromImage, Import, ImportSecure, "
+                "UploadPreparedSecure.",
+            )
+        if image.hyper_v_generation != "V2":
+            raise bad_request(
+                "BadRequest",
+                "Use of TrustedLaunch setting is not supported for the provided image. Please "
+                "select Trusted Launch Supported Gen2 OS Image. For more information, see "
+                "https://aka.ms/TrustedLaunch-FAQ.",
+            )
+        return str(generation), "TrustedLaunch"
 
     def delete_disk(self, subscription_id: str, resource_group: str, name: str) -> Operation | None:
         """Start deleting a disk; None when it does not exist (ARM answers 204)."""
@@ -905,6 +1048,21 @@ class ArmBackend:
             ):
                 return image
         raise not_found(IMAGE_TYPE, f"{gallery}/{definition}/{version}", resource_group)
+
+    def image_definition(
+        self, subscription_id: str, resource_group: str, gallery: str, definition: str
+    ) -> ImageSpec:
+        """A version of the definition (they share its generation: see ``EmulatorSpec``)."""
+        self.region_of(subscription_id, resource_group)
+        for image in self.images.values():
+            rid = parse_resource_id(image.id)
+            if (
+                rid.subscription_id == subscription_id.lower()
+                and rid.resource_group.lower() == resource_group.lower()
+                and [n.lower() for n in rid.names[:2]] == [gallery.lower(), definition.lower()]
+            ):
+                return image
+        raise not_found(IMAGE_TYPE.rsplit("/", 1)[0], f"{gallery}/{definition}", resource_group)
 
     # ----------------------------------------------------------------- fault API actions
 

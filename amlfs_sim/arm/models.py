@@ -69,6 +69,9 @@ class Disk:
     generation: int = 0  # bumped by the fault API's write
     initial: bool = False  # part of the fleet as loaded
     busy_op: str | None = None
+    zones: list[str] = field(default_factory=list)  # [] : a regional disk
+    hyper_v_generation: str | None = None  # "V1"/"V2", OS disks only
+    security_type: str | None = None  # securityProfile.securityType, e.g. "TrustedLaunch"
 
     @property
     def id(self) -> str:
@@ -103,6 +106,9 @@ class VirtualMachine:
     provisioning_state: str = "Succeeded"
     busy_op: str | None = None
     image_reference: str | None = None
+    zones: list[str] = field(default_factory=list)  # [] : a regional VM
+    security_type: str = "TrustedLaunch"  # securityProfile.securityType
+    hyper_v_generation: str = "V2"  # of the image it was created from
 
     @property
     def id(self) -> str:

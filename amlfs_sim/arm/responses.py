@@ -10,7 +10,15 @@ from amlfs_sim.arm.backend import DISK_TYPE, IMAGE_TYPE, VM_TYPE, ArmBackend
 from amlfs_sim.arm.models import Disk, Operation, OpStatus, PowerState, VirtualMachine
 from amlfs_sim.spec import ImageSpec
 
-__all__ = ["SimTime", "disk_json", "image_json", "instance_view_json", "operation_json", "vm_json"]
+__all__ = [
+    "SimTime",
+    "disk_json",
+    "image_definition_json",
+    "image_json",
+    "instance_view_json",
+    "operation_json",
+    "vm_json",
+]
 
 
 class SimTime:
@@ -67,9 +75,17 @@ def vm_json(
     }
     if properties["storageProfile"]["imageReference"] is None:
         del properties["storageProfile"]["imageReference"]
+    # securityProfile as ComputeRP returns it (virtualMachine.json, 2025-04-01 on: "If not
+    # specified, Standard will be returned starting api version 2025-11-01"); a Trusted
+    # Launch VM has Secure Boot and vTPM on (learn.microsoft.com/azure/virtual-machines/
+    # trusted-launch).
+    security: dict[str, Any] = {"securityType": vm.security_type}
+    if vm.security_type == "TrustedLaunch":
+        security["uefiSettings"] = {"secureBootEnabled": True, "vTpmEnabled": True}
+    properties["securityProfile"] = security
     if instance_view:
         properties["instanceView"] = instance_view_json(backend, vm, times)
-    return {
+    body: dict[str, Any] = {
         "id": vm.id,
         "name": vm.name,
         "type": VM_TYPE,
@@ -77,6 +93,9 @@ def vm_json(
         "tags": vm.tags,
         "properties": properties,
     }
+    if vm.zones:
+        body["zones"] = list(vm.zones)
+    return body
 
 
 def instance_view_json(backend: ArmBackend, vm: VirtualMachine, times: SimTime) -> dict[str, Any]:
@@ -101,6 +120,7 @@ def instance_view_json(backend: ArmBackend, vm: VirtualMachine, times: SimTime) 
     return {
         "computerName": vm.name,
         "osName": "ubuntu",
+        "hyperVGeneration": vm.hyper_v_generation,
         "disks": [
             {
                 "name": name,
@@ -133,7 +153,10 @@ def disk_json(disk: Disk, times: SimTime) -> dict[str, Any]:
     }
     if disk.os_type:
         properties["osType"] = disk.os_type
-        properties["hyperVGeneration"] = "V2"
+    if disk.hyper_v_generation:
+        properties["hyperVGeneration"] = disk.hyper_v_generation
+    if disk.security_type:
+        properties["securityProfile"] = {"securityType": disk.security_type}
     body: dict[str, Any] = {
         "id": disk.id,
         "name": disk.name,
@@ -148,6 +171,8 @@ def disk_json(disk: Disk, times: SimTime) -> dict[str, Any]:
     }
     if disk.managed_by:
         body["managedBy"] = disk.managed_by
+    if disk.zones:
+        body["zones"] = list(disk.zones)
     return body
 
 
@@ -168,6 +193,32 @@ def image_json(image: ImageSpec) -> dict[str, Any]:
             "storageProfile": {
                 "osDiskImage": {"sizeInGB": image.disk_size_gb, "hostCaching": "ReadWrite"}
             },
+            "provisioningState": "Succeeded",
+        },
+    }
+
+
+def image_definition_json(image: ImageSpec) -> dict[str, Any]:
+    """The gallery image definition a version belongs to: where ARM keeps hyperVGeneration
+    and the Trusted Launch feature (galleryImage, GalleryRP 2025-03-03)."""
+    rid = parse_resource_id(image.id)
+    definition_id = image.id.rsplit("/versions/", 1)[0]
+    features = (
+        [{"name": "SecurityType", "value": "TrustedLaunchSupported"}]
+        if image.hyper_v_generation == "V2"
+        else []
+    )
+    return {
+        "id": definition_id,
+        "name": rid.names[1],
+        "type": IMAGE_TYPE.rsplit("/versions", 1)[0],
+        "location": "global",
+        "properties": {
+            "osType": "Linux",
+            "osState": "Generalized",
+            "hyperVGeneration": image.hyper_v_generation,
+            "features": features,
+            "identifier": {"publisher": "amlfs", "offer": rid.names[0], "sku": rid.names[1]},
             "provisioningState": "Succeeded",
         },
     }

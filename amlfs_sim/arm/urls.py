@@ -22,6 +22,7 @@ from amlfs_sim.arm.models import Operation, OpStatus
 from amlfs_sim.arm.responses import (
     SimTime,
     disk_json,
+    image_definition_json,
     image_json,
     instance_view_json,
     operation_json,
@@ -34,7 +35,8 @@ __all__ = ["create_arm_router"]
 RG = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute"
 VMS = RG + "/virtualMachines"
 DISKS = RG + "/disks"
-IMAGE = RG + "/galleries/{gallery}/images/{image}/versions/{version}"
+IMAGE_DEFINITION = RG + "/galleries/{gallery}/images/{image}"
+IMAGE = IMAGE_DEFINITION + "/versions/{version}"
 OPERATION = "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{region}/operations/{op_id}"
 OLDEST_API_VERSION = "2023-01-01"
 
@@ -333,6 +335,21 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             sub,
             group_target(sub, rg, f"{gallery}/{image}/{version}"),
             lambda: json_response(200, image_json(backend.image(sub, rg, gallery, image, version))),
+        )
+
+    @router.get(IMAGE_DEFINITION)
+    async def get_image_definition(
+        request: Request, sub: str, rg: str, gallery: str, image: str
+    ) -> Response:
+        return handle(
+            request,
+            "image.get",
+            RequestClass.LOW_COST_GET,
+            sub,
+            group_target(sub, rg, f"{gallery}/{image}"),
+            lambda: json_response(
+                200, image_definition_json(backend.image_definition(sub, rg, gallery, image))
+            ),
         )
 
     # ------------------------------------------------------------------ operations
