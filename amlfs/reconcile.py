@@ -61,9 +61,7 @@ class ClusterPosition:
         return "clean"
 
 
-def inspect_cluster(
-    cluster: Cluster, gateway: ComputeGateway, store: Store
-) -> ClusterPosition:
+def inspect_cluster(cluster: Cluster, gateway: ComputeGateway, store: Store) -> ClusterPosition:
     """Read-only: the journal, which OS disk each VM runs, and disks left unattached."""
     journal = store.get("clusters", cluster.name, "run")
     position = ClusterPosition(cluster.name, journal)
