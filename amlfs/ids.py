@@ -12,12 +12,33 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "KEEP_TAG",
+    "TAG_RELEASE",
+    "TAG_REPLACES",
+    "TAG_RUN",
+    "TAG_VM",
     "ResourceId",
     "disk_id",
     "gallery_image_version_id",
+    "new_os_disk_name",
     "parse_resource_id",
     "vm_id",
 ]
+
+# Tags on the OS disks this tool creates: after a crash, Azure itself says which disk replaces
+# which, for which VM, release and run. An old disk kept on purpose carries KEEP_TAG.
+TAG_RUN = "amlfs-run"
+TAG_VM = "amlfs-vm"
+TAG_REPLACES = "amlfs-replaces"
+TAG_RELEASE = "amlfs-release"
+KEEP_TAG = "amlfs-keep-until"
+
+
+def new_os_disk_name(vm: str, release_version: str) -> str:
+    """The name of the OS disk made for ``vm`` from ``release_version`` (one per pair: a
+    retried or resumed run finds the disk it made instead of making another)."""
+    return f"{vm}-osdisk-{release_version}"
+
 
 _GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _RG = r"[-\w._()]{1,90}"

@@ -19,6 +19,7 @@ from typing import Any
 
 from amlfs.azure.gateway import ComputeGateway, DiskInfo
 from amlfs.errors import AmlfsError
+from amlfs.ids import KEEP_TAG, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.models import Cluster
 from amlfs.store import Store
 
@@ -29,12 +30,6 @@ __all__ = [
     "interrupted_reason",
     "read_cluster",
 ]
-
-TAG_RUN = "amlfs-run"
-TAG_VM = "amlfs-vm"
-TAG_REPLACES = "amlfs-replaces"
-TAG_RELEASE = "amlfs-release"
-KEEP_TAG = "amlfs-keep-until"
 
 
 @dataclass
@@ -97,7 +92,7 @@ class ClusterReading:
 
 def new_disk_name(vm: str, version: str) -> str:
     """The name ``ClusterUpgrade`` gives the OS disk it makes for ``vm`` and ``version``."""
-    return f"{vm}-osdisk-{version}"
+    return new_os_disk_name(vm, version)
 
 
 def _version(image_id: str | None) -> str | None:

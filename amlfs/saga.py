@@ -60,6 +60,7 @@ from amlfs.errors import (
     RetryableAzureError,
 )
 from amlfs.fanout import run_all
+from amlfs.ids import KEEP_TAG, TAG_RELEASE, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldError, LeaseLostError
 from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
@@ -79,16 +80,28 @@ __all__ = [
 T = TypeVar("T")
 StepRunner = Callable[[str, Callable[[], Any]], Any]
 
-TAG_RUN = "amlfs-run"
-TAG_VM = "amlfs-vm"
-TAG_REPLACES = "amlfs-replaces"
-TAG_RELEASE = "amlfs-release"
-KEEP_TAG = "amlfs-keep-until"
 CRASH_ENV = "AMLFS_TEST_CRASH_AT"  # test-only: "step:before|after" SIGKILLs this process there
 
 
 class AbortRequestedError(AmlfsError):
     """An operator aborted the fleet run: this cluster rolls back."""
+
+
+class _AbortablePacer(Pacer):
+    """The node-check pacer of one cluster: each wait for a slot (every turn of a loop that
+    waits for boot, health, recovery or the HSM drain) first looks for an operator's abort,
+    so an abort or a Prefect cancel lands within a poll instead of at the next step."""
+
+    def __init__(self, clock: Clock, inner: Pacer | None, abort_now: Callable[[], bool]) -> None:
+        super().__init__(clock, None)
+        self.inner = inner
+        self.abort_now = abort_now
+
+    def wait(self) -> None:
+        if self.abort_now():
+            raise AbortRequestedError("operator abort while waiting on the nodes")
+        if self.inner is not None:
+            self.inner.wait()
 
 
 class Outcome(StrEnum):
@@ -242,8 +255,9 @@ class ClusterUpgrade:
             self.policy.suspend,
             log,
             self.policy.parallelism,
-            checks=node_checks,
+            checks=_AbortablePacer(clock, node_checks, self._abort_now),
         )
+        self._rolling_back = False
         self.rg = cluster.resource_group
         self.timings: list[StepTiming] = []
         self.started = clock.now()
@@ -276,6 +290,10 @@ class ClusterUpgrade:
     def _crash_point(self, step: str, when: str) -> None:
         if os.environ.get(CRASH_ENV) == f"{step}:{when}":
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _abort_now(self) -> bool:
+        """An abort stops the forward path only: the way back always runs to its end."""
+        return not self._rolling_back and self.should_abort()
 
     def _step(self, name: str, fn: Callable[[], T]) -> T:
         self._crash_point(name, "before")
@@ -502,6 +520,7 @@ class ClusterUpgrade:
     def rollback(self, reason: str) -> UpgradeResult:
         """Converge the cluster back to its old normal from wherever it is (see the module
         docstring); ``rolled_back`` only once verified, else ``failed_needs_attention``."""
+        self._rolling_back = True
         self._journal("rolling_back")
         failures: list[str] = []
         serving = True
@@ -598,7 +617,7 @@ class ClusterUpgrade:
                 node,
                 old_disk=vm.os_disk_name,
                 old_disk_id=vm.os_disk_id,
-                new_disk=f"{node.name}-osdisk-{self.release.version}",
+                new_disk=new_os_disk_name(node.name, self.release.version),
                 old_disk_info=disk,
             )
         self._journal("preflight")

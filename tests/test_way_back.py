@@ -9,6 +9,7 @@ real step, then fails it, the way Prefect would see a task that raised at its ve
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,33 @@ def test_a_world_that_cannot_be_brought_back_is_reported_so_not_rolled_back(
     journal = StateStore(tmp_path).get("clusters", sim.cluster.name, "run")
     assert journal is not None
     assert journal["phase"] == "needs_attention"
+
+
+def test_an_abort_lands_inside_a_long_wait_not_at_the_next_step(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    # The operator aborts (or Prefect cancels) while the nodes are being waited for: the
+    # cluster goes back from inside that wait, and the way back itself is not aborted.
+    aborted = threading.Event()
+
+    def runner(name: str, fn: Callable[[], Any]) -> Any:
+        if name == "restore":
+            aborted.set()
+        return fn()
+
+    before = node_params(sim)
+    cluster = sim.cluster
+    result = ClusterUpgrade(
+        cluster,
+        RELEASE,
+        gateway=conns.gateway(cluster.subscription_id),
+        shells=conns.shells(),
+        store=StateStore(tmp_path),
+        clock=conns.clock,
+        runner=runner,
+        should_abort=aborted.is_set,
+    ).run()
+    assert result.outcome is Outcome.ROLLED_BACK, result.reason
+    assert "AbortRequestedError: operator abort while waiting on the nodes" in result.reason
+    assert [t.status for t in result.steps if t.name == "restore"] == ["failed"]
+    assert_back_to_normal(sim, before)

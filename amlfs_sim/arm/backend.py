@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amlfs.clock import Clock
-from amlfs.ids import parse_resource_id
+from amlfs.ids import (
+    KEEP_TAG,  # an unattached disk with it is kept on purpose, not leaked
+    parse_resource_id,
+)
 from amlfs.models import Cluster, Node
 from amlfs_sim.arm.exceptions import ArmError, bad_request, conflict, not_found
 from amlfs_sim.arm.models import (
@@ -43,8 +46,6 @@ __all__ = ["KEEP_TAG", "ArmBackend", "Event"]
 VM_TYPE = "Microsoft.Compute/virtualMachines"
 DISK_TYPE = "Microsoft.Compute/disks"
 IMAGE_TYPE = "Microsoft.Compute/galleries/images/versions"
-# An unattached disk carrying this tag is kept on purpose (keep-old-disks policy), not leaked.
-KEEP_TAG = "amlfs-keep-until"
 
 EventListener = Callable[["Event"], None]
 
