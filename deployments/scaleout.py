@@ -268,7 +268,7 @@ def demo(workers: int) -> int:
         )
         with emulator:
             names = [c.name for c in emulator.world.fleet.clusters]
-            summary = fleet_maintenance(
+            final = fleet_maintenance(
                 FleetParams(
                     fleet_file=str(REPO / "examples" / "fleet-small.yaml"),
                     release_file=str(REPO / "examples" / "release-2.15.6.yaml"),
@@ -279,8 +279,13 @@ def demo(workers: int) -> int:
                     state_dir=str(Path(tmp) / "state"),
                     cluster_deployment=CLUSTER_DEPLOYMENT,
                     run_name="scaleout-demo",
-                )
+                ),
+                return_state=True,
             )
+            # Failed when a cluster needs attention: the summary is still the state's data.
+            summary = final.result(raise_on_failure=False)
+            if not isinstance(summary, dict):
+                raise SystemExit(f"the fleet run ended {final.type.value}: {final.message}")
     table = Table(title="scale-out demo: each cluster a flow run on the work pool")
     for column in ("cluster", "result", "release", "flow run", "downtime"):
         table.add_column(column)
