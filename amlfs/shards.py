@@ -25,6 +25,7 @@ import dataclasses
 import datetime as dt
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -356,6 +357,10 @@ class ShardPool:
 
 
 def _serve(conn: Connection) -> None:
+    # Prefect cancels a flow run by signalling its whole process group: the parent turns
+    # SIGTERM into an abort and sends it to each cluster here. Dying on it instead would
+    # leave the clusters in flight to a later resume rather than rolling them back now.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     kind, spec = conn.recv()
     if kind != "spec" or not isinstance(spec, ShardSpec):
         raise SystemExit(f"amlfs.shards: expected the spec first, got {kind!r}")
