@@ -506,6 +506,7 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
 
 
 FOLLOW_UPS = 2
+BUSY_WAITS = 3  # follow-ups refused by a dead run's lease, waited out one lease each
 
 
 def run_on_workers(
@@ -529,7 +530,11 @@ def run_on_workers(
 
     reason = ""
     attempt = 0
-    for attempt in range(1 + FOLLOW_UPS):
+    busy_waits = 0
+    ttl = float((cluster_params.get("policy") or {}).get("lease_ttl_s", 60.0))
+    for attempt in range(1 + FOLLOW_UPS + BUSY_WAITS):
+        if attempt > FOLLOW_UPS + busy_waits:
+            break
         run = run_deployment(
             name=deployment,
             parameters={"params": cluster_params},
@@ -563,6 +568,13 @@ def run_on_workers(
         # (needs attention), Cancelled (rolled back on a cancel) all leave one.
         result = store.get("cluster-results", str(run.id))
         if result is not None and state is not None and state.is_final() and not silent:
+            if attempt and result.get("outcome") == "busy" and busy_waits < BUSY_WAITS:
+                # A follow-up after a crash found the dead run's lease still live (its
+                # worker was on another host: taken over once it expires). Wait it out.
+                busy_waits += 1
+                logger.info("%s: %s; trying again in %.0f s", cluster, result["reason"], ttl)
+                time.sleep(ttl)
+                continue
             result["flow_run"] = str(run.id)
             result["follow_ups"] = attempt
             return dict(result)
