@@ -37,8 +37,6 @@ import base64
 import dataclasses
 import datetime as dt
 import functools
-import os
-import signal
 import threading
 import time
 import uuid
@@ -79,8 +77,6 @@ __all__ = [
 
 T = TypeVar("T")
 StepRunner = Callable[[str, Callable[[], Any]], Any]
-
-CRASH_ENV = "AMLFS_TEST_CRASH_AT"  # test-only: "step:before|after" SIGKILLs this process there
 
 
 class AbortRequestedError(AmlfsError):
@@ -287,16 +283,11 @@ class ClusterUpgrade:
         }
         self.store.put(*self._key("run"), value=self.state.dump())
 
-    def _crash_point(self, step: str, when: str) -> None:
-        if os.environ.get(CRASH_ENV) == f"{step}:{when}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def _abort_now(self) -> bool:
         """An abort stops the forward path only: the way back always runs to its end."""
         return not self._rolling_back and self.should_abort()
 
     def _step(self, name: str, fn: Callable[[], T]) -> T:
-        self._crash_point(name, "before")
         if name != "finalize" and self.should_abort():
             raise AbortRequestedError(f"operator abort before {name}")
         start = self.clock.now()
@@ -311,7 +302,6 @@ class ClusterUpgrade:
         self.timings.append(
             StepTiming(name=name, started_s=start, ended_s=self.clock.now(), status="ok")
         )
-        self._crash_point(name, "after")
         return result
 
     def _retry(self, what: str, fn: Callable[[], T], *, deadline: float | None = None) -> T:

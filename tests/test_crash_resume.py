@@ -25,13 +25,13 @@ def upgrade_process(
     sim: Sim, server: PrefectServer, state_dir: Path, crash_at: str | None = None
 ) -> subprocess.Popen[str]:
     env = dict(server.env)
-    if crash_at:
+    if crash_at:  # the CLI with a step runner that SIGKILLs itself there (tests/crash_entry.py)
         env["AMLFS_TEST_CRASH_AT"] = crash_at
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "tests.crash_entry" if crash_at else "amlfs.cli",
             "upgrade-cluster",
             "--fleet",
             str(SMALL_FLEET),
