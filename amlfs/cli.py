@@ -1,4 +1,10 @@
-"""``amlfs``: the operator's command line. Today: check an inventory (and a release) offline."""
+"""``amlfs``: the operator's command line. Today: check an inventory (and a release) offline.
+
+What it prints that came from outside (fleet and release files, options, the state store,
+node output, error messages quoting any of these) goes to Rich as ``Text``, never as a markup
+string: a name or reason with ``[/]`` in it would crash the print (MarkupError) and ``[bold]``
+would vanish into styling. Markup is only ever in this module's own literals.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,61 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from amlfs.errors import InventoryError
 from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
 
 app = typer.Typer(help="AMLFS fleet maintenance.", no_args_is_help=True, add_completion=False)
+
+
+def _describe(err: BaseException) -> str:
+    """An error as the operator reads it. pydantic's own text spans several lines and quotes
+    each input value; here each problem is ``field: message`` on one line, joined by ``; ``."""
+    if not isinstance(err, ValidationError):
+        return str(err)
+    problems = [
+        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: "
+        + str(problem["msg"]).removeprefix("Value error, ")
+        for problem in err.errors(include_url=False, include_input=False)
+    ]
+    return f"invalid {err.title}: " + "; ".join(problems)
+
+
+def _error(label: str, err: BaseException | str) -> None:
+    """``label: message`` on stderr, the message as text. Never wrapped: in a pipe Rich's width
+    is 80 columns and it would cut one error into several lines (``soft_wrap``)."""
+    message = err if isinstance(err, str) else _describe(err)
+    Console(stderr=True, soft_wrap=True, highlight=False).print(
+        Text.assemble((f"{label}:", "red"), " ", message)
+    )
+
+
+def _stdout() -> Console:
+    """The console of results: a line is never cut in two (a pipe is 80 columns wide to Rich);
+    tables still fit the width."""
+    return Console(soft_wrap=True)
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells from values, as text."""
+    return [value if isinstance(value, Text) else Text(str(value)) for value in values]
+
+
+def _progress(console: Console) -> Progress:
+    """The run-fleet progress bar: the run name and the last cluster's result, as text."""
+    return Progress(
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}", markup=False),
+        console=console,
+    )
 
 
 @app.callback()
@@ -28,29 +81,31 @@ def validate(
     release: Annotated[Path | None, typer.Option(help="Release YAML to check too")] = None,
 ) -> None:
     """Validate a fleet file (and a release) without touching Azure; exit 2 naming each problem."""
-    console = Console()
+    console = _stdout()
     try:
         parsed = load_fleet(fleet)
         parsed_release = load_release(release) if release else None
     except InventoryError as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        _error("error", err)
         raise typer.Exit(2) from err
-    table = Table(title=f"{fleet}: {len(parsed.clusters)} clusters")
+    table = Table(title=Text(f"{fleet}: {len(parsed.clusters)} clusters"))
     for column in ("cluster", "region", "wave", "window (UTC)", "nodes"):
         table.add_column(column)
     for cluster in parsed.clusters:
         roles = Counter(n.role.value for n in cluster.nodes)
         window = cluster.window
         table.add_row(
-            cluster.name,
-            cluster.region,
-            cluster.wave,
-            f"{window.day_of_week.value} {window.start_utc} +{window.duration_min}m",
-            " ".join(f"{role}x{count}" for role, count in roles.items()),
+            *_cells(
+                cluster.name,
+                cluster.region,
+                cluster.wave,
+                f"{window.day_of_week.value} {window.start_utc} +{window.duration_min}m",
+                " ".join(f"{role}x{count}" for role, count in roles.items()),
+            )
         )
     console.print(table)
     if parsed_release is not None:
-        console.print(f"release {parsed_release.version}: {parsed_release.image_id}")
+        console.print(Text(f"release {parsed_release.version}: {parsed_release.image_id}"))
 
 
 def _print_result(console: Console, result: dict[str, object]) -> None:
@@ -59,26 +114,35 @@ def _print_result(console: Console, result: dict[str, object]) -> None:
         outcome, "red"
     )
     console.print(
-        f"[bold]{result['cluster']}[/]: [{colour}]{outcome}[/] "
-        f"{result['release_before']} -> {result['release_after']}"
-        + (f"  reason: {result['reason']}" if result.get("reason") else ""),
-        highlight=False,
+        Text.assemble(
+            (str(result["cluster"]), "bold"),
+            ": ",
+            (outcome, colour),
+            f" {result['release_before']} -> {result['release_after']}",
+            f"  reason: {result['reason']}" if result.get("reason") else "",
+        )
     )
     table = Table(title="steps (sim seconds)")
     for column in ("step", "status", "seconds"):
         table.add_column(column)
     for step in result["steps"]:  # type: ignore[attr-defined]
-        table.add_row(step["name"], step["status"], f"{step['ended_s'] - step['started_s']:.1f}")
+        table.add_row(
+            *_cells(step["name"], step["status"], f"{step['ended_s'] - step['started_s']:.1f}")
+        )
     console.print(table)
-    console.print(f"downtime as the orchestrator saw it: {result['downtime_observed_s']:.0f} s")
+    console.print(
+        Text(f"downtime as the orchestrator saw it: {result['downtime_observed_s']:.0f} s")
+    )
     view = result.get("customer_view")
     if isinstance(view, dict):
         console.print(
-            f"customer view (emulator): downtime {view['downtime_total']:.0f} s in "
-            f"{len(view['downtime_intervals'])} interval(s), evictions {view['evictions']}, "
-            f"serving {view['serving']} on {', '.join(view['lustre_versions'])}, "
-            f"data-disk changes {view['data_disk_changes']}, leaked disks "
-            f"{len(view['leaked_disks'])}"
+            Text(
+                f"customer view (emulator): downtime {view['downtime_total']:.0f} s in "
+                f"{len(view['downtime_intervals'])} interval(s), evictions {view['evictions']}, "
+                f"serving {view['serving']} on {', '.join(view['lustre_versions'])}, "
+                f"data-disk changes {view['data_disk_changes']}, leaked disks "
+                f"{len(view['leaked_disks'])}"
+            )
         )
 
 
@@ -101,7 +165,7 @@ def upgrade_cluster(
     from amlfs.saga import UpgradePolicy
     from flows.cluster_upgrade import ClusterUpgradeParams, cluster_upgrade
 
-    console = Console()
+    console = _stdout()
     try:
         parsed = load_fleet(fleet)
         parsed.cluster(cluster)
@@ -117,17 +181,17 @@ def upgrade_cluster(
             emulator_endpoint=str(endpoint) if endpoint else None,
         )
     except (InventoryError, ValueError, KeyError) as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        _error("error", err)
         raise typer.Exit(2) from err
     # SIGTERM (a Prefect cancel, a kill) aborts it: the flow takes it in this main thread.
     state = cluster_upgrade(params, return_state=True)
     result = state.result(raise_on_failure=False)
     if not isinstance(result, dict):
-        Console(stderr=True).print(f"[red]cluster upgrade failed:[/] {result}", highlight=False)
+        _error("cluster upgrade failed", str(result))
         raise typer.Exit(1)
     _print_result(console, result)
     if state.is_cancelled():
-        console.print(f"flow run {state.name}: {state.message}", highlight=False)
+        console.print(Text(f"flow run {state.name}: {state.message}"))
     if result["outcome"] not in SUCCEEDED:
         raise typer.Exit(1)
 
@@ -162,7 +226,7 @@ def plan(
     from amlfs.schedule import Prediction
     from amlfs.store import StateStore
 
-    console = Console()
+    console = _stdout()
     try:
         parsed = load_fleet(fleet)
         parsed_release = load_release(release)
@@ -176,7 +240,7 @@ def plan(
             azure = AzureSettings()
             ssh = SshSettings(username="-", private_key="-", known_hosts="-")
     except (InventoryError, ValueError) as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        _error("error", err)
         raise typer.Exit(2) from err
     predictions = UpgradePolicy().predictions
     prediction = Prediction(
@@ -207,22 +271,26 @@ def plan(
             interrupted=lambda c: readings[c.name].interrupted,
         )
     except InventoryError as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        _error("error", err)
         raise typer.Exit(2) from err
     finally:
         connections.close()
-    table = Table(title=f"plan for {parsed_release.version} as of {now:%a %Y-%m-%d %H:%M} UTC")
+    table = Table(
+        title=Text(f"plan for {parsed_release.version} as of {now:%a %Y-%m-%d %H:%M} UTC")
+    )
     for column in ("cluster", "wave", "window", "current", "runs", "predicted downtime", "why"):
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row.cluster,
-            row.wave,
-            row.window.split(": ", 1)[-1],
-            row.current_release or "?",
-            "[green]yes[/]" if row.run else "no",
-            f"{row.predicted_downtime_s / 60:.1f} min" if row.run else "",
-            row.reason,
+            *_cells(
+                row.cluster,
+                row.wave,
+                row.window.split(": ", 1)[-1],
+                row.current_release or "?",
+                Text("yes", style="green") if row.run else "no",
+                f"{row.predicted_downtime_s / 60:.1f} min" if row.run else "",
+                row.reason,
+            )
         )
     console.print(table)
 
@@ -239,33 +307,35 @@ def status(
     runs_dir = state_dir / "fleet-runs"
     names = [run_name] if run_name else sorted(p.stem for p in runs_dir.glob("*.json"))
     if not names:
-        Console(stderr=True).print(f"no fleet run recorded under {runs_dir}")
+        _error("error", f"no fleet run recorded under {runs_dir}")
         raise typer.Exit(1)
-    console = Console()
+    console = _stdout()
     for name in names:
         record = store.get("fleet-runs", name)
         if record is None:
-            Console(stderr=True).print(f"no fleet run named {name!r} under {runs_dir}")
+            _error("error", f"no fleet run named {name!r} under {runs_dir}")
             raise typer.Exit(1)
-        table = Table(title=f"fleet run {name}: {record.get('counts', {})}")
+        table = Table(title=Text(f"fleet run {name}: {record.get('counts', {})}"))
         for column in ("cluster", "wave", "result", "release", "downtime", "reason"):
             table.add_column(column)
         for cluster, result in record["results"].items():
             view = result.get("customer_view") or {}
             downtime = view.get("downtime_total", result.get("downtime_observed_s", 0))
             table.add_row(
-                cluster,
-                result.get("wave", ""),
-                result["outcome"],
-                f"{result.get('release_before', '')} -> {result.get('release_after', '')}",
-                f"{downtime:.0f} s",
-                result.get("reason", ""),
+                *_cells(
+                    cluster,
+                    result.get("wave", ""),
+                    result["outcome"],
+                    f"{result.get('release_before', '')} -> {result.get('release_after', '')}",
+                    f"{downtime:.0f} s",
+                    result.get("reason", ""),
+                )
             )
         for cluster, reason in record.get("not_started", {}).items():
-            table.add_row(cluster, "", "not started", "", "", reason)
+            table.add_row(*_cells(cluster, "", "not started", "", "", reason))
         console.print(table)
         if record.get("stopped"):
-            console.print(f"stopped admitting: {record['stopped']}")
+            console.print(Text(f"stopped admitting: {record['stopped']}"))
 
 
 @app.command()
@@ -279,14 +349,14 @@ def control(
     run_name.
     """
     if action not in ("run", "halt", "abort"):
-        Console(stderr=True).print(f"[red]error:[/] action must be run, halt or abort: {action!r}")
+        _error("error", f"action must be run, halt or abort: {action!r}")
         raise typer.Exit(2)
     from prefect.variables import Variable
 
     from flows.fleet_maintenance import CONTROL_VARIABLE
 
     Variable.set(CONTROL_VARIABLE, action, overwrite=True)
-    Console().print(f"{CONTROL_VARIABLE} = {action}")
+    _stdout().print(Text(f"{CONTROL_VARIABLE} = {action}"))
 
 
 #: The fleet policy's defaults, for the options that set it.
@@ -348,8 +418,6 @@ def run_fleet(
     import threading
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from amlfs.fleet import ClusterSelector
     from amlfs.store import StateStore
     from flows.cluster_upgrade import on_sigterm
@@ -382,7 +450,7 @@ def run_fleet(
             processes=processes,
         )
     except (InventoryError, ValueError) as err:
-        Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
+        _error("error", err)
         raise typer.Exit(2) from err
     selected = [c.name for c in parsed.clusters if not cluster or c.name in cluster]
     outcome: dict[str, object] = {}
@@ -400,14 +468,9 @@ def run_fleet(
     thread = threading.Thread(target=work, name="fleet-run", daemon=True)
     thread.start()
     store = StateStore(state_dir)
-    console = Console()
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=console,
-    ) as progress:
+    console = _stdout()
+    # Its own console: a live display redraws by counting lines, so it must crop, not overflow.
+    with _progress(Console()) as progress:
         task = progress.add_task(f"fleet run {run_name}", total=len(selected), last="")
         while thread.is_alive():
             thread.join(0.5)
@@ -424,20 +487,21 @@ def run_fleet(
             )
     summary = outcome.get("summary")
     if "error" in outcome or not isinstance(summary, dict):
-        Console(stderr=True).print(
-            f"[red]fleet run failed:[/] {outcome.get('error', summary)}", highlight=False
-        )
+        failure = outcome.get("error", summary)
+        _error("fleet run failed", failure if isinstance(failure, BaseException) else str(failure))
         raise typer.Exit(1)
     if dry_run:
         for row in summary["plan"]:
-            console.print(f"{row['cluster']}: {'run' if row['run'] else 'no'} ({row['reason']})")
+            console.print(
+                Text(f"{row['cluster']}: {'run' if row['run'] else 'no'} ({row['reason']})")
+            )
         return
     status(run_name, state_dir)
     from prefect.client.schemas.objects import State
 
     state = outcome["state"]
     assert isinstance(state, State)
-    console.print(f"fleet run {run_name}: {state.name}: {state.message}", highlight=False)
+    console.print(Text(f"fleet run {run_name}: {state.name}: {state.message}"))
     if not state.is_completed():
         raise typer.Exit(1)
 

@@ -169,6 +169,8 @@ class UpgradeResult(BaseModel):
     release_after: str
     steps: list[StepTiming] = []
     downtime_observed_s: float = 0.0  # suspend start to validated, as the orchestrator saw it
+    # Servers up with clients cut off (LustreOps.blocked), as the orchestrator saw it.
+    blocked_while_up_s: float = 0.0
     elapsed_s: float = 0.0
     resumed: bool = False
 
@@ -566,6 +568,7 @@ class ClusterUpgrade:
             release_after=after,
             steps=list(self.timings),
             downtime_observed_s=round(max(downtime, 0.0), 3),
+            blocked_while_up_s=round(self.ops.blocked.total(self.clock.now()), 3),
             elapsed_s=round(self.clock.now() - self.started, 3),
             resumed=False,
         )
@@ -663,20 +666,37 @@ class ClusterUpgrade:
         self._journal("captured")
 
     def suspend(self) -> None:
-        """Tunables up, HSM off and drained, then client traffic dropped on every server.
+        """Tunables up (what holds across the swap), HSM off and drained as far as the
+        window allows, in-cluster work stopped, then client traffic dropped on every server.
 
-        Journaled before the first change (the originals and ``suspend_started``), so a
-        failure or a crash anywhere in here is undone by the way back, part by part."""
+        Journaled before the first change (the originals, the in-cluster work running and
+        ``suspend_started``), so a failure or a crash anywhere in here is undone by the way
+        back, part by part. From the firewall on, the servers are up with their clients cut
+        off until the PUTs take them down: nothing else happens in between."""
         if self.state.tunables is None:
-            self.state.tunables = self.ops.record_tunables()
+            tunables = self.ops.record_tunables()
+            tunables["agent_work"] = self.ops.encode_agent_work(self.ops.agent_work())
+            self.state.tunables = tunables
         self.state.suspend_started = True
         self._journal("suspending")
         self.ops.raise_tunables(self.state.tunables)
-        self.ops.quiesce_hsm()
+        # The drain is before the downtime, but it spends the window: what it may take is
+        # what is left once the downtime and a rollback are reserved (as _check_room does).
+        allowed = self.policy.suspend.hsm_drain_timeout_s
+        if self.window_end is not None:
+            pred = self.policy.predictions
+            left = (self.window_end - self.now_utc()).total_seconds()
+            allowed = min(allowed, left - pred.downtime_s - pred.rollback_s)
+        self.ops.quiesce_hsm(allowed)
+        self.ops.stop_agent_work()
         if self.state.suspended_at is None:
             self.state.suspended_at = self.clock.now()  # clients lose service from here
             self.state.suspended_wall = time.time()
         self._journal("suspending")
+        now = self.clock.now()
+        for server in self.ops.servers():
+            self.ops.blocked.start(server.name, now)
+        self.ops.guard_recovery(True)
         self.ops.each(self.ops.servers(), self.ops.firewall_on)
         self._journal("suspended")
 
@@ -724,11 +744,15 @@ class ClusterUpgrade:
         )
         if current.os_disk_id.lower() != disk_id.lower():
             target = DiskInfo(disk_id, disk_name, None, {}, None, None, "", None, None)
+            if current.power_state != "running":
+                self.ops.blocked.end(name, self.clock.now())  # down already: cuts nobody
             self._retry(
                 f"swap {name} to {disk_name}",
                 lambda: self.gw.swap_os_disk(self.rg, name, target, self._lro_timeout()),
                 deadline=deadline,
             )
+            # Stopped by the PUT at some point before it returned (an upper bound).
+            self.ops.blocked.end(name, self.clock.now())
             if current.power_state == "running":
                 # Read again: a PUT retried after a failure half-way may have left it stopped.
                 current = self._retry(
@@ -811,6 +835,23 @@ class ClusterUpgrade:
         self._journal("unsuspended")
 
     def let_clients_back(self) -> None:
+        """Firewall off on every server (checked), recovery COMPLETE with the clients back
+        (0 evicted, the in-cluster client's probe), then the in-cluster work started again.
+
+        The recovery windows each server reports are read back first: they are what the
+        targets computed when they mounted (from the ``timeout`` suspend raised), not what
+        was asked for."""
+        windows = self.ops.recovery_windows()
+        recovering = [w for w in windows if w.status != "COMPLETE"]
+        if recovering:
+            self.log(
+                f"{self.cluster.name}: letting clients back into "
+                + ", ".join(
+                    f"{w.target} {w.status} (soft {w.soft} s, hard {w.hard} s"
+                    + (f", {w.time_remaining} s left)" if w.time_remaining is not None else ")")
+                    for w in recovering
+                )
+            )
         self.ops.each(self.ops.servers(), self.ops.firewall_off)
         left = [
             n.name
@@ -823,8 +864,14 @@ class ClusterUpgrade:
         ]
         if left:
             raise HealthCheckError(f"client traffic still dropped on {', '.join(left)}")
+        self.ops.blocked.end_all(self.clock.now())
+        self.ops.guard_recovery(False)
         self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
         self.serving_again_at = self.clock.now()
+        if self.state.tunables is not None:  # suspend recorded (and may have stopped) it
+            self.ops.resume_agent_work(
+                self.ops.decode_agent_work(self.state.tunables.get("agent_work"))
+            )
 
     def restore_tunables(self) -> None:
         saved = self.state.tunables
@@ -916,6 +963,8 @@ class ClusterUpgrade:
         assert self.state.tunables is not None
         self.state.suspend_started = True
         self._journal("rolling_back")
+        # The way back gets the clients back whatever it takes: no wait stops for a deadline.
+        self.ops.guard_recovery(False)
         try:
             self.ops.raise_tunables(self.state.tunables)
             self.ops.set_hsm_control("disabled")
@@ -923,6 +972,11 @@ class ClusterUpgrade:
             if isinstance(err, LeaseLostError):
                 raise
             self.log(f"{self.cluster.name}: MDS not reachable to raise the timeouts: {err}")
+        # No conflicting in-cluster I/O while clients are cut off (see suspend).
+        self.ops.stop_agent_work(best_effort=True)
+        now = self.clock.now()
+        for server in self.ops.servers():
+            self.ops.blocked.start(server.name, now)
 
         def fence(node: NodeRef) -> None:
             try:

@@ -30,6 +30,7 @@ __all__ = [
     "Durations",
     "EmulatorSpec",
     "Hardware",
+    "HsmCopies",
     "ImageSpec",
     "SimWorld",
     "check_loopback",
@@ -84,6 +85,17 @@ class Durations(BaseModel):
     vm_update: DurationRange = DurationRange(low=2, high=5)
 
 
+class HsmCopies(BaseModel):
+    """The HSM copies a cluster's coordinator keeps in flight while enabled: ``requests``
+    at a time, each copying for a duration drawn (seeded) from ``copy_s`` at ``bytes_per_s``
+    (its file's size follows). Disabling the coordinator lets the active ones finish."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    requests: int = Field(default=2, ge=0, le=64)
+    copy_s: DurationRange = DurationRange(low=5, high=15)
+    bytes_per_s: float = Field(default=200e6, gt=0)
+
+
 class ImageSpec(BaseModel):
     """A gallery image version the emulator serves, and what a node booted from it runs."""
 
@@ -126,6 +138,7 @@ class ClusterHardware(BaseModel):
     zone: Zone | None = None
     security_type: SecurityType | None = None
     os_disk_size_gb: int | None = Field(default=None, ge=1, le=4095)
+    hsm: HsmCopies | None = None  # the cluster's HSM copies (not hardware; see hsm_copies)
 
 
 class EmulatorSpec(BaseModel):
@@ -150,6 +163,7 @@ class EmulatorSpec(BaseModel):
     security_type: SecurityType = "TrustedLaunch"
     os_disk_size_gb: int | None = Field(default=None, ge=1, le=4095)
     clusters: dict[Text, ClusterHardware] = {}
+    hsm: HsmCopies = HsmCopies()
 
     @model_validator(mode="after")
     def _one_generation_per_definition(self) -> EmulatorSpec:
@@ -172,10 +186,17 @@ class EmulatorSpec(BaseModel):
         }
         override = self.clusters.get(cluster)
         if override is not None:
-            values.update({k: getattr(override, k) for k in override.model_fields_set})
+            values.update(
+                {k: getattr(override, k) for k in override.model_fields_set if k in values}
+            )
         if values["security_type"] is None:
             values["security_type"] = self.security_type
         return Hardware.model_validate(values)
+
+    def hsm_copies(self, cluster: str) -> HsmCopies:
+        """``cluster``'s HSM copies: its ``clusters:`` entry, else the section's ``hsm``."""
+        override = self.clusters.get(cluster)
+        return override.hsm if override is not None and override.hsm is not None else self.hsm
 
 
 class SimWorld(BaseModel):

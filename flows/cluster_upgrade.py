@@ -44,8 +44,9 @@ from amlfs.runtime import (
     from_endpoint,
     run_cluster_upgrade,
 )
-from amlfs.saga import UpgradePolicy
+from amlfs.saga import UpgradePolicy, UpgradeResult
 from amlfs.store import StateStore
+from flows.markdown import markdown_text
 
 __all__ = [
     "ABORTS",
@@ -322,16 +323,29 @@ def _cluster_upgrade(
         f": {result.reason}" if result.reason else "",
         result.downtime_observed_s,
     )
+    table, description = _artifact(result)
     create_table_artifact(
         key=f"cluster-{cluster.name}".lower().replace("_", "-"),
-        table=[
-            {"step": t.name, "status": t.status, "seconds": round(t.ended_s - t.started_s, 1)}
-            for t in result.steps
-        ],
-        description=(
-            f"{cluster.name}: {result.outcome.value}, {result.release_before} -> "
-            f"{result.release_after}, downtime seen {result.downtime_observed_s:.0f} s"
-            + (f"; {result.reason}" if result.reason else "")
-        ),
+        table=table,
+        description=description,
     )
     return out
+
+
+def _artifact(result: UpgradeResult) -> tuple[list[dict[str, Any]], str]:
+    """The cluster's table artifact: its steps, and a description saying how it ended. The
+    Prefect UI renders both as Markdown (string cells too): values are Markdown text."""
+    table: list[dict[str, Any]] = [
+        {
+            "step": markdown_text(t.name),
+            "status": markdown_text(t.status),
+            "seconds": round(t.ended_s - t.started_s, 1),
+        }
+        for t in result.steps
+    ]
+    description = markdown_text(
+        f"{result.cluster}: {result.outcome.value}, {result.release_before} -> "
+        f"{result.release_after}, downtime seen {result.downtime_observed_s:.0f} s"
+        + (f"; {result.reason}" if result.reason else "")
+    )
+    return table, description

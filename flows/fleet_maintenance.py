@@ -76,6 +76,7 @@ from flows.cluster_upgrade import (
     run_cluster_upgrade,
     stop_signals,
 )
+from flows.markdown import markdown_text
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
 
@@ -225,6 +226,9 @@ def outcome_message(summary: FleetSummary) -> str:
 
 
 def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows of a table artifact. The Prefect UI renders every string cell as Markdown, so
+    strings are Markdown text here (``markdown_text``): a reason quotes node output and the
+    operator's words. ``_markdown`` puts these cells into its table as they are."""
     rows = []
     for name, result in summary.all_results().items():
         if names is not None and name not in names:
@@ -246,7 +250,10 @@ def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[s
     for name, reason in summary.all_not_started().items():
         if names is None or name in names:
             rows.append({"cluster": name, "result": "not started", "reason": reason})
-    return rows
+    return [
+        {column: markdown_text(v) if isinstance(v, str) else v for column, v in row.items()}
+        for row in rows
+    ]
 
 
 @flow(name="fleet-maintenance", persist_result=False, log_prints=False)
@@ -613,27 +620,26 @@ def _markdown(
     summary: FleetSummary,
     table: list[dict[str, Any]],
 ) -> str:
+    """The fleet-summary artifact. ``table``: rows from ``_table`` (cells already Markdown
+    text); every other value is escaped here."""
+    reason = params.policy.reason
     lines = [
-        f"# Fleet maintenance {run_name}",
+        f"# Fleet maintenance {markdown_text(run_name)}",
         "",
-        f"Release **{version}**, mode **{params.mode}**"
-        + (f", window overridden: {params.policy.reason}" if params.policy.override_window else ""),
+        f"Release **{markdown_text(version)}**, mode **{markdown_text(params.mode)}**"
+        + (
+            f", window overridden: {markdown_text(reason or '')}"
+            if params.policy.override_window
+            else ""
+        ),
         "",
         "| cluster | wave | result | before | after | downtime (s) | reason |",
         "|---|---|---|---|---|---|---|",
     ]
+    columns = ("cluster", "wave", "result", "release before", "release after", "downtime (s)")
     for row in table:
-        lines.append(
-            "| {cluster} | {wave} | {result} | {before} | {after} | {down} | {reason} |".format(
-                cluster=row["cluster"],
-                wave=row.get("wave", ""),
-                result=row["result"],
-                before=row.get("release before", ""),
-                after=row.get("release after", ""),
-                down=row.get("downtime (s)", ""),
-                reason=str(row.get("reason", "")).replace("|", "/"),
-            )
-        )
+        cells = [str(row.get(column, "")) for column in (*columns, "reason")]
+        lines.append("| " + " | ".join(cells) + " |")
     if summary.stopped:
-        lines += ["", f"Stopped admitting: {summary.stopped}"]
+        lines += ["", f"Stopped admitting: {markdown_text(summary.stopped)}"]
     return "\n".join(lines) + "\n"

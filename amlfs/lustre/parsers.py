@@ -20,6 +20,7 @@ __all__ = [
     "RECOVERY_STATES",
     "Device",
     "HsmAgent",
+    "HsmRequest",
     "LustreMount",
     "RecoveryStatus",
     "all_up",
@@ -27,6 +28,7 @@ __all__ = [
     "parse_health_check",
     "parse_hsm_active_requests",
     "parse_hsm_agents",
+    "parse_hsm_requests",
     "parse_iptables_rules",
     "parse_lustre_mounts",
     "parse_net_show",
@@ -45,6 +47,12 @@ _PARAM = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.@:*-]*)=(.*)$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+(?:\.\d+)?(?:[_-][0-9A-Za-z._-]+)?$")
 _MOUNT = re.compile(r"^(\S+) on (.+) type lustre \(([^)]*)\)$")
 _AGENT = re.compile(r"^uuid=(\S+) archive_id=(\S+) requests=\[.*\]$")
+# A line of mdt.*.hsm.active_requests (mdt_hsm_active_requests_proc_show, 2.15).
+_HSM_REQUEST = re.compile(
+    r"^fid=(\[0x[0-9a-f]+:0x[0-9a-f]+:0x[0-9a-f]+\]) dfid=\S+ "
+    r"compound/cookie=(0x[0-9a-f]+|0)/(0x[0-9a-f]+|0) action=([A-Z]+) archive#=(\d+) "
+    r"flags=\S+ extent=\S+ gid=\S+ data=\[[0-9A-F]*\] canceled=(\d+) uuid=(\S+) done=(\d+)$"
+)
 
 
 def _error(command: str, line: str, why: str) -> NodeOutputError:
@@ -287,6 +295,38 @@ def parse_hsm_active_requests(text: str) -> int:
             raise _error("hsm.active_requests", line, "expected 'fid=[…] … action=…'")
         count += 1
     return count
+
+
+@dataclass(frozen=True)
+class HsmRequest:
+    """An active HSM request: its file's FID, the copytool (agent uuid) doing it and the
+    bytes it has copied so far (``done``, the progress the copytool reported)."""
+
+    fid: str
+    cookie: int
+    action: str
+    agent: str
+    done: int
+    canceled: bool
+
+
+def parse_hsm_requests(text: str) -> list[HsmRequest]:
+    """``lctl get_param -n mdt.*.hsm.active_requests``, one request per line.
+
+    ``fid=[…] dfid=[…] compound/cookie=C/K action=A archive#=N flags=F extent=O-L gid=G
+    data=[HEX] canceled=0|1 uuid=AGENT done=BYTES`` (lustre/mdt/mdt_hsm_cdt_requests.c,
+    ``mdt_hsm_active_requests_proc_show``, v2_15_5). An empty list prints nothing.
+    """
+    requests = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        match = _HSM_REQUEST.match(line.strip())
+        if not match:
+            raise _error("hsm.active_requests", line, "expected 'fid=[…] … action=… uuid=… done=N'")
+        fid, _, cookie, action, _, canceled, agent, done = match.groups()
+        requests.append(HsmRequest(fid, int(cookie, 16), action, agent, int(done), canceled != "0"))
+    return requests
 
 
 @dataclass(frozen=True)

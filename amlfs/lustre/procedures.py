@@ -3,14 +3,25 @@
 Every action is idempotent (it checks before it changes), so a retried step or a worker that
 resumes after a crash converges. Commands are argument lists, quoted by the SSH gateway.
 
-Suspend-prepare, in the deck's order: record the tunables the procedure changes, raise
-``timeout`` and the recovery windows with ``lctl set_param -P`` on the MGS (clients must
-survive the outage without eviction: Lustre evicts a client silent for ~1.5 x timeout), quiesce
-HSM (coordinator disabled, active requests drained), then drop client LNet traffic (TCP 988)
-on every server so the swap happens with no client I/O in flight. Each of these is a separate
-method so that the saga journals before each and can undo exactly what was done. Unsuspend
-reverses them in the order that keeps clients safe: firewall off, clients back, and only then
-the tunables (``left_suspended`` says what is still not back).
+Suspend-prepare, in the deck's order: record the tunables the procedure changes, raise with
+``lctl set_param -P`` on the MGS what holds across a target restart (``timeout``, from which
+each target recomputes its recovery windows when it mounts, and ``recovery_time_soft`` as a
+floor; ``recovery_time_hard`` is recomputed as 9 x ``timeout`` whatever was set:
+lustre/obdclass/obd_mount_server.c ``server_calc_timeout``, v2_15_5), quiesce HSM (coordinator
+disabled; the active requests drain as fast as the copytools copy, so wait only if the
+window allows it), stop the in-cluster work that takes locks against the customers' clients
+(the hydrator and the copytools on the agents; the in-cluster client does no I/O while they
+are cut off), then drop client LNet traffic (TCP 988) on every server, both ways. From that
+moment until a server goes down, any conflicting request would evict a client holding a
+lock after ``ldlm_bl_timeout`` (>= 100 s, whatever ``timeout`` says), and the ping evictor
+counts from the client's last ping: the window is kept short and measured
+(``BlockedWhileUp``). After the swap, the first client to reconnect (an in-cluster one, or
+the MDT for an OST) starts each target's ``recovery_time_soft`` timer: until the customers
+are let back, no wait runs past the earliest recovery deadline the servers report
+(``guard_recovery``). Each of these is a separate method so that the saga journals before
+each and can undo exactly what was done. Unsuspend reverses them in the order that keeps
+clients safe: firewall off, clients back, in-cluster work resumed, and only then the tunables
+(``left_suspended`` says what is still not back).
 """
 
 from __future__ import annotations
@@ -18,11 +29,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amlfs.clock import Clock, Pacer
 from amlfs.errors import (
@@ -37,8 +49,8 @@ from amlfs.lustre.parsers import (
     all_up,
     parse_devices,
     parse_health_check,
-    parse_hsm_active_requests,
     parse_hsm_agents,
+    parse_hsm_requests,
     parse_lustre_mounts,
     parse_net_show,
     parse_params,
@@ -52,8 +64,12 @@ from amlfs.ssh import NodeShell
 __all__ = [
     "CLUSTER_FILES",
     "BadReleaseError",
+    "BlockedWhileUp",
+    "HsmDrainError",
     "LustreOps",
     "NodeRef",
+    "RecoveryDeadlineError",
+    "RecoveryWindow",
     "SuspendPolicy",
 ]
 
@@ -75,20 +91,119 @@ AGENT_ROLES = (Role.AGTPRI, Role.AGTSTD)
 PROBE_FILE = f"/lustre/{FSNAME}/.amlfs-maintenance-probe"
 
 
+# The in-cluster work that takes locks against the customers' files: per agent role, its units.
+AGENT_WORK = {Role.AGTPRI: ("hydrator", "lhsmd"), Role.AGTSTD: ("lhsmd",)}
+
+
 class BadReleaseError(HealthCheckError):
     """The release itself is broken on this node (Lustre modules do not load): no retry."""
+
+
+class HsmDrainError(HealthCheckError):
+    """The active HSM requests cannot finish in the time the window leaves for them."""
+
+
+class RecoveryDeadlineError(HealthCheckError):
+    """A target's recovery window is about to close on clients that are still cut off."""
 
 
 class SuspendPolicy(BaseModel):
     """Tunables raised while a cluster is suspended, and how long to wait for things."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    timeout_s: int = Field(default=1200, ge=100, description="Lustre `timeout` while suspended")
-    recovery_time_soft_s: int = Field(default=1800, ge=60)
-    recovery_time_hard_s: int = Field(default=2700, ge=60)
+    timeout_s: int = Field(
+        default=1200,
+        ge=100,
+        description="Lustre `timeout` while suspended (set_param -P: it holds across the "
+        "swap, and each target recomputes its recovery windows from it when it mounts)",
+    )
+    recovery_time_soft_s: int = Field(
+        default=1800,
+        ge=60,
+        description="Floor of each target's recovery_time_soft at its next mount (set_param "
+        "-P; recovery_time_hard is recomputed as 9 x timeout and caps it)",
+    )
     client_cidr: str = Field(default="10.8.0.0/16", description="Customer client network")
-    hsm_drain_timeout_s: float = Field(default=300, gt=0)
+    hsm_drain_timeout_s: float = Field(
+        default=300,
+        gt=0,
+        description="Longest wait for the active HSM requests (the window may allow less)",
+    )
+    recovery_margin_s: float = Field(
+        default=300,
+        gt=0,
+        description="While clients are cut off after the swap, stop waiting this long before "
+        "the earliest recovery deadline a target reports (the way back must get the "
+        "servers down, or the clients back, before it)",
+    )
+    recovery_check_s: float = Field(
+        default=30, gt=0, description="How often a long wait reads the targets' recovery"
+    )
     poll_s: float = Field(default=1.0, gt=0, description="Between checks, sim seconds")
+
+    @model_validator(mode="after")
+    def _soft_within_hard(self) -> SuspendPolicy:
+        if self.recovery_time_soft_s > 9 * self.timeout_s:
+            raise ValueError(
+                f"recovery_time_soft_s ({self.recovery_time_soft_s}) above 9 x timeout_s: "
+                "recovery_time_hard, recomputed at mount as 9 x timeout, would cut it short"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class RecoveryWindow:
+    """One target's recovery as its server reports it (read back after it boots)."""
+
+    node: str
+    target: str
+    status: str
+    soft: int  # recovery_time_soft (obd_recovery_timeout), computed at mount
+    hard: int  # recovery_time_hard
+    time_remaining: int | None  # RECOVERING: until the soft timer expires
+    connected: int | None
+    total: int | None
+
+
+class BlockedWhileUp:
+    """Sim seconds during which a server may have been up with its targets serving while its
+    firewall cut the customers' clients off, as the orchestrator sees it: from the moment it
+    starts firewalling a server until the PUT that stops it has returned, and from the
+    moment it starts a swapped server's targets until the firewall is off again.
+
+    An upper bound: the orchestrator cannot see when Azure stopped the VM inside the PUT,
+    so the stop, swap and boot of the slowest server are counted too. The emulator's own
+    figure (``blocked_while_up_s`` in the customer view) is the ground truth."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, float] = {}
+        self._spans: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def start(self, server: str, at: float) -> None:
+        with self._lock:
+            self._open.setdefault(server, at)
+
+    def end(self, server: str, at: float) -> None:
+        with self._lock:
+            began = self._open.pop(server, None)
+            if began is not None:
+                self._spans.append((began, at))
+
+    def end_all(self, at: float) -> None:
+        for server in list(self._open):
+            self.end(server, at)
+
+    def total(self, now: float) -> float:
+        """The union of every server's spans (the cluster's clients are cut off then)."""
+        with self._lock:
+            spans = sorted([*self._spans, *((b, now) for b in self._open.values())])
+        total, reach = 0.0, float("-inf")
+        for began, ended in spans:
+            if ended > reach:
+                total += ended - max(began, reach)
+                reach = ended
+        return total
 
 
 @dataclass(frozen=True)
@@ -140,6 +255,13 @@ class LustreOps:
         # Shared by the process: each check a wait loop makes on a node takes a slot.
         self.checks = checks or Pacer(clock, None)
         self.mds = next(n for n in self.nodes if n.role is Role.MDS)
+        self.blocked = BlockedWhileUp()
+        # Recovery guard (see guard_recovery): on while clients are cut off by the suspend.
+        self._guard = False
+        self._guard_lock = threading.Lock()
+        self._guard_read_at = float("-inf")
+        self._deadline: tuple[float, str] | None = None
+        self.windows: dict[str, RecoveryWindow] = {}  # as last read back, by target
 
     # ------------------------------------------------------------------ plumbing
 
@@ -231,51 +353,260 @@ class LustreOps:
         }
 
     def raised_tunables(self, saved: dict[str, str]) -> dict[str, str]:
+        """What suspend sets with ``-P``: only what holds across the swap. ``timeout`` is
+        applied from the MGS's params log before a mounting target computes its windows
+        (``class_set_global``, then ``server_calc_timeout``), so it sets them (soft 3 x,
+        shrunk by imperative recovery, hard 9 x timeout); a ``recovery_time_soft`` from the
+        params log is kept when larger. ``recovery_time_hard`` is not sent: any value the log
+        holds is overwritten at mount."""
         policy = self.policy
         return {
             "timeout": str(max(policy.timeout_s, int(saved["timeout"]))),
             "recovery_time_soft": str(policy.recovery_time_soft_s),
-            "recovery_time_hard": str(policy.recovery_time_hard_s),
         }
 
     # ------------------------------------------------------------------ suspend
 
     def raise_tunables(self, saved: dict[str, str]) -> None:
-        """Timeouts and recovery windows up, persistently (clients must survive the outage)."""
+        """``timeout`` and the recovery_time_soft floor up, persistently (clients must
+        survive the outage, and the targets recompute their windows from them at mount)."""
         self.set_tunables(self.raised_tunables(saved))
 
     def set_tunables(self, values: dict[str, str]) -> None:
-        mds = self.sh(self.mds)
-        mds.run(
-            [
-                "lctl",
-                "set_param",
-                "-P",
-                f"timeout={values['timeout']}",
-                f"*.*.recovery_time_soft={values['recovery_time_soft']}",
-                f"*.*.recovery_time_hard={values['recovery_time_hard']}",
-            ]
-        )
+        """``set_param -P`` of whichever of ``timeout`` and the recovery windows ``values``
+        has (the windows of every target; applied live to running ones)."""
+        names = ("timeout", "recovery_time_soft", "recovery_time_hard")
+        items = [
+            f"{name if name == 'timeout' else '*.*.' + name}={values[name]}"
+            for name in names
+            if name in values
+        ]
+        if items:
+            self.sh(self.mds).run(["lctl", "set_param", "-P", *items])
 
     def set_hsm_control(self, value: str) -> None:
-        self.sh(self.mds).run(["lctl", "set_param", f"mdt.*.hsm_control={value}"])
+        """The coordinator's state, persistently: a plain ``set_param`` is lost when the MDT
+        restarts in the swap, and a coordinator enabled again from the config would hand
+        copies to the copytools while the clients are still cut off."""
+        self.sh(self.mds).run(["lctl", "set_param", "-P", f"mdt.*.hsm_control={value}"])
 
-    def quiesce_hsm(self) -> None:
+    def quiesce_hsm(self, allowed_s: float | None = None) -> None:
+        """Coordinator disabled, then wait for the active requests, at most ``allowed_s``
+        (what the window leaves; never more than ``hsm_drain_timeout_s``).
+
+        ``disabled`` only stops new actions: a request in flight ends when its copytool has
+        copied the file (lustre/mdt/mdt_coordinator.c, v2_15_5), which for a large file can
+        take far longer than a window. Each request's rate is measured from the bytes it
+        reports done (``hsm.active_requests`` ``done=``) and its file's size read through the
+        in-cluster client (``.lustre/fid/[FID]``): as soon as one cannot finish in the time
+        left, the drain gives up (``HsmDrainError``), before any downtime, so that the way
+        back re-enables HSM at once instead of after the whole allowance.
+        """
+        allowed = self.policy.hsm_drain_timeout_s
+        if allowed_s is not None:
+            allowed = max(0.0, min(allowed, allowed_s))
         mds = self.sh(self.mds)
-        mds.run(["lctl", "set_param", "mdt.*.hsm_control=disabled"])
-        deadline = self.clock.now() + self.policy.hsm_drain_timeout_s
+        self.set_hsm_control("disabled")
+        deadline = self.clock.now() + allowed
+        first: dict[str, tuple[float, int]] = {}  # fid -> (first seen, bytes done then)
+        sizes: dict[str, int] = {}
         while True:
             self.checks.wait()
             out = mds.run(["lctl", "get_param", "-n", "mdt.*.hsm.active_requests"]).stdout
-            active = parse_hsm_active_requests(out)
-            if active == 0:
+            requests = parse_hsm_requests(out)
+            if not requests:
                 return
-            if self.clock.now() >= deadline:
-                raise HealthCheckError(
-                    f"{active} HSM requests still active {self.policy.hsm_drain_timeout_s:.0f} s "
-                    "after the coordinator was disabled"
+            now = self.clock.now()
+            self._file_sizes([r.fid for r in requests if r.fid not in sizes], sizes)
+            slowest: tuple[float, str] | None = None
+            for request in requests:
+                seen_at, seen_done = first.setdefault(request.fid, (now, request.done))
+                size = sizes.get(request.fid)
+                if size is None or now <= seen_at or request.done <= seen_done:
+                    continue  # no rate yet (or no progress): no estimate
+                rate = (request.done - seen_done) / (now - seen_at)
+                eta = max(0.0, (size - request.done) / rate)
+                if slowest is None or eta > slowest[0]:
+                    slowest = (eta, f"{request.action} of {request.fid}")
+            left = deadline - now
+            if slowest is not None and slowest[0] > left:
+                raise HsmDrainError(
+                    f"{len(requests)} HSM requests still active: the {slowest[1]} needs "
+                    f"~{slowest[0]:.0f} s more at its copy rate, the window leaves {left:.0f} s "
+                    f"(of {allowed:.0f} s) for the drain; not waiting"
+                )
+            if now >= deadline:
+                raise HsmDrainError(
+                    f"{len(requests)} HSM requests still active {allowed:.0f} s after the "
+                    "coordinator was disabled"
                 )
             self.clock.sleep(self.policy.poll_s)
+
+    def _file_sizes(self, fids: Sequence[str], sizes: dict[str, int]) -> None:
+        """Sizes of the files under ``fids``, through the in-cluster client (best effort:
+        without one, or if it cannot tell, the drain simply waits)."""
+        client = next((n for n in self.nodes if n.role is Role.LCLIENT), None)
+        if client is None or not fids:
+            return
+        try:
+            results = self.sh(client).run_batch(
+                [["stat", "-c", "%s", f"/lustre/{FSNAME}/.lustre/fid/{fid}"] for fid in fids]
+            )
+        except NodeError as err:
+            self.log(f"{client.name}: cannot read HSM file sizes: {err}")
+            return
+        for fid, result in zip(fids, results, strict=True):
+            if result.status == 0 and result.stdout.strip().isdigit():
+                sizes[fid] = int(result.stdout.strip())
+
+    # ------------------------------------------------------------------ in-cluster work
+
+    def agents(self) -> list[NodeRef]:
+        return [n for n in self.nodes if n.role in AGENT_WORK]
+
+    def agent_work(self) -> dict[str, list[str]]:
+        """The in-cluster work running now, per agent (hydrator, copytool)."""
+
+        def one(node: NodeRef) -> list[str]:
+            units = AGENT_WORK[node.role]
+            results = self.sh(node).run_batch([["systemctl", "is-active", u] for u in units])
+            return [u for u, r in zip(units, results, strict=True) if r.status == 0]
+
+        return self.each(self.agents(), one)
+
+    def stop_agent_work(self, *, best_effort: bool = False) -> None:
+        """Stop the hydrator and the copytools before clients are cut off: their requests
+        conflict with the customers' locks, and a client that cannot answer the blocking
+        callback is evicted ``ldlm_bl_timeout`` (>= 100 s) later (lustre/ldlm/ldlm_lockd.c
+        ``ldlm_bl_timeout``, v2_15_5), whatever ``timeout`` says. ``best_effort``: an agent
+        that cannot be reached (down: it does no I/O) is skipped."""
+
+        def one(node: NodeRef) -> None:
+            try:
+                self.sh(node).run(["systemctl", "stop", *AGENT_WORK[node.role]])
+            except NodeError as err:
+                if not best_effort:
+                    raise
+                self.log(f"{node.name}: in-cluster work not stopped (down?): {err}")
+
+        self.each(self.agents(), one)
+
+    def resume_agent_work(self, work: dict[str, list[str]] | None) -> None:
+        """Start again what ``agent_work`` found running (the copytool before the hydrator);
+        ``None`` (not recorded): what a serving cluster runs."""
+
+        def one(node: NodeRef) -> None:
+            units = AGENT_WORK[node.role] if work is None else work.get(node.name, [])
+            for unit in sorted(units, key=lambda u: u != "lhsmd"):
+                self._ensure_service(node, unit)
+
+        self.each(self.agents(), one)
+
+    @staticmethod
+    def encode_agent_work(work: dict[str, list[str]]) -> str:
+        return ";".join(f"{node}={','.join(units)}" for node, units in sorted(work.items()))
+
+    @staticmethod
+    def decode_agent_work(text: str | None) -> dict[str, list[str]] | None:
+        if text is None:
+            return None
+        work: dict[str, list[str]] = {}
+        for item in filter(None, text.split(";")):
+            node, _, units = item.partition("=")
+            work[node] = [u for u in units.split(",") if u]
+        return work
+
+    # ------------------------------------------------------------------ recovery
+
+    def recovery_windows(self, nodes: Sequence[NodeRef] | None = None) -> list[RecoveryWindow]:
+        """Each target's recovery as its server reports it: status, time remaining, and the
+        windows it computed when it mounted. Servers that cannot answer are left out."""
+
+        def one(node: NodeRef) -> list[RecoveryWindow]:
+            try:
+                out = (
+                    self.sh(node)
+                    .run(
+                        [
+                            "lctl",
+                            "get_param",
+                            "*.*.recovery_status",
+                            "*.*.recovery_time_soft",
+                            "*.*.recovery_time_hard",
+                        ],
+                        check=False,
+                    )
+                    .stdout
+                )
+                params = parse_params(out)
+            except NodeError:
+                return []
+            found = []
+            for name, value in params.items():
+                if not name.endswith(".recovery_status"):
+                    continue
+                base = name.removesuffix(".recovery_status")
+                status = parse_recovery_status(value)
+                soft = params.get(f"{base}.recovery_time_soft", "0")
+                hard = params.get(f"{base}.recovery_time_hard", "0")
+                found.append(
+                    RecoveryWindow(
+                        node=node.name,
+                        target=base.split(".", 1)[1],
+                        status=status.status,
+                        soft=int(soft) if soft.isdigit() else 0,
+                        hard=int(hard) if hard.isdigit() else 0,
+                        time_remaining=status.time_remaining,
+                        connected=status.connected,
+                        total=status.total,
+                    )
+                )
+            return found
+
+        windows = [w for found in self.each(nodes or self.servers(), one).values() for w in found]
+        for window in windows:
+            self.windows[window.target] = window
+        return windows
+
+    def guard_recovery(self, on: bool) -> None:
+        """While on, every wait loop here stops ``recovery_margin_s`` before the earliest
+        deadline a recovering target reports (``RecoveryDeadlineError``).
+
+        After a target restarts, the first client to connect (an in-cluster client, or the
+        MDT for an OST) starts its ``recovery_time_soft`` timer, and at its expiry the
+        clients that did not reconnect are evicted (lustre/ldlm/ldlm_lib.c
+        ``target_handle_connect`` -> ``check_and_start_recovery_timer``,
+        ``target_recovery_overseer``, v2_15_5). The customers' clients are still cut off
+        until unsuspend: waiting for a slow node past that deadline would evict them all.
+        Stopping first lets the way back take the servers down (a stopped target evicts
+        nobody; its clients are still in its last_rcvd for the next recovery)."""
+        with self._guard_lock:
+            self._guard = on
+            self._guard_read_at = float("-inf")
+            self._deadline = None
+
+    def check_recovery_deadline(self) -> None:
+        if not self._guard:
+            return
+        with self._guard_lock:
+            now = self.clock.now()
+            if now - self._guard_read_at >= self.policy.recovery_check_s:
+                self._guard_read_at = now
+                earliest: tuple[float, str] | None = None
+                for window in self.recovery_windows():
+                    if window.status != "RECOVERING" or window.time_remaining is None:
+                        continue
+                    at = now + window.time_remaining
+                    if earliest is None or at < earliest[0]:
+                        earliest = (at, f"{window.node}: {window.target}")
+                self._deadline = earliest
+            deadline = self._deadline
+        if deadline is not None and now >= deadline[0] - self.policy.recovery_margin_s:
+            raise RecoveryDeadlineError(
+                f"{deadline[1]} recovery window closes in {max(0.0, deadline[0] - now):.0f} s "
+                "with the customers' clients still cut off: not waiting longer (they would "
+                "be evicted)"
+            )
 
     def firewall_on(self, node: NodeRef) -> None:
         for rule in self.firewall_rules():
@@ -331,6 +662,15 @@ class LustreOps:
         problems += [
             f"{name}: still drops client traffic (TCP 988)" for name, on in firewalled.items() if on
         ]
+        if saved is not None and "agent_work" in saved:
+            work = self.decode_agent_work(saved["agent_work"]) or {}
+            running = self.agent_work()
+            problems += [
+                f"{node}: {unit} not running again (stopped for the suspend)"
+                for node, units in sorted(work.items())
+                for unit in units
+                if unit not in running.get(node, [])
+            ]
         expected: dict[str, str] = {}
         if saved is not None:
             expected.update(
@@ -361,6 +701,7 @@ class LustreOps:
     def wait_reachable(self, node: NodeRef, timeout_s: float) -> None:
         deadline = self.clock.now() + timeout_s
         while True:
+            self.check_recovery_deadline()
             try:
                 self.sh(node).run(["hostid"])
                 return
@@ -430,12 +771,19 @@ class LustreOps:
         }
 
     def start_services(self, node: NodeRef) -> None:
-        """Lustre (targets register with the MGS, a client mounts through it), HSM agents."""
+        """Lustre (targets register with the MGS, a client mounts through it), HSM copytools.
+
+        A server's targets serve from here while its firewall still cuts the clients off
+        (counted in ``blocked`` until unsuspend). The copytool starts (health needs the
+        agents registered; with the coordinator disabled it has nothing to copy), the
+        hydrator does not: it does I/O, and a server that was not restarted (a swap that
+        failed for one VM) still holds the cut-off clients' locks. It starts with the
+        clients back (``resume_agent_work``)."""
+        if node.role in SERVER_ROLES:
+            self.blocked.start(node.name, self.clock.now())
         self._ensure_service(node, "lustre")
         if node.role in AGENT_ROLES:
             self._ensure_service(node, "lhsmd")
-        if node.role is Role.AGTPRI:
-            self._ensure_service(node, "hydrator")
 
     def _ensure_lnet(self, node: NodeRef, *, restart: bool) -> None:
         shell = self.sh(node)
@@ -536,6 +884,7 @@ class LustreOps:
                 return [str(err)]
 
         while True:
+            self.check_recovery_deadline()
             problems = Problems()
             for name, found in self.each(nodes, check).items():
                 for problem in found:

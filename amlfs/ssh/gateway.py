@@ -19,7 +19,11 @@ authentication and host-key failures, a command that exited non-zero, a command 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import hashlib
+import hmac
 import io
 import re
 import secrets
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from paramiko.pkey import UnknownKeyType
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential
 
 from amlfs.clock import Clock, ScaledClock
@@ -45,6 +50,7 @@ from amlfs.errors import (
 __all__ = [
     "CommandResult",
     "KnownHosts",
+    "KnownHostsError",
     "NodeShell",
     "QuietTransport",
     "SshConfig",
@@ -138,12 +144,30 @@ class _UnknownHostKey(paramiko.SSHException):
 
 class _RejectUnknownHost(paramiko.MissingHostKeyPolicy):
     """paramiko's RejectPolicy, with an exception of its own: its plain ``SSHException`` looks
-    like any other handshake failure, and this one must not be retried."""
+    like any other handshake failure, and this one must not be retried. Says why when it can:
+    the key offered is revoked, or known_hosts relies on a certificate authority."""
+
+    def __init__(self, known: KnownHosts) -> None:
+        self.known = known
 
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
     ) -> None:
-        raise _UnknownHostKey(f"Server {hostname!r} not found in known_hosts")
+        revoked = self.known.revoked_line(key)
+        if revoked is not None:
+            raise _UnknownHostKey(
+                f"its {key.get_name()} host key is revoked (@revoked, known_hosts line {revoked})"
+            )
+        authorities = self.known.cert_authority_lines()
+        raise _UnknownHostKey(
+            f"Server {hostname!r} not found in known_hosts"
+            + (
+                f" (@cert-authority on line {', '.join(map(str, authorities))} is not "
+                "supported: list the node's host key)"
+                if authorities
+                else ""
+            )
+        )
 
 
 class _SessionFailed(NodeUnreachableError):
@@ -154,39 +178,162 @@ class _SessionFailed(NodeUnreachableError):
         self.sent = sent
 
 
+# Key types OpenSSH writes that paramiko cannot verify. A line of one of these is well-formed
+# and not used: a node offering only such a key is refused as unknown.
+_UNUSABLE_KEY_TYPES = frozenset(
+    {"ssh-dss", "sk-ecdsa-sha2-nistp256@openssh.com", "sk-ssh-ed25519@openssh.com"}
+)
+_MARKERS = ("@revoked", "@cert-authority")
+
+
+class KnownHostsError(Exception):
+    """known_hosts cannot be used as it is: names the file and the line."""
+
+
+@dataclass
+class _HostKeyIndex:
+    # name -> (line, key) in file order: a later line of the same key type wins, as before.
+    plain: dict[str, list[tuple[int, paramiko.PKey]]]
+    hashed: list[tuple[bytes, bytes, int, paramiko.PKey]]  # salt, HMAC-SHA1(salt, name), ...
+    revoked: dict[bytes, int]  # key blob -> line of its @revoked entry
+    cert_authority_lines: list[int]
+
+
 class KnownHosts:
-    """A known_hosts file read once and indexed by host name (``[addr]:port`` or ``addr``).
+    """A known_hosts file read once and indexed by host name (``[addr]:port``, or ``addr``
+    for port 22, as OpenSSH writes them).
 
     paramiko's ``load_host_keys`` parses the whole file on every connect, and its lookup scans
-    every entry: with thousands of nodes that is most of a connection's cost.
+    every entry: with thousands of nodes that is most of a connection's cost. Plain names are
+    a dict lookup; hashed names (``HashKnownHosts yes``: ``|1|salt|HMAC-SHA1(salt, name)``)
+    are compared once per name and the answer kept.
+
+    A line that cannot be read (too few fields, a hashed name or key that does not decode, an
+    unknown key type or marker, a key whose bytes are not of its type) makes the whole file
+    refused (``KnownHostsError`` naming file and line, so every connection is
+    ``NodeAccessDeniedError``): a typo may hide the very key the operator meant to trust, and
+    skipping it would connect to nothing, or trust what the rest of the file says, without
+    saying why. Comments and blank lines are fine. ``@revoked`` keys are never trusted, for
+    any host (the host field is not checked: a revoked key stays revoked). ``@cert-authority``
+    lines are read but not used (host certificates are not supported); a refusal of an unknown
+    host says so. Host patterns (``*``, ``?``, ``!``) are not expanded: such an entry matches
+    only a host of that literal name, so a node is refused rather than trusted by a pattern.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._index: dict[str, dict[str, paramiko.PKey]] | None = None
+        self._index: _HostKeyIndex | None = None
+        self._found: dict[str, dict[str, paramiko.PKey]] = {}
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, dict[str, paramiko.PKey]]:
+    def _load(self) -> _HostKeyIndex:
         with self._lock:
             if self._index is None:
-                index: dict[str, dict[str, paramiko.PKey]] = {}
-                for number, line in enumerate(self.path.read_text().splitlines(), 1):
-                    if not line.strip() or line.lstrip().startswith("#"):
-                        continue
-                    try:
-                        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
-                    except (paramiko.SSHException, ValueError):
-                        entry = None
-                    if entry is None or entry.key is None:
-                        continue  # a line paramiko cannot use is not trusted either
-                    for hostname in entry.hostnames:
-                        index.setdefault(hostname, {})[entry.key.get_name()] = entry.key
-                self._index = index
+                self._index = _read_known_hosts(self.path)
             return self._index
 
     def keys_for(self, address: str, port: int) -> tuple[str, dict[str, paramiko.PKey]]:
+        """The name paramiko checks and the keys trusted for it, by key type. Raises
+        ``OSError`` (unreadable) or ``KnownHostsError`` (a line that cannot be read)."""
         name = address if port == 22 else f"[{address}]:{port}"
-        return name, self._load().get(name, {})
+        index = self._load()
+        with self._lock:
+            found = self._found.get(name)
+        if found is None:
+            entries = list(index.plain.get(name, ()))
+            if index.hashed:
+                raw = name.encode()
+                entries += [
+                    (line, key)
+                    for salt, digest, line, key in index.hashed
+                    if hmac.compare_digest(hmac.new(salt, raw, hashlib.sha1).digest(), digest)
+                ]
+            found = {}
+            for _, key in sorted(entries, key=lambda entry: entry[0]):
+                if key.asbytes() not in index.revoked:
+                    found[key.get_name()] = key
+            with self._lock:
+                self._found[name] = found
+        return name, found
+
+    def revoked_line(self, key: paramiko.PKey) -> int | None:
+        """The line that revokes ``key``, if one does."""
+        return self._load().revoked.get(key.asbytes())
+
+    def cert_authority_lines(self) -> list[int]:
+        return self._load().cert_authority_lines
+
+
+def _read_known_hosts(path: Path) -> _HostKeyIndex:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as err:
+        bad_line = raw[: err.start].count(b"\n") + 1
+        raise KnownHostsError(f"known_hosts {path} line {bad_line}: not UTF-8 text") from None
+    index = _HostKeyIndex(plain={}, hashed=[], revoked={}, cert_authority_lines=[])
+    for number, line in enumerate(text.split("\n"), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            _index_line(index, number, fields)
+        except ValueError as err:
+            raise KnownHostsError(f"known_hosts {path} line {number}: {err}") from None
+    return index
+
+
+def _index_line(index: _HostKeyIndex, number: int, fields: list[str]) -> None:
+    marker = fields.pop(0) if fields[0].startswith("@") else None
+    if marker is not None and marker not in _MARKERS:
+        raise ValueError(f"unknown marker {_cut(marker)!r} (known: {', '.join(_MARKERS)})")
+    if len(fields) < 3:
+        raise ValueError("expected host names, a key type and a base64 key")
+    hosts, key_type, encoded = fields[:3]
+    names = hosts.split(",")
+    if not all(names):
+        raise ValueError("empty host name")
+    hashed = [_hashed_name(name) for name in names if name.startswith("|")]
+    try:
+        blob = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise ValueError(f"the {_cut(key_type)} key is not base64") from None
+    try:
+        key = paramiko.PKey.from_type_string(key_type, blob)
+    except UnknownKeyType:
+        if key_type in _UNUSABLE_KEY_TYPES:
+            return  # well-formed, of a type paramiko cannot check: trusted for nothing
+        raise ValueError(f"unknown key type {_cut(key_type)!r}") from None
+    except Exception:  # whatever paramiko raises on bytes that are not such a key
+        raise ValueError(f"not a valid {_cut(key_type)} key") from None
+    if marker == "@revoked":
+        index.revoked[key.asbytes()] = number
+    elif marker == "@cert-authority":
+        index.cert_authority_lines.append(number)
+    else:
+        for salt, digest in hashed:
+            index.hashed.append((salt, digest, number, key))
+        for name in names:
+            if not name.startswith("|"):
+                index.plain.setdefault(name, []).append((number, key))
+
+
+def _hashed_name(name: str) -> tuple[bytes, bytes]:
+    """Salt and digest of a ``|1|salt|hash`` host name (both base64 of 20 bytes)."""
+    parts = name.split("|")
+    try:
+        if len(parts) != 4 or parts[0] or parts[1] != "1":
+            raise binascii.Error
+        salt, digest = (base64.b64decode(part, validate=True) for part in parts[2:])
+    except binascii.Error:
+        raise ValueError("hashed host name is not |1|salt|hash") from None
+    if len(salt) != 20 or len(digest) != 20:
+        raise ValueError("hashed host name is not |1|salt|hash (20-byte salt and hash)")
+    return salt, digest
+
+
+def _cut(value: str, limit: int = 40) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 class NodeShell:
@@ -218,10 +365,15 @@ class NodeShell:
                 f"{self.name}: cannot read known_hosts {self.config.known_hosts}: {err.strerror}",
                 node=self.name,
             ) from err
+        except KnownHostsError as err:
+            # Refused, not skipped: the line may be the key this node was meant to have.
+            raise NodeAccessDeniedError(
+                f"{self.name}: {err}: refusing to connect", node=self.name
+            ) from err
         for key_type, key in keys.items():
             client.get_host_keys().add(hostname, key_type, key)
         # Only the keys from known_hosts are trusted; anything else is refused.
-        client.set_missing_host_key_policy(_RejectUnknownHost())
+        client.set_missing_host_key_policy(_RejectUnknownHost(self.known))
         try:
             sock = socket.create_connection(
                 (self.address, self.config.port), timeout=self.config.connect_timeout_s
@@ -251,8 +403,11 @@ class NodeShell:
             )
         except paramiko.BadHostKeyException as err:
             sock.close()
+            revoked = self.known.revoked_line(err.key)
             raise NodeAccessDeniedError(
-                f"{self.name}: host key does not match known_hosts: refusing to connect",
+                f"{self.name}: host key does not match known_hosts"
+                + (f" and is revoked (@revoked, line {revoked})" if revoked is not None else "")
+                + ": refusing to connect",
                 node=self.name,
             ) from err
         except _UnknownHostKey as err:

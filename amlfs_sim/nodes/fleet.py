@@ -20,6 +20,7 @@ from amlfs_sim.nodes.lustre import (
     FSNAME,
     ClusterSim,
     DiskContent,
+    HsmWorkload,
     LustreNode,
     Target,
     cluster_files,
@@ -57,7 +58,20 @@ class NodeFleet:
         used = {n.address for _, n in self.world.fleet.iter_nodes() if n.address is not None}
         spare = (ipaddress.IPv4Address("127.200.0.1") + i for i in range(1 << 22))
         for index, cluster in enumerate(self.world.fleet.clusters):
-            sim = ClusterSim(cluster, index, self.world.spec.clients_per_cluster, self.backend.emit)
+            copies = self.world.spec.hsm_copies(cluster.name)
+            sim = ClusterSim(
+                cluster,
+                index,
+                self.world.spec.clients_per_cluster,
+                self.backend.emit,
+                seed=self.backend.seed,
+                hsm=HsmWorkload(
+                    requests=copies.requests,
+                    copy_low_s=copies.copy_s.low,
+                    copy_high_s=copies.copy_s.high,
+                    bytes_per_s=copies.bytes_per_s,
+                ),
+            )
             osts = 0
             for node in cluster.nodes:
                 if node.address is not None:

@@ -28,6 +28,7 @@ from amlfs_sim.nodes.formats import (
 from amlfs_sim.nodes.lustre import (
     FSNAME,
     HOSTID_FILE,
+    RECOVERY_WINDOW_PARAMS,
     LustreNode,
     Target,
     _parse_rule,
@@ -210,25 +211,29 @@ def _param_value(ctx: Context, name: str) -> str:
         rec = target.recovery
         total = len(cluster.clients)
         reachable = sum(1 for c in cluster.clients if cluster.reachable(node, target, c.address))
-        hard = float(node.param(f"{target.param_prefix}.{target.name}.recovery_time_hard") or 900)
         end = rec.end if rec.end is not None else ctx.now
+        # time_remaining counts down from the timer armed at the first connection
+        # (lprocfs_recovery_status_seq_show: obd_recovery_start + obd_recovery_timeout - now).
+        until = rec.timer_end if rec.timer_end is not None else ctx.now
         return format_recovery_status(
             rec.status,
             start=int(EPOCH + rec.start),
             duration=int(end - rec.start),
-            time_remaining=max(0, int(rec.start + hard - ctx.now)),
+            time_remaining=max(0, int(until - ctx.now)) if until != float("inf") else 0,
             total_clients=total,
             connected=reachable,
             completed=total - rec.evicted if rec.status == "COMPLETE" else 0,
             evicted=rec.evicted,
         )
     if name.endswith(".hsm.active_requests"):
+        # mdt_hsm_active_requests_proc_show (lustre/mdt/mdt_hsm_cdt_requests.c, v2_15_5);
+        # the kernel's %#llx prints 0 as 0x0 (tests/data/lustre-2.15/hsm_active_requests_busy.txt).
+        by_name = {n.name: n for n in cluster.nodes}
         return "".join(
-            f"fid=[0x200000401:0x{i + 1:x}:0x0] dfid=[0x200000401:0x{i + 1:x}:0x0] "
-            f"compound/cookie=0x{0x5F000000 + i:x}/0x{0x5F000000 + i:x} action=ARCHIVE "
-            "archive#=1 flags=0x0 extent=0x0-0xffffffffffffffff gid=0x0 datalen=0 "
-            "status=STARTED data=[]\n"
-            for i in range(cluster.hsm_active_requests(ctx.now))
+            f"fid={r.fid} dfid={r.fid} compound/cookie=0x0/0x{0x5F000000 + r.serial:x} "
+            f"action={r.action} archive#=1 flags=0x0 extent=0x0-0xffffffffffffffff gid=0x0 "
+            f"data=[] canceled=0 uuid={_agent_uuid(by_name[r.agent])} done={r.done}\n"
+            for r in cluster.hsm_requests(ctx.now)
         )
     if name.endswith(".hsm.agents"):
         return "".join(
@@ -300,6 +305,10 @@ def _set_param(ctx: Context, args: list[str]) -> Result:
         if value is not None and leaf == "hsm_control" and value not in HSM_CONTROL_VALUES:
             errors.append(f"error: set_param: setting {pattern}={value}: Invalid argument\n")
             continue
+        if leaf == "hsm_control" and value == "purge":
+            # A command, not a state: every action is cancelled (hsm_cancel_all_actions).
+            cluster.hsm_purge(ctx.now)
+            continue
         if persistent:
             if value is None:
                 cluster.persistent.pop(pattern, None)
@@ -311,6 +320,7 @@ def _set_param(ctx: Context, args: list[str]) -> Result:
                 for member in cluster.nodes:
                     if member.up:
                         member.settings.append((pattern, value))
+                        _set_windows(member, pattern, leaf, value)
         else:
             matched = [n for n in node.param_names() if fnmatch.fnmatchcase(n, pattern)]
             if not matched or value is None:
@@ -319,13 +329,23 @@ def _set_param(ctx: Context, args: list[str]) -> Result:
                 )
                 continue
             node.settings.append((pattern, value))
+            _set_windows(node, pattern, leaf, value)
             out += [f"{n}={value}\n" for n in matched]
-        if leaf == "hsm_control":
-            mds = cluster.mds
-            current = mds.param(f"mdt.{FSNAME}-MDT0000.hsm_control") or "enabled"
-            cluster.hsm_control_changed(current, ctx.now)
     ctx.changed()
     return Result(2 if errors else 0, "".join(out), "".join(errors))
+
+
+def _set_windows(node: LustreNode, pattern: str, leaf: str, value: str) -> None:
+    """recovery_time_soft/hard_store: the live value of each mounted target it matches. A
+    running recovery timer is not re-armed by it (only extend_recovery_timer does that)."""
+    if leaf not in RECOVERY_WINDOW_PARAMS:
+        return
+    for target in node.targets:
+        if target.mounted and fnmatch.fnmatchcase(target.param_name(leaf), pattern):
+            if leaf == "recovery_time_soft":
+                target.soft = float(value)
+            else:
+                target.hard = float(value)
 
 
 # ---------------------------------------------------------------------- LNet, mounts
@@ -541,6 +561,13 @@ def _lustre_path(path: str) -> bool:
     return path.startswith(f"/lustre/{FSNAME}/")
 
 
+def _lustre_io(ctx: Context) -> None:
+    """I/O through this node's Lustre client: its requests conflict with the locks of the
+    customers' clients, and any of those cut off now gets a blocking AST it cannot answer."""
+    ctx.node.cluster.client_io(ctx.node, ctx.now)
+    ctx.changed()
+
+
 def _cat(ctx: Context, args: list[str]) -> Result:
     out, err = "", ""
     node = ctx.node
@@ -553,6 +580,7 @@ def _cat(ctx: Context, args: list[str]) -> Result:
                 err += f"cat: {path}: Input/output error\n"
             elif path in node.cluster.lustre_files:
                 out += node.cluster.lustre_files[path]
+                _lustre_io(ctx)
             else:
                 err += MISSING.format(tool="cat", path=path)
         elif path in _files(ctx):
@@ -575,6 +603,8 @@ def _tee(ctx: Context, args: list[str]) -> Result:
         else:
             files = _files(ctx)
         files[path] = (files.get(path, "") if append else "") + data
+    if any(_lustre_path(p) for p in paths):
+        _lustre_io(ctx)
     if any(p == HOSTID_FILE for p in paths):
         ctx.changed()
     return Result(0, data)
@@ -618,11 +648,46 @@ def _sha256sum(ctx: Context, args: list[str]) -> Result:
 def _rm(ctx: Context, args: list[str]) -> Result:
     force = any(a.startswith("-") and "f" in a for a in args)
     err = ""
+    node = ctx.node
     for path in [a for a in args if not a.startswith("-")]:
-        files = ctx.node.cluster.lustre_files if _lustre_path(path) else _files(ctx)
+        if _lustre_path(path):
+            if not (node.client_mounted and node.cluster.usable_from(node.address)):
+                err += f"rm: cannot remove '{path}': Input/output error\n"
+                continue
+            _lustre_io(ctx)
+        files = node.cluster.lustre_files if _lustre_path(path) else _files(ctx)
         if files.pop(path, None) is None and not force:
             err += f"rm: cannot remove '{path}': No such file or directory\n"
     return Result(1 if err else 0, stderr=err)
+
+
+FID_DIR = f"/lustre/{FSNAME}/.lustre/fid/"
+
+
+def _stat(ctx: Context, args: list[str]) -> Result:
+    """``stat -c %s PATH...``: sizes, in the file system through this node's client; a file
+    is also reachable by FID under ``.lustre/fid/`` (the FIDs ``hsm.active_requests`` names)."""
+    if args[:2] != ["-c", "%s"] or len(args) < 3:
+        return Result(1, stderr="stat: emulated: stat -c %s PATH...\n")
+    node, cluster = ctx.node, ctx.node.cluster
+    out, err = "", ""
+    for path in args[2:]:
+        size: int | None = None
+        if _lustre_path(path):
+            if not (node.client_mounted and cluster.usable_from(node.address)):
+                err += f"stat: cannot statx '{path}': Input/output error\n"
+                continue
+            if path.startswith(FID_DIR):
+                size = cluster.hsm_file_size(path.removeprefix(FID_DIR))
+            elif path in cluster.lustre_files:
+                size = len(file_bytes(cluster.lustre_files[path]))
+        elif path in _files(ctx):
+            size = len(file_bytes(_files(ctx)[path]))
+        if size is None:
+            err += f"stat: cannot statx '{path}': No such file or directory\n"
+        else:
+            out += f"{size}\n"
+    return Result(1 if err else 0, out, err)
 
 
 def _test(ctx: Context, args: list[str]) -> Result:
@@ -693,6 +758,7 @@ COMMANDS: dict[str, Handler] = {
     "base64": _base64,
     "sha256sum": _sha256sum,
     "rm": _rm,
+    "stat": _stat,
     "test": _test,
     "uname": _uname,
     "true": _true,

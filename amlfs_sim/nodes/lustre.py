@@ -6,12 +6,42 @@
   its disk: LNet needs /etc/lnet.conf for NIDs, a pool imports only when /etc/hostid matches
   the host that last had it, targets mount per /etc/ldev.conf.
 * A cluster (``ClusterSim``) has K clients. A client is *blocked* while any MDT/OST is down,
-  unmounted, without NIDs, or drops client traffic on TCP 988; a client blocked longer than
-  1.5 x the cluster's ``timeout`` is evicted. A target that starts waits for its clients
-  (WAITING_FOR_CLIENTS), replays (RECOVERING), then is COMPLETE; if clients cannot reach it
-  before ``recovery_time_hard`` it completes and evicts them. The file system *serves* when
-  every target is reachable and COMPLETE; the intervals when it does not are the customer's
-  downtime. Transitions are applied at their exact sim time, however late ``advance`` runs.
+  unmounted, without NIDs, or drops client traffic on TCP 988; the file system *serves* when
+  every target is reachable and COMPLETE, and the intervals when it does not are the
+  customer's downtime. Evictions follow Lustre 2.15 (v2_15_5), each from its own timer:
+
+  - **ping evictor**: a server that stays up evicts a client it has not heard from in
+    ``PING_EVICT_TIMEOUT`` (6 x ``PING_INTERVAL``, ``PING_INTERVAL`` = ``timeout``/4), counted
+    from the client's *last request* (its last ping before it was cut off, on a ping grid
+    whose phase is seeded per client), after the evictor's second timer of 3 x
+    ``PING_INTERVAL`` (lustre/include/obd_support.h, lustre/ptlrpc/service.c
+    ``ptlrpc_update_export_timer``, lustre/ptlrpc/pinger.c ``ping_evictor_main``). Not while
+    the target recovers, and not by a target that is down.
+  - **lock callbacks**: clients hold locks on every target they are connected to. While a
+    client is cut off from a target that is up, any conflicting request from inside the
+    cluster (the ``hydrator`` running on an agent, a copytool ``lhsmd`` with a copy in flight,
+    I/O by the in-cluster client) sends it a blocking AST it cannot answer: it is
+    evicted ``ldlm_bl_timeout`` later, max(1.5 x its adaptive estimate, ``ldlm_enqueue_min``
+    = 100 s) (``timeout``/2 with adaptive timeouts off), whatever ``timeout`` is
+    (lustre/ldlm/ldlm_lockd.c ``ldlm_bl_timeout``, ``ldlm_server_blocking_ast``,
+    ``waiting_locks_callback``; lustre/ldlm/ldlm_request.c ``ldlm_enqueue_min``).
+  - **recovery**: a target that starts computes its windows at mount (after the MGS's params
+    log: ``recovery_time_soft`` = max(what ``-P`` set, 3 x ``timeout`` shrunk by imperative
+    recovery to factor 5/10, at least ``OBD_RECOVERY_TIME_MIN``), ``recovery_time_hard`` =
+    9 x ``timeout``, whatever ``-P`` set: lustre/obdclass/obd_mount_server.c
+    ``server_calc_timeout``). It waits for its clients (WAITING_FOR_CLIENTS) with no deadline
+    until the first client connects (an in-cluster client, or for an OST the MDT); that
+    starts the ``recovery_time_soft`` timer (RECOVERING), whose expiry evicts the clients that
+    did not reconnect; ``recovery_time_hard`` after the start aborts it (lustre/ldlm/
+    ldlm_lib.c ``target_handle_connect``, ``target_start_recovery_timer``,
+    ``target_recovery_overseer``). Once every client reconnected it replays and is COMPLETE.
+
+  Transitions are applied at their exact sim time, however late ``advance`` runs.
+* HSM: while the coordinator is enabled, copytools (``lhsmd`` on the agents) run a seeded
+  stream of copies; ``hsm_control=disabled`` only stops new ones: each active request ends
+  when its copytool finishes copying it (lustre/mdt/mdt_coordinator.c: a disabled
+  coordinator sleeps, ``hsm_control_store``), and a copy whose copytool is stopped does not
+  progress.
 """
 
 from __future__ import annotations
@@ -19,6 +49,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import ipaddress
+import math
+import random
 import shlex
 import struct
 from collections.abc import Callable
@@ -33,8 +65,11 @@ __all__ = [
     "DEFAULT_TUNABLES",
     "ClusterSim",
     "DiskContent",
+    "HsmRequest",
+    "HsmWorkload",
     "LustreNode",
     "Target",
+    "recovery_windows",
 ]
 
 FSNAME = "amlfs"
@@ -42,8 +77,14 @@ LNET_PORT = 988
 # Customers' clients of cluster i are 10.8.i.k: addresses only, used to evaluate iptables -s.
 CLIENT_NETWORK = "10.8.0.0/16"
 REPLAY_SECONDS = 8.0  # a target's replay once every client reconnected
-HSM_DRAIN_SECONDS = 15.0  # active HSM requests finish this long after the coordinator stops
-HSM_BUSY_REQUESTS = 2  # archive requests in flight while the coordinator is enabled
+HSM_DRAIN_SECONDS = 15.0  # the longest copy of the default HSM workload (HsmCopies.copy_s)
+HSM_BUSY_REQUESTS = 2  # copies in flight while the coordinator is enabled, by default
+# lustre/ldlm/ldlm_request.c: ldlm_enqueue_min = OBD_TIMEOUT_DEFAULT (100 s), the floor of
+# ldlm_bl_timeout (a module parameter, not an lctl tunable).
+LDLM_ENQUEUE_MIN = 100.0
+# lustre/obdclass/obd_mount_server.c server_calc_timeout: OBD_IR_FACTOR_DEFAULT / _MAX.
+IR_FACTOR, IR_FACTOR_MAX = 5, 10
+HSM_FID_SEQ = 0x200000401
 
 LNET_CONF = "/etc/lnet.conf"
 LUSTRE_CONF = "/etc/modprobe.d/lustre.conf"
@@ -62,16 +103,39 @@ CLUSTER_FILES = (
     IPTABLES_RULES,
 )
 
-# Defaults of the tunables the emulator models, by parameter pattern (Lustre 2.15 values).
+# Defaults of the global tunables the emulator models (Lustre 2.15 values). A target's
+# recovery windows are not here: each target computes them when it mounts.
 DEFAULT_TUNABLES: dict[str, str] = {
     "timeout": "100",
     "at_max": "600",
-    "*.*.recovery_time_soft": "300",
-    "*.*.recovery_time_hard": "900",
     "mdt.*.hsm_control": "enabled",
 }
+RECOVERY_WINDOW_PARAMS = ("recovery_time_soft", "recovery_time_hard")
 
 Emit = Callable[..., Any]
+
+
+def ping_interval(timeout: float) -> float:
+    """``PING_INTERVAL`` = max(obd_timeout / 4, 1) (lustre/include/obd_support.h)."""
+    return float(max(int(timeout) // 4, 1))
+
+
+def recovery_windows(timeout: float, soft_param: float | None) -> tuple[float, float]:
+    """(recovery_time_soft, recovery_time_hard) a target computes at mount.
+
+    lustre/obdclass/obd_mount_server.c ``server_calc_timeout`` (v2_15_5), run after the
+    target's config and the MGS's params log were processed: no mount option, so soft =
+    ``OBD_RECOVERY_TIME_SOFT`` (3 x obd_timeout) and hard = ``OBD_RECOVERY_TIME_HARD``
+    (9 x obd_timeout); imperative recovery (on by default) shrinks soft to factor/10 of it,
+    not below ``OBD_RECOVERY_TIME_MIN`` = 2 x ``RECONNECT_DELAY_MAX``; then
+    ``obd_recovery_timeout = max(what the params log set, soft)`` and
+    ``obd_recovery_time_hard = hard``: a ``set_param -P`` of recovery_time_hard is
+    overwritten at every mount, one of recovery_time_soft only counts when it is larger.
+    """
+    t = int(timeout)
+    reconnect_delay_max = min(50, max(5, t)) + 5 + max(5, t // 20)
+    soft = max(2 * reconnect_delay_max, 3 * t * IR_FACTOR // IR_FACTOR_MAX)
+    return float(max(int(soft_param or 0), soft)), float(9 * t)
 
 
 @dataclass
@@ -88,8 +152,10 @@ class DiskContent:
 @dataclass
 class Recovery:
     status: str = "INACTIVE"  # WAITING_FOR_CLIENTS, RECOVERING, COMPLETE
-    start: float = 0.0
+    start: float = 0.0  # mount; then the first connection (obd_recovery_start)
     end: float | None = None
+    timer_start: float | None = None  # the first client connected: the soft timer runs
+    timer_end: float | None = None  # timer_start + recovery_time_soft as armed then
     replay_end: float | None = None
     evicted: int = 0
     stuck: bool = False  # fault: recovery never completes
@@ -103,6 +169,9 @@ class Target:
     dataset: str
     mounted: bool = False
     recovery: Recovery = field(default_factory=Recovery)
+    # obd_recovery_timeout / obd_recovery_time_hard: computed at mount, set live by set_param.
+    soft: float = 150.0
+    hard: float = 900.0
 
     @property
     def param_prefix(self) -> str:
@@ -112,13 +181,44 @@ class Target:
     def mountpoint(self) -> str:
         return f"/lustre/{FSNAME}/{self.dataset}"
 
+    def param_name(self, leaf: str) -> str:
+        return f"{self.param_prefix}.{self.name}.{leaf}"
+
 
 @dataclass
 class Client:
     address: str
+    ping_phase: float = 0.0  # where on its ping grid this client pings (0..1 of an interval)
+    bl_estimate: float = 1.0  # exp_bl_lock_at: how long it took to cancel locks lately (s)
     blocked_since: float | None = None
     evicted_in_episode: bool = False
     evictions: int = 0
+    # Targets whose current incarnation has this client's export (and its locks).
+    connected: set[str] = field(default_factory=set)
+    # Target -> the client's last request to it before it was cut off (target still up).
+    last_request: dict[str, float] = field(default_factory=dict)
+    # Target -> (when a blocking AST was sent to it, by whom), while it cannot answer.
+    bl_sent: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
+@dataclass
+class HsmRequest:
+    """One copy in the coordinator's active list (``mdt.*.hsm.active_requests``)."""
+
+    serial: int  # the FID's object id and the cookie
+    action: str  # ARCHIVE, RESTORE
+    agent: str  # the node whose copytool runs it
+    size: int  # bytes of the file
+    duration: float  # seconds of copying the whole file takes
+    copied_s: float = 0.0  # seconds of copying done so far
+
+    @property
+    def fid(self) -> str:
+        return f"[0x{HSM_FID_SEQ:x}:0x{self.serial:x}:0x0]"
+
+    @property
+    def done(self) -> int:
+        return min(self.size, int(self.size * self.copied_s / self.duration))
 
 
 class LustreNode:
@@ -170,7 +270,15 @@ class LustreNode:
         return any(t.kind == "mgs" and t.mounted for t in self.targets)
 
     def param(self, name: str) -> str | None:
-        """Current value of parameter ``name``: its default, then every matching set_param."""
+        """Current value of parameter ``name``: its default, then every matching set_param.
+        A target's recovery windows are its own (computed at mount, then set live)."""
+        if name.endswith(RECOVERY_WINDOW_PARAMS):
+            for target in self.targets:
+                for leaf in RECOVERY_WINDOW_PARAMS:
+                    if name == target.param_name(leaf):
+                        if not target.mounted:
+                            return None
+                        return f"{int(target.soft if leaf.endswith('soft') else target.hard)}"
         value = next(
             (v for pat, v in DEFAULT_TUNABLES.items() if fnmatch.fnmatchcase(name, pat)), None
         )
@@ -451,24 +559,59 @@ def _parse_rule(rule: str) -> dict[str, str] | None:
     return spec
 
 
+@dataclass(frozen=True)
+class HsmWorkload:
+    """The copies a cluster's coordinator keeps in flight while enabled (seeded)."""
+
+    requests: int = HSM_BUSY_REQUESTS
+    copy_low_s: float = 5.0
+    copy_high_s: float = HSM_DRAIN_SECONDS
+    bytes_per_s: float = 200e6
+
+
 class ClusterSim:
     """The customer's view of one cluster: clients, recovery, downtime and evictions."""
 
-    def __init__(self, cluster: Cluster, index: int, clients: int, emit: Emit) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        index: int,
+        clients: int,
+        emit: Emit,
+        *,
+        seed: int = 0,
+        hsm: HsmWorkload | None = None,
+    ) -> None:
         self.name = cluster.name
         self.spec = cluster
         self.index = index
         self.client_count = clients
+        self.seed = seed
+        self.hsm_workload = hsm or HsmWorkload()
         self._emit = emit
         self.nodes: list[LustreNode] = []
         self.reset()
 
+    def _digest(self, *parts: object) -> bytes:
+        return hashlib.sha256(
+            ":".join(str(p) for p in (self.seed, self.name, *parts)).encode()
+        ).digest()
+
+    def _client(self, k: int) -> Client:
+        address = f"10.8.{self.index % 256}.{k + 1}"
+        digest = self._digest("client", address)
+        return Client(
+            address,
+            # Deterministic from the seed: where in its ping interval it pings, and its
+            # blocking-callback estimate (a settled client cancels a lock in 1-10 s).
+            ping_phase=int.from_bytes(digest[:4], "big") / 2**32,
+            bl_estimate=float(1 + digest[4] % 10),
+        )
+
     def reset(self) -> None:
         """Forget history: the state of a cluster about to be booted as loaded."""
         self.quiet = True  # no events while the fleet as loaded boots
-        self.clients = [
-            Client(f"10.8.{self.index % 256}.{k + 1}") for k in range(self.client_count)
-        ]
+        self.clients = [self._client(k) for k in range(self.client_count)]
         # lctl set_param -P: kept by the MGS on the MDT, so it survives an OS disk swap.
         self.persistent: dict[str, str] = {}
         self.pool_hostids: dict[str, str] = {}
@@ -477,8 +620,15 @@ class ClusterSim:
         self.downtime: list[list[float | None]] = []
         self.evictions: list[dict[str, Any]] = []
         self.lustre_files: dict[str, str] = {}  # the file system's content, seen by lclients
-        self.hsm_disabled_at: float | None = None
         self.stuck_nodes: set[str] = set()  # recovery_stuck fault, consumed per target start
+        # Servers up (targets mounted) while some client is cut off by their firewall.
+        self.blocked_up: list[list[float | None]] = []
+        self.lock_callbacks: list[dict[str, Any]] = []  # blocking ASTs to cut-off clients
+        self.hsm_active: list[HsmRequest] = []
+        self.hsm_serial = 0
+        # Copies are accounted from the first look after settle (None until then): the
+        # sim clock keeps running across a reset, the workload starts when it is watched.
+        self.hsm_at: float | None = None
         self.now = 0.0
 
     def emit(self, at: float, type_: str, **data: Any) -> None:
@@ -511,6 +661,10 @@ class ClusterSim:
             and not node.drops_client_traffic(address)
         )
 
+    def cut_off(self, node: LustreNode, target: Target, address: str) -> bool:
+        """The target is up and serving its exports, but its firewall cuts this client off."""
+        return node.up and bool(node.nids) and target.mounted and node.drops_client_traffic(address)
+
     def blocked(self, client: Client) -> bool:
         return any(not self.reachable(n, t, client.address) for n, t in self.server_targets)
 
@@ -536,33 +690,136 @@ class ClusterSim:
             {n.lustre_version for n in self.nodes if n.up and n.role in (Role.MDS, Role.OSS)}
         )
 
-    def downtime_total(self, now: float) -> float:
+    @staticmethod
+    def _total(spans: list[list[float | None]], now: float) -> float:
         total = 0.0
-        for start, end in self.downtime:
+        for start, end in spans:
             assert start is not None
             total += (now if end is None else end) - start
         return total
 
-    def hsm_active_requests(self, now: float) -> int:
-        mds = self.mds
-        control = mds.param(f"mdt.{FSNAME}-MDT0000.hsm_control") if mds.up else None
-        if control == "enabled":
-            return HSM_BUSY_REQUESTS
-        if self.hsm_disabled_at is not None and now < self.hsm_disabled_at + HSM_DRAIN_SECONDS:
-            return HSM_BUSY_REQUESTS
-        return 0
+    def downtime_total(self, now: float) -> float:
+        return self._total(self.downtime, now)
 
-    def hsm_control_changed(self, value: str, at: float) -> None:
-        if value == "enabled":
-            self.hsm_disabled_at = None
-        elif self.hsm_disabled_at is None:
-            self.hsm_disabled_at = at
+    def blocked_while_up(self, now: float) -> float:
+        return self._total(self.blocked_up, now)
+
+    def in_cluster_actors(self) -> list[str]:
+        """In-cluster work that takes locks conflicting with the customers' (``node/unit``),
+        on an agent with the file system mounted: the hydrator while it runs (it imports and
+        restores files all along), a copytool while it has a copy in flight (an idle one
+        waits for the coordinator and touches nothing)."""
+        copying = {r.agent for r in self.hsm_active}
+        actors = []
+        for n in self.nodes:
+            if not (n.up and n.client_mounted):
+                continue
+            if n.services.get("hydrator") == "active":
+                actors.append(f"{n.name}/hydrator")
+            if n.services.get("lhsmd") == "active" and n.name in copying:
+                actors.append(f"{n.name}/lhsmd")
+        return actors
+
+    def _settled(self, target: Target) -> bool:
+        """Not in recovery: the ping evictor and lock timers run (in recovery the server is
+        "nice to everyone", ptlrpc_update_export_timer; unreplayed locks are not held)."""
+        return target.recovery.status in ("COMPLETE", "INACTIVE")
+
+    # ------------------------------------------------------------------ HSM
+
+    def _coordinator_enabled(self) -> bool:
+        mds = self.mds
+        mdt = next((t for t in mds.targets if t.kind == "mdt"), None)
+        if not (mds.up and mds.modules_loaded and mdt is not None and mdt.mounted):
+            return False
+        return mds.param(mdt.param_name("hsm_control")) == "enabled"
+
+    def _copytool_running(self, name: str) -> bool:
+        node = next((n for n in self.nodes if n.name == name), None)
+        return (
+            node is not None
+            and node.up
+            and node.client_mounted
+            and node.services.get("lhsmd") == "active"
+        )
+
+    def _dispatch(self, at: float) -> None:
+        """An enabled coordinator hands new copies to the running copytools."""
+        work = self.hsm_workload
+        if not self._coordinator_enabled():
+            return
+        agents = [n.name for n in self.nodes if self._copytool_running(n.name)]
+        while agents and len(self.hsm_active) < work.requests:
+            self.hsm_serial += 1
+            rng = random.Random(self._digest("hsm", self.hsm_serial))
+            duration = max(1.0, rng.uniform(work.copy_low_s, work.copy_high_s))
+            self.hsm_active.append(
+                HsmRequest(
+                    serial=self.hsm_serial,
+                    action="RESTORE" if rng.random() < 0.25 else "ARCHIVE",
+                    agent=agents[self.hsm_serial % len(agents)],
+                    size=int(duration * work.bytes_per_s),
+                    duration=duration,
+                )
+            )
+
+    def hsm_update(self, now: float) -> None:
+        """Copies progress while their copytool runs; each leaves the active list when its
+        copy is done, and an enabled coordinator starts the next one at that moment."""
+        if self.hsm_at is None:
+            self.hsm_at = now
+        at = self.hsm_at
+        if now < at:
+            return
+        mds = self.mds
+        if not (mds.up and any(t.mounted for t in mds.targets if t.kind == "mdt")):
+            self.hsm_active = []  # the MDT stopped: its in-memory request list is gone
+        while True:
+            running = [r for r in self.hsm_active if self._copytool_running(r.agent)]
+            ends = [at + r.duration - r.copied_s for r in running]
+            step = min([now, *ends])
+            for r in running:
+                r.copied_s = min(r.duration, r.copied_s + step - at)
+            at = step
+            self.hsm_active = [r for r in self.hsm_active if r.copied_s < r.duration - 1e-9]
+            self._dispatch(at)
+            if step >= now:
+                break
+        self.hsm_at = now
+
+    def hsm_active_requests(self, now: float) -> int:
+        self.hsm_update(now)
+        return len(self.hsm_active)
+
+    def hsm_requests(self, now: float) -> list[HsmRequest]:
+        self.hsm_update(now)
+        return list(self.hsm_active)
+
+    def hsm_purge(self, now: float) -> None:
+        """``hsm_control=purge``: every action cancelled (hsm_cancel_all_actions)."""
+        self.hsm_update(now)
+        self.hsm_active = []
+
+    def hsm_file_size(self, fid: str) -> int | None:
+        return next((r.size for r in self.hsm_active if r.fid == fid), None)
 
     # ------------------------------------------------------------------ time
 
     def target_started(self, node: LustreNode, target: Target, at: float) -> None:
         stuck = node.name in self.stuck_nodes
+        # Windows as server_calc_timeout computes them, after the params log (-P) applied.
+        soft_param = None
+        for pattern, value in self.persistent.items():
+            if fnmatch.fnmatchcase(target.param_name("recovery_time_soft"), pattern):
+                soft_param = float(value)
+        target.soft, target.hard = recovery_windows(
+            float(node.param("timeout") or DEFAULT_TUNABLES["timeout"]), soft_param
+        )
         target.recovery = Recovery(status="WAITING_FOR_CLIENTS", start=at, stuck=stuck)
+        for client in self.clients:  # a new incarnation: exports rebuilt from last_rcvd
+            client.connected.discard(target.name)
+            client.last_request.pop(target.name, None)
+            client.bl_sent.pop(target.name, None)
         self.emit(
             at,
             "lustre.recovery_started",
@@ -570,30 +827,76 @@ class ClusterSim:
             node=node.name,
             target=target.name,
             stuck=stuck,
+            recovery_time_soft=target.soft,
+            recovery_time_hard=target.hard,
         )
         self._try_reconnect(at)
 
+    def _first_connection(self, node: LustreNode, target: Target) -> bool:
+        """Has any client connected to this recovering target? In-cluster clients (lclient,
+        HSM agents) reach every server; an OST's first client is usually the MDT itself.
+        (An OST's lightweight LWP connection to the MDT does not count: target_handle_connect
+        starts the timer for non-lightweight connections only.)"""
+        if not (node.up and node.nids and target.mounted):
+            return False
+        if any(self.reachable(node, target, c.address) for c in self.clients):
+            return True
+        for member in self.nodes:
+            if not (member.up and member.nids):
+                continue
+            if member.client_mounted:
+                return True
+            if target.kind == "ost" and any(t.kind == "mdt" and t.mounted for t in member.targets):
+                return True
+        return False
+
+    def _ping_timeout(self) -> tuple[float, float]:
+        """(PING_EVICT_TIMEOUT, the evictor's second timer): 6 and 3 ping intervals."""
+        interval = ping_interval(self.timeout())
+        return 6 * interval, 3 * interval
+
+    def _bl_timeout(self, node: LustreNode, client: Client) -> float:
+        """ldlm_bl_timeout: ``obd_timeout / 2`` with adaptive timeouts off (at_max=0), else
+        max(1.5 x the export's estimate, ldlm_enqueue_min)."""
+        if (node.param("at_max") or DEFAULT_TUNABLES["at_max"]) == "0":
+            return self.timeout() / 2
+        estimate = math.floor(client.bl_estimate)
+        return max(estimate + estimate // 2, LDLM_ENQUEUE_MIN)
+
     def next_deadline(self) -> tuple[float, str, Any] | None:
         best: tuple[float, str, Any] | None = None
-        for node, target in self.server_targets:
-            rec = target.recovery
-            if rec.stuck:
-                continue
-            if rec.status == "RECOVERING" and rec.replay_end is not None:
-                cand: tuple[float, str, Any] = (rec.replay_end, "replayed", target)
-            elif rec.status == "WAITING_FOR_CLIENTS":
-                hard = node.param(f"{target.param_prefix}.{target.name}.recovery_time_hard")
-                cand = (rec.start + float(hard or 900), "hard", target)
-            else:
-                continue
+
+        def offer(cand: tuple[float, str, Any]) -> None:
+            nonlocal best
             if best is None or cand[0] < best[0]:
                 best = cand
-        limit = 1.5 * self.timeout()
+
+        evict_after, second_timer = self._ping_timeout()
+        for node, target in self.server_targets:
+            rec = target.recovery
+            if not rec.stuck:
+                if rec.status == "RECOVERING" and rec.replay_end is not None:
+                    offer((rec.replay_end, "replayed", target))
+                elif rec.status == "RECOVERING" and rec.timer_start is not None:
+                    assert rec.timer_end is not None
+                    hard_end = rec.timer_start + target.hard
+                    if hard_end <= rec.timer_end:
+                        offer((hard_end, "recovery_time_hard", (node, target)))
+                    else:
+                        offer((rec.timer_end, "recovery_time_soft", (node, target)))
+            lasts = [
+                c.last_request[target.name]
+                for c in self.clients
+                if target.name in c.last_request and not c.evicted_in_episode
+            ]
+            if lasts and node.up and self._settled(target):
+                offer((min(lasts) + evict_after + second_timer, "ping", (node, target)))
         for client in self.clients:
-            if client.blocked_since is not None and not client.evicted_in_episode:
-                cand = (client.blocked_since + limit, "evict", client)
-                if best is None or cand[0] < best[0]:
-                    best = cand
+            if client.evicted_in_episode:
+                continue
+            for name, (sent, _) in client.bl_sent.items():
+                node = next(n for n, t in self.server_targets if t.name == name)
+                offer((sent + self._bl_timeout(node, client), "lock callback", (client, name)))
         return best
 
     def advance(self, now: float) -> None:
@@ -604,6 +907,7 @@ class ClusterSim:
                 break
             at, what, subject = due
             at = max(at, self.now)
+            self.hsm_update(at)
             if what == "replayed":
                 subject.recovery.status = "COMPLETE"
                 subject.recovery.end = at
@@ -614,36 +918,59 @@ class ClusterSim:
                     target=subject.name,
                     evicted=subject.recovery.evicted,
                 )
-            elif what == "hard":
-                rec = subject.recovery
-                rec.status, rec.end = "COMPLETE", at
+            elif what in ("recovery_time_soft", "recovery_time_hard"):
+                self._recovery_expired(subject[0], subject[1], at, what)
+            elif what == "ping":
+                _, target = subject
+                evict_after, _ = self._ping_timeout()
                 for client in self.clients:
-                    if not all(
-                        self.reachable(n, t, client.address)
-                        for n, t in self.server_targets
-                        if t is subject
-                    ):
-                        rec.evicted += 1
-                        if not client.evicted_in_episode:
-                            self._evict(client, at, f"{subject.name} recovery_time_hard expired")
-                self.emit(
-                    at,
-                    "lustre.recovery_complete",
-                    cluster=self.name,
-                    target=subject.name,
-                    evicted=rec.evicted,
-                )
+                    last = client.last_request.get(target.name)
+                    if last is not None and last < at - evict_after:
+                        self._evict(
+                            client,
+                            at,
+                            f"{target.name}: haven't heard from client in {at - last:.0f} "
+                            f"seconds (ping evictor, timeout {self.timeout():g} s)",
+                        )
             else:
+                client, name = subject
+                sent, actor = client.bl_sent[name]
                 self._evict(
-                    subject, at, f"blocked longer than 1.5 x timeout ({self.timeout():g} s)"
+                    client,
+                    at,
+                    f"{name}: lock callback timer expired after {at - sent:.0f}s "
+                    f"(conflicting request from {actor})",
                 )
             self.now = at
             self._refresh(at)
+        self.hsm_update(now)
         self.now = max(self.now, now)
+
+    def _recovery_expired(self, node: LustreNode, target: Target, at: float, why: str) -> None:
+        """The soft timer expired (class_disconnect_stale_exports of the clients that did not
+        reconnect) or the hard limit aborted recovery: evicted, and the target completes."""
+        rec = target.recovery
+        rec.status, rec.end = "COMPLETE", at
+        for client in self.clients:
+            if not self.reachable(node, target, client.address):
+                rec.evicted += 1
+                if not client.evicted_in_episode:
+                    self._evict(client, at, f"{target.name} {why} expired")
+        self.emit(
+            at,
+            "lustre.recovery_complete",
+            cluster=self.name,
+            target=target.name,
+            evicted=rec.evicted,
+        )
 
     def _evict(self, client: Client, at: float, reason: str) -> None:
         client.evicted_in_episode = True
         client.evictions += 1
+        # class_fail_export: its exports, and the locks with them, are gone.
+        client.connected.clear()
+        client.last_request.clear()
+        client.bl_sent.clear()
         self.evictions.append({"at": round(at, 3), "client": client.address, "reason": reason})
         self.emit(
             at, "lustre.client_evicted", cluster=self.name, client=client.address, reason=reason
@@ -655,28 +982,94 @@ class ClusterSim:
         mds = next((n for n in self.nodes if n.role is Role.MDS), None)
         if mds is not None and mds.up and mds.modules_loaded:
             self.last_timeout = float(mds.param("timeout") or self.last_timeout)
+        self.hsm_update(at)
         self._try_reconnect(at)
         self._refresh(at)
+
+    def client_io(self, node: LustreNode, at: float) -> None:
+        """The in-cluster client at ``node`` did I/O: conflicting requests to the clients
+        that hold locks and cannot be reached get a blocking AST now."""
+        self._send_blocking_asts(at, f"{node.name}/io")
+
+    def _send_blocking_asts(self, at: float, actor: str) -> None:
+        for client in self.clients:
+            if client.evicted_in_episode:
+                continue
+            for node, target in self.server_targets:
+                if (
+                    target.name in client.connected
+                    and target.name not in client.bl_sent
+                    and self._settled(target)
+                    and self.cut_off(node, target, client.address)
+                ):
+                    client.bl_sent[target.name] = (at, actor)
+                    self.lock_callbacks.append(
+                        {
+                            "at": round(at, 3),
+                            "client": client.address,
+                            "target": target.name,
+                            "from": actor,
+                        }
+                    )
+                    self.emit(
+                        at,
+                        "lustre.blocking_ast",
+                        cluster=self.name,
+                        client=client.address,
+                        target=target.name,
+                        actor=actor,
+                    )
 
     def _try_reconnect(self, at: float) -> None:
         for node, target in self.server_targets:
             rec = target.recovery
-            if rec.status != "WAITING_FOR_CLIENTS":
+            if rec.status not in ("WAITING_FOR_CLIENTS", "RECOVERING"):
                 continue
-            if not self.clients or all(
+            everyone = not self.clients or all(
                 self.reachable(node, target, c.address) for c in self.clients
-            ):
+            )
+            if rec.timer_start is None and (everyone or self._first_connection(node, target)):
+                # target_start_recovery_timer: armed with the soft window as it is now.
                 rec.status = "RECOVERING"
-                rec.replay_end = None if rec.stuck else at + REPLAY_SECONDS
+                rec.start = rec.timer_start = at
+                rec.timer_end = at + target.soft
+            if everyone and rec.replay_end is None and not rec.stuck:
+                rec.replay_end = at + REPLAY_SECONDS
 
     def _refresh(self, at: float) -> None:
+        targets = self.server_targets
+        actors = self.in_cluster_actors()
+        any_cut = False
         for client in self.clients:
-            blocked = self.blocked(client)
+            blocked = False
+            for node, target in targets:
+                if self.reachable(node, target, client.address):
+                    # (Re)connected: its export is live again (locks replayed in recovery).
+                    client.connected.add(target.name)
+                    client.last_request.pop(target.name, None)
+                    client.bl_sent.pop(target.name, None)
+                    continue
+                blocked = True
+                if self.cut_off(node, target, client.address):
+                    any_cut = True
+                    if target.name in client.connected and self._settled(target):
+                        if target.name not in client.last_request:
+                            client.last_request[target.name] = self._last_ping(client, at)
+                        continue
+                # Down, unmounted or recovering: no export to ping, no lock waiting.
+                client.last_request.pop(target.name, None)
+                client.bl_sent.pop(target.name, None)
             if blocked and client.blocked_since is None:
                 client.blocked_since = at
             elif not blocked and client.blocked_since is not None:
                 client.blocked_since = None
                 client.evicted_in_episode = False
+        for actor in actors:
+            self._send_blocking_asts(at, actor)
+        if any_cut and (not self.blocked_up or self.blocked_up[-1][1] is not None):
+            self.blocked_up.append([at, None])
+        elif not any_cut and self.blocked_up and self.blocked_up[-1][1] is None:
+            self.blocked_up[-1][1] = at
         serving = self._serving()
         if serving != self.serving:
             if not serving:
@@ -691,11 +1084,24 @@ class ClusterSim:
                 )
             self.serving = serving
 
+    def _last_ping(self, client: Client, at: float) -> float:
+        """The client's last request at or before ``at``: its last ping (every
+        ``PING_INTERVAL`` at its own phase; ptlrpc_pinger_main / ptlrpc_ping)."""
+        interval = ping_interval(self.timeout())
+        phase = client.ping_phase * interval
+        return at - ((at - phase) % interval)
+
     def settle(self, at: float) -> None:
-        """The fleet as loaded has served for a long time: no downtime is on record."""
+        """The fleet as loaded has served for a long time: no downtime is on record, and
+        every client is connected to every target (holding locks there)."""
+        for client in self.clients:
+            client.connected = {t.name for _, t in self.server_targets}
         self._refresh(at)
         self.downtime = []
         self.evictions = []
+        self.blocked_up = []
+        self.lock_callbacks = []
+        self.hsm_active, self.hsm_at = [], None
         for client in self.clients:
             client.evictions = 0
         self.quiet = False
@@ -714,6 +1120,16 @@ class ClusterSim:
             "eviction_log": list(self.evictions),
             "clients": len(self.clients),
             "clients_blocked": sum(1 for c in self.clients if c.blocked_since is not None),
+            # Servers up with their targets mounted while their firewall cuts clients off:
+            # where the ping evictor, lock callbacks and recovery timers run against them.
+            "blocked_while_up_s": round(self.blocked_while_up(now), 3),
+            "blocked_while_up_intervals": [
+                [round(s or 0.0, 3), None if e is None else round(e, 3)] for s, e in self.blocked_up
+            ],
+            "lock_callbacks_to_blocked": len(self.lock_callbacks),
+            "lock_callback_log": list(self.lock_callbacks[-50:]),
+            "in_cluster_actors": self.in_cluster_actors(),
+            "hsm_active_requests": len(self.hsm_active),
             "timeout": self.timeout(),
             "persistent_params": dict(self.persistent),
             "nodes": {
@@ -736,6 +1152,8 @@ class ClusterSim:
                     "mounted": t.mounted,
                     "recovery": t.recovery.status,
                     "evicted": t.recovery.evicted,
+                    "recovery_time_soft": t.soft,
+                    "recovery_time_hard": t.hard,
                 }
                 for n, t in self.server_targets
             ],
