@@ -104,11 +104,20 @@ def flow_run(server: PrefectServer, run_id: str) -> dict[str, Any]:
 def fleet_flow_run_id(server: PrefectServer, run_name: str) -> str:
     response = httpx.post(
         f"{server.url}/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["fleet-maintenance"]}}},
+        json={
+            "flows": {"name": {"any_": ["fleet-maintenance"]}},
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 200,
+        },
         timeout=10,
     )
     response.raise_for_status()
-    (run,) = [r for r in response.json() if r["parameters"]["params"]["run_name"] == run_name]
+    # Other tests' fleet runs share this server, some without a run_name parameter.
+    (run,) = [
+        r
+        for r in response.json()
+        if (r["parameters"].get("params") or {}).get("run_name") == run_name
+    ]
     return str(run["id"])
 
 
