@@ -57,24 +57,31 @@ class ScaledClock:
 
 
 class Pacer:
-    """At most ``per_second`` events per sim second, across every thread that shares it.
+    """At most ``per_second`` events per sim second after a first ``burst``, across every
+    thread that shares it: a token bucket of ``burst`` tokens refilled ``per_second``.
 
-    ``wait()`` reserves the next free slot and sleeps until it. Status polls go through one:
-    at fleet scale (over a thousand VMs and nodes polled at once) unpaced polling took all the
-    CPU of the orchestrator, and thousands of threads waking together spent it in the kernel
-    fighting for the GIL. A paced caller sleeps (costs nothing) and polls a little later;
-    the process's polling load stays bounded however many clusters are in flight, and so does
-    what it asks of Azure's read limits. ``per_second`` None or 0: no pacing.
+    ``wait()`` reserves the next token and sleeps until it is due (with ``burst`` 1: events
+    evenly spaced). Status polls go through one: at fleet scale (over a thousand VMs and nodes
+    polled at once) unpaced polling took all the CPU of the orchestrator, and thousands of
+    threads waking together spent it in the kernel fighting for the GIL. A paced caller sleeps
+    (costs nothing) and polls a little later. Every ARM request goes through its
+    subscription's pacer for reads, writes or deletes, set at or under ARM's refill rate and
+    bucket: a caller that keeps to such a pacer is never throttled by that bucket, however
+    many threads ask at once. ``per_second`` None or 0: no pacing.
     """
 
-    def __init__(self, clock: Clock, per_second: float | None) -> None:
+    def __init__(self, clock: Clock, per_second: float | None, *, burst: float = 1.0) -> None:
         if per_second is not None and per_second < 0:
             raise ValueError(f"per_second must be >= 0, got {per_second}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
         self.clock = clock
         self.interval = 1.0 / per_second if per_second else 0.0
+        self.burst = float(burst)
         self.waited_s = 0.0  # sim seconds callers spent waiting for a slot, in total
         self.events = 0
-        self._next = 0.0
+        self._tokens = self.burst  # below 0: slots reserved ahead
+        self._updated: float | None = None
         self._lock = threading.Lock()
 
     def wait(self) -> None:
@@ -82,9 +89,13 @@ class Pacer:
             return
         with self._lock:
             now = self.clock.now()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
+            if self._updated is not None and now > self._updated:
+                self._tokens = min(self.burst, self._tokens + (now - self._updated) / self.interval)
+            if self._updated is None or now > self._updated:
+                self._updated = now
+            self._tokens -= 1.0
+            delay = max(0.0, -self._tokens) * self.interval
             self.events += 1
-            self.waited_s += slot - now
-        if slot > now:
-            self.clock.sleep(slot - now)
+            self.waited_s += delay
+        if delay > 0:
+            self.clock.sleep(delay)

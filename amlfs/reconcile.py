@@ -57,7 +57,16 @@ class ClusterPosition:
 
 
 def inspect_cluster(cluster: Cluster, gateway: ComputeGateway, store: Store) -> ClusterPosition:
-    """Read-only: the journal, which OS disk each VM runs, and disks left unattached."""
+    """Read-only: the journal, which OS disk each VM runs, and disks left unattached.
+
+    One disk list of the resource group, the rest GETs by name. The list stays because only a
+    list sees an OS disk this tool made for a release it no longer knows: a disk's name comes
+    from its VM and release (``new_os_disk_name``), and a run that died before it journaled,
+    or an orchestrator on another state store, leaves one under a name no journal holds. It
+    is one of Compute's high-cost GETs (``HighCostGet3Min`` 240, ``HighCostGet30Min`` 1,920
+    per subscription and region, and a spent window answers 429 for the rest of it, up to 30
+    minutes): the gateway paces it per subscription (``max_disk_lists_per_s``), so a fleet
+    starting many clusters at once queues its lists instead of spending the window."""
     journal = store.get("clusters", cluster.name, "run")
     position = ClusterPosition(cluster.name, journal)
     vms = {n.name for n in cluster.nodes}

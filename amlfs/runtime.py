@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from amlfs.azure.client import StaticTokenCredential, compute_client
-from amlfs.azure.gateway import ComputeGateway, OperationTimes
+from amlfs.azure.gateway import ComputeGateway, OperationTimes, arm_budget_of
 from amlfs.clock import Clock, Pacer, ScaledClock
 from amlfs.errors import InventoryError
 from amlfs.models import Cluster, Release
@@ -55,6 +57,35 @@ class AzureSettings(BaseModel):
     )
     max_background_polls_per_s: float = Field(
         default=10, ge=0, description="The same for disk operations outside the downtime"
+    )
+    # Azure Resource Manager meters every request per subscription and principal: reads in a
+    # bucket of 250 refilled 25/s, writes and deletes each 200 refilled 10/s (learn.microsoft
+    # .com, "Understand how Azure Resource Manager throttles requests"). Processes that share a
+    # principal and a subscription share these: each gets its share (amlfs.shards does).
+    max_arm_reads_per_s: float = Field(
+        default=20,
+        ge=0,
+        description="ARM reads (every GET: VMs, disks, operation status polls) per second per "
+        "subscription, this process; ARM refills a principal's reads 25/s (0: unpaced)",
+    )
+    max_arm_writes_per_s: float = Field(
+        default=8,
+        ge=0,
+        description="ARM writes (PUT, PATCH, POST) per second per subscription, this process; "
+        "ARM refills a principal's writes 10/s (0: unpaced)",
+    )
+    max_arm_deletes_per_s: float = Field(
+        default=8,
+        ge=0,
+        description="ARM deletes per second per subscription, this process; ARM refills a "
+        "principal's deletes 10/s (0: unpaced)",
+    )
+    max_disk_lists_per_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Disk lists per second per subscription, this process: each is one of "
+        "Compute's high-cost GETs (240 per 3 min, 1,920 per 30 min per subscription and region; "
+        "once spent, 429 for the rest of the window) (0: unpaced)",
     )
 
     def credential_object(self) -> object:
@@ -130,18 +161,54 @@ class Connections:
     _gateways: dict[str, ComputeGateway] = field(default_factory=dict)
     _pool: SshPool | None = None
     _pacers: dict[str, Pacer] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def pacer(self, name: str) -> Pacer:
         """The process's pacer ``polls``, ``background_polls`` or ``node_checks``."""
-        pacer = self._pacers.get(name)
-        if pacer is None:
-            rate = {
-                "polls": self.azure.max_polls_per_s,
-                "background_polls": self.azure.max_background_polls_per_s,
-                "node_checks": self.ssh.max_checks_per_s,
-            }[name]
-            pacer = self._pacers.setdefault(name, Pacer(self.clock, rate))
-        return pacer
+        rate = {
+            "polls": self.azure.max_polls_per_s,
+            "background_polls": self.azure.max_background_polls_per_s,
+            "node_checks": self.ssh.max_checks_per_s,
+        }[name]
+        return self._paced(name, rate, burst=1.0)
+
+    def arm_pacer(self, subscription_id: str, name: str) -> Pacer:
+        """This process's share of a subscription's ARM budget: ``reads``, ``writes``,
+        ``deletes`` (every request, by its method), or ``disk_lists`` (Compute's high-cost GET,
+        on top of a read). The ARM ones let a second's worth through at once: ARM's buckets
+        hold ten (reads) and twenty (writes, deletes) seconds of their refill."""
+        rate = {
+            "reads": self.azure.max_arm_reads_per_s,
+            "writes": self.azure.max_arm_writes_per_s,
+            "deletes": self.azure.max_arm_deletes_per_s,
+            "disk_lists": self.azure.max_disk_lists_per_s,
+        }[name]
+        burst = 1.0 if name == "disk_lists" else max(1.0, rate)
+        return self._paced(f"{name}:{subscription_id.lower()}", rate, burst=burst)
+
+    def pacers(self) -> dict[str, Pacer]:
+        """Every pacer made so far, by name (``reads:<subscription>`` for the ARM ones)."""
+        with self._lock:
+            return dict(self._pacers)
+
+    def _paced(self, key: str, rate: float, *, burst: float) -> Pacer:
+        with self._lock:
+            pacer = self._pacers.get(key)
+            if pacer is None:
+                pacer = self._pacers[key] = Pacer(self.clock, rate, burst=burst)
+            return pacer
+
+    def _arm_hook(self, subscription_id: str) -> Callable[[Any], None]:
+        """Called by azure-core before every attempt of every request of the subscription's
+        client (retries and the SDK's own polls included): waits for its ARM slot."""
+        pacers = {
+            name: self.arm_pacer(subscription_id, name) for name in ("reads", "writes", "deletes")
+        }
+
+        def hook(request: Any) -> None:
+            pacers[arm_budget_of(request.http_request.method)].wait()
+
+        return hook
 
     @classmethod
     def create(cls, azure: AzureSettings, ssh: SshSettings) -> Connections:
@@ -160,6 +227,7 @@ class Connections:
                 retry_backoff_factor=0.8 / scale,
                 retry_backoff_max=max(1.0, 60.0 / scale),
                 pool_size=self.pool_size,
+                raw_request_hook=self._arm_hook(subscription_id),
             )
             gateway = ComputeGateway(
                 client,
@@ -167,6 +235,7 @@ class Connections:
                 times=self.times,
                 polls=self.pacer("polls"),
                 background_polls=self.pacer("background_polls"),
+                disk_lists=self.arm_pacer(subscription_id, "disk_lists"),
             )
             self._gateways[subscription_id] = gateway
         return gateway

@@ -77,12 +77,12 @@ class ShardSpec:
     freeze_heap: bool = True
 
     def for_share(self, share: float) -> ShardSpec:
-        """This spec with the process-wide rates cut to ``share`` of them (0 stays unpaced)."""
+        """This spec with the process-wide rates cut to ``share`` of them (0 stays unpaced):
+        the polls, and each subscription's ARM budget (reads, writes, deletes, disk lists),
+        which the processes share because they run as one principal."""
+        rates = [name for name in type(self.azure).model_fields if name.startswith("max_")]
         azure = self.azure.model_copy(
-            update={
-                "max_polls_per_s": self.azure.max_polls_per_s * share,
-                "max_background_polls_per_s": self.azure.max_background_polls_per_s * share,
-            }
+            update={name: getattr(self.azure, name) * share for name in rates}
         )
         ssh = self.ssh.model_copy(update={"max_checks_per_s": self.ssh.max_checks_per_s * share})
         return dataclasses.replace(self, azure=azure, ssh=ssh)

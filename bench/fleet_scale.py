@@ -8,12 +8,22 @@ clusters in one wave, windows overridden (the run measures throughput, not the c
 
 * P2 makespan / lower bound. The bound, in sim seconds, is the largest of:
   - one cluster's shortest possible upgrade: its slowest VM's disk create, + HSM drain, + its
-    slowest VM's power off + swap + start, + recovery replay, + its slowest disk delete
-    (expected values, Monte Carlo over the emulator's duration ranges);
+    slowest VM's OS disk swap (the one PUT: stop + swap + boot), + recovery replay, + its
+    slowest disk delete (expected values, Monte Carlo over the emulator's duration ranges);
   - clusters x that / parallel slots, slots = min(max_parallel, subscriptions x
     per-subscription cap, regions x per-region cap);
-  - Azure's write buckets: per subscription, (VM writes - burst) / rate and the same for disk
-    writes (3 VM writes and 2 disk writes per VM).
+  - Azure's throttling, for the fewest requests any orchestrator needs per VM: 2 writes (the
+    new disk's PUT, the VM's PUT), 1 delete (the old disk), 3 reads (one status of each of
+    the 3 operations), 1 Compute "Update VM" token, 1 CreateUpdateDisks and 1 DeleteDisks
+    request. With n VMs in a subscription (ARM meters per subscription and principal; the
+    bench runs one principal) or in a subscription and region (Compute meters there):
+      a token bucket of B tokens refilled r/s serves N requests in >= max(0, (N - B) / r):
+        ARM reads    (3n - 250) / 25      ARM writes (2n - 200) / 10
+        ARM deletes  (n - 200) / 10       Compute Update VM (n - 1500) / (500 / 60)
+      a window of L requests per W s serves N in >= (ceil(N / L) - 1) x W:
+        CreateUpdateDisks3Min / 30Min: L = 1,000 / 8,000, W = 180 / 1,800
+        DeleteDisks3Min / 30Min:       L = 3,000 / 24,000
+    (limits: amlfs_sim/arm/README.md, "Throttling"; the emulator enforces the same ones).
 * P3 orchestrator CPU seconds (user + system of this process, all threads) per node upgraded.
 * P4 run with ``--clusters 1000 --nodes 8``: clusters upgraded, throttled requests, failures.
 
@@ -35,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +77,33 @@ def _delta(before: dict[str, int], after: dict[str, int]) -> list[tuple[str, int
     return sorted(((k, v) for k, v in grown.items() if v), key=lambda kv: -kv[1])
 
 
-def lower_bound(clusters: int, nodes: int, slots: int, subscriptions: int) -> tuple[float, str]:
+def bucket_s(requests: float, bucket: float, per_second: float) -> float:
+    """Least time a token bucket (``bucket`` tokens, ``per_second`` refill) takes to serve
+    ``requests``."""
+    return max(0.0, (requests - bucket) / per_second)
+
+
+def window_s(requests: int, limit: int, window: float) -> float:
+    """Least time fixed windows of ``limit`` requests per ``window`` s take to serve
+    ``requests``: every window but the last is waited out."""
+    return max(0, math.ceil(requests / limit) - 1) * window
+
+
+def throttling_bound(vms_per_subscription: int, vms_per_region: int) -> dict[str, float]:
+    """The throttling terms of the bound (sim s) for the busiest subscription and the busiest
+    (subscription, region), at the fewest requests per VM (see the module docstring)."""
+    n, m = vms_per_subscription, vms_per_region
+    return {
+        "ARM reads": bucket_s(3 * n, 250, 25),
+        "ARM writes": bucket_s(2 * n, 200, 10),
+        "ARM deletes": bucket_s(n, 200, 10),
+        "Compute Update VM": bucket_s(m, 1500, 500 / 60),
+        "CreateUpdateDisks": max(window_s(m, 1000, 180), window_s(m, 8000, 1800)),
+        "DeleteDisks": max(window_s(m, 3000, 180), window_s(m, 24000, 1800)),
+    }
+
+
+def lower_bound(clusters: list[Cluster], nodes: int, slots: int) -> tuple[float, str]:
     d = Durations()
     rng = random.Random(0)
 
@@ -83,14 +120,18 @@ def lower_bound(clusters: int, nodes: int, slots: int, subscriptions: int) -> tu
         delete = max(draw(d.disk_delete) for _ in range(nodes))
         total += create + swap + delete
     one = total / samples + HSM_DRAIN_SECONDS + REPLAY_SECONDS
-    rounds = clusters * one / slots if clusters > slots else one
-    per_sub = math.ceil(clusters / subscriptions) * nodes
-    vm_writes = max(0.0, (3 * per_sub - 1500) / (500 / 60))
-    disk_writes = max(0.0, (2 * per_sub - 1500) / (500 / 60))
-    bound = max(one, rounds, vm_writes, disk_writes)
+    count = len(clusters)
+    rounds = count * one / slots if count > slots else one
+    per_sub = Counter(c.subscription_id for c in clusters)
+    per_region = Counter((c.subscription_id, c.region) for c in clusters)
+    throttled = throttling_bound(
+        max(per_sub.values(), default=0) * nodes, max(per_region.values(), default=0) * nodes
+    )
+    worst = max(throttled, key=lambda k: throttled[k])
+    bound = max(one, rounds, throttled[worst])
     why = (
-        f"one cluster {one:.0f} s; {clusters} x {one:.0f} s / {slots} slots = {rounds:.0f} s; "
-        f"write buckets {max(vm_writes, disk_writes):.0f} s"
+        f"one cluster {one:.0f} s; {count} x {one:.0f} s / {slots} slots = {rounds:.0f} s; "
+        f"throttling {throttled[worst]:.0f} s ({worst})"
     )
     return bound, why
 
@@ -295,6 +336,10 @@ def main() -> None:
                 name: connections.pacer(name)
                 for name in ("polls", "background_polls", "node_checks")
             }
+            # Each subscription's ARM budget: reads, writes, deletes, disk lists.
+            pacers.update(
+                {name: pacer for name, pacer in connections.pacers().items() if ":" in name}
+            )
             connections.close()
             state = sim_state()
         finally:
@@ -308,7 +353,7 @@ def main() -> None:
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime) + shard_cpu
     nodes_done = upgraded * args.nodes
     per_node = max(nodes_done, 1)
-    bound, why = lower_bound(args.clusters, args.nodes, slots, args.subscriptions)
+    bound, why = lower_bound(fleet.clusters, args.nodes, slots)
     downtimes = sorted(
         c["downtime_total"] for c in state["clusters"].values() if c["downtime_intervals"]
     )
@@ -377,6 +422,7 @@ def main() -> None:
     table.add_row("max clusters in flight", str(summary.max_in_flight), f"<= {args.max_parallel}")
     for name, pacer in pacers.items():
         rate = f"{1 / pacer.interval:g}/s" if pacer.interval else "unpaced"
+        name = name if ":" not in name else f"{name.split(':')[0]} of {name.split(':')[1][:8]}"
         table.add_row(
             f"{name} ({rate}): paced waits, mean",
             f"{pacer.events} / {pacer.waited_s / max(pacer.events, 1):.2f} s",

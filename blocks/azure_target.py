@@ -32,6 +32,10 @@ class AzureTarget(Block):
     poll_interval_s: float = like(AzureSettings, "poll_interval_s")
     max_polls_per_s: float = like(AzureSettings, "max_polls_per_s")
     max_background_polls_per_s: float = like(AzureSettings, "max_background_polls_per_s")
+    max_arm_reads_per_s: float = like(AzureSettings, "max_arm_reads_per_s")
+    max_arm_writes_per_s: float = like(AzureSettings, "max_arm_writes_per_s")
+    max_arm_deletes_per_s: float = like(AzureSettings, "max_arm_deletes_per_s")
+    max_disk_lists_per_s: float = like(AzureSettings, "max_disk_lists_per_s")
 
     def settings(self) -> AzureSettings:
         return to_settings(self, AzureSettings)

@@ -61,6 +61,7 @@ __all__ = [
     "DiskInfo",
     "OperationTimes",
     "VmInfo",
+    "arm_budget_of",
     "data_disk_layout",
     "is_busy_conflict",
     "map_azure_error",
@@ -160,6 +161,15 @@ def map_azure_error(err: Exception, what: str) -> AzureError:
     if isinstance(err, SdkAzureError):
         return RetryableAzureError(f"{what}: {type(err).__name__}: {err.message}")
     raise err
+
+
+def arm_budget_of(method: str) -> str:
+    """Which of ARM's per-subscription budgets an HTTP request spends: ``reads`` (GET),
+    ``deletes`` (DELETE) or ``writes`` (PUT, PATCH, POST)."""
+    method = method.upper()
+    if method in ("GET", "HEAD"):
+        return "reads"
+    return "deletes" if method == "DELETE" else "writes"
 
 
 def data_disk_layout(disks: list[DataDisk] | None) -> list[tuple[int, str]]:
@@ -387,6 +397,7 @@ class ComputeGateway:
         times: OperationTimes | None = None,
         polls: Pacer | None = None,
         background_polls: Pacer | None = None,
+        disk_lists: Pacer | None = None,
     ) -> None:
         self.compute = compute
         self.clock = clock
@@ -396,6 +407,9 @@ class ComputeGateway:
         # downtime, and of background ones (disks), each paced on its own.
         self.polls = polls
         self.background_polls = background_polls
+        # A disk list is one of Compute's high-cost GETs (HighCostGet3Min, HighCostGet30Min,
+        # per subscription and region); a spent window answers 429 for the rest of it.
+        self.disk_lists = disk_lists
         # Disk operations run outside the customer's downtime: poll them less often (polling
         # the SDK's LROs was the orchestrator's largest CPU cost in the fleet profile).
         self.slow_poll = clock.to_real(slow_poll_s)
@@ -511,6 +525,10 @@ class ComputeGateway:
         return _disk_info(disk)
 
     def list_disks(self, resource_group: str) -> list[DiskInfo]:
+        """Every disk of the group: a high-cost GET, paced by ``disk_lists``. A GET by name
+        (``get_disk``) is the cheap read whenever the name is known."""
+        if self.disk_lists is not None:
+            self.disk_lists.wait()
         return self._call(
             f"list disks of {resource_group}",
             lambda: [

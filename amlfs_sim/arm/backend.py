@@ -37,7 +37,14 @@ from amlfs_sim.arm.models import (
     VirtualMachine,
     key_of,
 )
-from amlfs_sim.arm.throttling import RequestClass, ThrottleDecision, ThrottlePolicy, Throttler
+from amlfs_sim.arm.throttling import (
+    ArmDecision,
+    ArmOperation,
+    RequestClass,
+    ThrottleDecision,
+    ThrottlePolicy,
+    Throttler,
+)
 from amlfs_sim.faults import FaultBook, FaultMode, FaultSpec
 from amlfs_sim.spec import DurationRange, ImageSpec, SimWorld
 
@@ -358,6 +365,16 @@ class ArmBackend:
                 f"The subscription '{subscription_id}' could not be found.",
             )
 
+    def admit_arm(
+        self, kind: str, operation: ArmOperation, subscription_id: str, principal: str
+    ) -> ArmDecision:
+        """ARM's front-door metering of one request, before it reaches Compute."""
+        self.requests += 1
+        self.requests_by_kind[kind] += 1
+        return self.throttler.admit_arm(
+            operation, subscription=subscription_id, principal=principal, now=self.clock.now()
+        )
+
     def admit(
         self,
         kind: str,
@@ -367,9 +384,8 @@ class ArmBackend:
         resource_id: str,
         target_name: str,
     ) -> ThrottleDecision:
-        """Throttle and accept-phase faults for one request; raises ArmError to refuse it."""
-        self.requests += 1
-        self.requests_by_kind[kind] += 1
+        """Compute's throttling and accept-phase faults for one request that ARM let through;
+        raises ArmError to refuse it."""
         storm = self.faults.take(kind, target_name, (FaultMode.THROTTLE,))
         if storm is not None:
             self.throttler.throttled_count += 1

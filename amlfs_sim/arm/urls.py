@@ -1,12 +1,16 @@
 """Routes of the emulated ARM surface (the coverage table is in amlfs_sim/arm/README.md).
 
 Every route runs the same admission under the backend lock: advance sim time, check the
-api-version, throttle, apply accept-phase faults, then act. Handlers are ``async`` and do
-only in-memory work, so no thread pool is involved.
+api-version, let ARM meter the request (per subscription and principal: reads, writes,
+deletes), resolve its target, let Compute meter it (its policy for the request class), apply
+accept-phase faults, then act. Handlers are ``async`` and do only in-memory work, so no thread
+pool is involved.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import uuid
@@ -28,7 +32,7 @@ from amlfs_sim.arm.responses import (
     operation_json,
     vm_json,
 )
-from amlfs_sim.arm.throttling import RequestClass, ThrottleDecision
+from amlfs_sim.arm.throttling import ArmDecision, ArmOperation, RequestClass, ThrottleDecision
 
 __all__ = ["create_arm_router"]
 
@@ -54,6 +58,23 @@ def error_response(err: ArmError, headers: dict[str, str] | None = None) -> Resp
     return json_response(err.status, err.body(), headers)
 
 
+def principal_of(token: str) -> str:
+    """The principal ARM meters a bearer token under: a JWT's ``oid`` (or ``appid``) as Entra
+    ID issues it, else a GUID derived from the token (the emulator takes any token; the token
+    itself never appears in an answer)."""
+    parts = token.split(".")
+    if len(parts) == 3:
+        try:
+            payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        except (ValueError, binascii.Error):
+            payload = None
+        if isinstance(payload, dict):
+            for claim in ("oid", "appid", "sub"):
+                if isinstance(payload.get(claim), str) and payload[claim]:
+                    return str(payload[claim])
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "amlfs-sim-principal:" + token))
+
+
 def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
     router = APIRouter()
     scale = backend.clock.time_scale
@@ -72,28 +93,63 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         }
 
     def throttled(decision: ThrottleDecision) -> Response:
+        """Compute's 429 ("Troubleshooting API throttling errors"): OperationNotAllowed, one
+        TooManyRequests detail naming the policy, its window and counts as a JSON string."""
         headers = retry_headers(max(decision.retry_after_s, 1.0))
         if decision.remaining_header:
             headers["x-ms-ratelimit-remaining-resource"] = decision.remaining_header
+        group = decision.policy.rsplit("/", 1)[-1]
+        detail = {
+            "operationGroup": group,
+            "startTime": times.iso(decision.window[0]),
+            "endTime": times.iso(decision.window[1]),
+            "allowedRequestCount": decision.allowed_count,
+            "measuredRequestCount": decision.measured_count,
+        }
+        body = {
+            "error": {
+                "code": "OperationNotAllowed",
+                "message": "The server rejected the request because too many requests have "
+                "been received for this subscription.",
+                "details": [
+                    {
+                        "code": "TooManyRequests",
+                        "target": group,
+                        "message": json.dumps(detail, separators=(",", ":")),
+                    }
+                ],
+            }
+        }
+        return json_response(429, body, headers)
+
+    def arm_throttled(decision: ArmDecision, sub: str, principal: str) -> Response:
+        """ARM's own 429, before the request reaches Compute: SubscriptionRequestsThrottled."""
+        wait = max(decision.retry_after_s, 1.0)
+        headers = {**retry_headers(wait), **decision.headers()}
+        who = "" if decision.global_limit else f" actor '{principal}'"
         err = ArmError(
             429,
-            "OperationNotAllowed",
-            "The server rejected the request because too many requests have been received for "
-            f"this subscription. (policy {decision.policy})",
+            "SubscriptionRequestsThrottled",
+            f"Number of '{decision.operation.value}' requests for subscription '{sub}'{who} "
+            f"exceeded. Please try again after '{math.ceil(wait)}' seconds after additional "
+            "tokens are available. Refer to https://aka.ms/arm-throttling for additional "
+            "information.",
         )
         return error_response(err, headers)
 
     def handle(
         request: Request,
         kind: str,
-        request_class: RequestClass,
+        request_class: RequestClass | Callable[[], RequestClass],
         sub: str,
         target: Callable[[], tuple[str, str, str]],
         act: Callable[[], Response],
     ) -> Response:
-        """``target`` gives (region, resource id, name); raising ArmError answers with it."""
+        """``target`` gives (region, resource id, name); raising ArmError answers with it.
+        ``request_class`` may be known only once the target is (an operation's kind)."""
         auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+        token = auth[7:].strip()
+        if not auth.lower().startswith("bearer ") or not token:
             return error_response(
                 ArmError(
                     401,
@@ -104,6 +160,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         with backend.lock:
             backend.advance()
             decision: ThrottleDecision | None = None
+            arm: ArmDecision | None = None
             try:
                 version = request.query_params.get("api-version")
                 if not version:
@@ -118,13 +175,23 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
                         f"The api-version '{version}' is invalid; the emulator serves "
                         f"{OLDEST_API_VERSION} and later.",
                     )
+                # ARM meters every request that reached it, found or not, before routing it.
+                principal = principal_of(token)
+                arm = backend.admit_arm(
+                    kind, ArmOperation.of_method(request.method), sub, principal
+                )
+                if not arm.allowed:
+                    return arm_throttled(arm, sub, principal)
                 region, resource_id, name = target()
-                decision = backend.admit(kind, request_class, sub, region, resource_id, name)
-                if not decision.allowed:
-                    return throttled(decision)
-                response = act()
+                metered = (
+                    request_class if isinstance(request_class, RequestClass) else request_class()
+                )
+                decision = backend.admit(kind, metered, sub, region, resource_id, name)
+                response = act() if decision.allowed else throttled(decision)
             except ArmError as err:
                 response = error_response(err)
+            if arm is not None:
+                response.headers.update(arm.headers())
             if decision is not None and decision.remaining_header:
                 response.headers["x-ms-ratelimit-remaining-resource"] = decision.remaining_header
             return response
@@ -171,7 +238,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "vm.list",
-            RequestClass.LOW_COST_GET,
+            RequestClass.VM_LIST,
             sub,
             group_target(sub, rg),
             lambda: json_response(
@@ -185,7 +252,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "vm.get",
-            RequestClass.LOW_COST_GET,
+            RequestClass.VM_GET,
             sub,
             vm_target(sub, rg, name),
             lambda: json_response(
@@ -198,7 +265,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "vm.instance_view",
-            RequestClass.LOW_COST_GET,
+            RequestClass.VM_GET,
             sub,
             vm_target(sub, rg, name),
             lambda: json_response(
@@ -253,7 +320,9 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             op = method(backend.vm(sub, rg, name))
             return lro(request, op, 202, None, location=True)
 
-        return handle(request, kind, RequestClass.VM_WRITE, sub, vm_target(sub, rg, name), act)
+        # Compute meters deallocate as "Delete VM", the other actions as "Update VM".
+        request_class = RequestClass.VM_DELETE if action == "deallocate" else RequestClass.VM_WRITE
+        return handle(request, kind, request_class, sub, vm_target(sub, rg, name), act)
 
     # ------------------------------------------------------------------ disks
 
@@ -262,7 +331,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "disk.list",
-            RequestClass.LOW_COST_GET,
+            RequestClass.DISK_LIST,
             sub,
             group_target(sub, rg),
             lambda: json_response(
@@ -275,7 +344,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "disk.get",
-            RequestClass.LOW_COST_GET,
+            RequestClass.DISK_GET,
             sub,
             group_target(sub, rg, name),
             lambda: json_response(200, disk_json(backend.disk(sub, rg, name), times)),
@@ -319,7 +388,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             return lro(request, op, 202, None, location=True)
 
         return handle(
-            request, "disk.delete", RequestClass.DISK_WRITE, sub, group_target(sub, rg, name), act
+            request, "disk.delete", RequestClass.DISK_DELETE, sub, group_target(sub, rg, name), act
         )
 
     # ------------------------------------------------------------------ gallery
@@ -331,7 +400,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "image.get",
-            RequestClass.LOW_COST_GET,
+            RequestClass.GALLERY_GET,
             sub,
             group_target(sub, rg, f"{gallery}/{image}/{version}"),
             lambda: json_response(200, image_json(backend.image(sub, rg, gallery, image, version))),
@@ -344,7 +413,7 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
         return handle(
             request,
             "image.get",
-            RequestClass.LOW_COST_GET,
+            RequestClass.GALLERY_GET,
             sub,
             group_target(sub, rg, f"{gallery}/{image}"),
             lambda: json_response(
@@ -389,7 +458,11 @@ def create_arm_router(backend: ArmBackend, times: SimTime) -> APIRouter:
                 return json_response(200)
             return json_response(200, operation_json(op, times))
 
-        return handle(request, "operation.poll", RequestClass.OPERATION_POLL, sub, target, act)
+        def request_class() -> RequestClass:
+            disk = find().kind.startswith("disk.")
+            return RequestClass.DISK_OPERATION_POLL if disk else RequestClass.VM_OPERATION_POLL
+
+        return handle(request, "operation.poll", request_class, sub, target, act)
 
     return router
 
