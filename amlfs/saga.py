@@ -40,7 +40,7 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar, cast
@@ -60,7 +60,7 @@ from amlfs.errors import (
 from amlfs.fanout import run_all
 from amlfs.ids import KEEP_TAG, TAG_RELEASE, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldError, LeaseLostError
-from amlfs.lustre.procedures import LustreOps, NodeRef, ShellSource, SuspendPolicy
+from amlfs.lustre.procedures import AGENT_ROLES, LustreOps, NodeRef, ShellSource, SuspendPolicy
 from amlfs.models import Cluster, Release, Role
 from amlfs.reconcile import inspect_cluster
 from amlfs.store import Store
@@ -523,6 +523,10 @@ class ClusterUpgrade:
         if self.state.suspend_started:
             if serving:
                 serving = self._compensate("clients back", self.let_clients_back, failures)
+            if serving and self.plans and self._agents_later() and self._agents_off_old_disks():
+                serving = self._compensate("swap back agents", self.swap_back_agents, failures)
+            if serving:
+                serving = self._compensate("in-cluster work", self.resume_work, failures)
             if serving:
                 # Only with clients back: a lower timeout would evict the ones still blocked.
                 self._compensate("tunables and HSM back", self.restore_tunables, failures)
@@ -799,17 +803,20 @@ class ClusterUpgrade:
             self.ops.start_services(node)
             self.restored.add(key)
 
-    def _restore_nodes(self, release: Release | None) -> None:
+    def _restore_nodes(
+        self, release: Release | None, nodes: Sequence[NodeRef] | None = None
+    ) -> None:
         version = release.version if release else ""
+        chosen = self.nodes if nodes is None else list(nodes)
 
         def one(node: NodeRef) -> None:
             if (node.name, version) not in self.restored:  # done while swapping
                 self._restore_node(node, release)
 
         # MDS first: OSTs and clients register with the MGS.
-        mds = [n for n in self.nodes if n.role is Role.MDS]
+        mds = [n for n in chosen if n.role is Role.MDS]
         self.ops.each(mds, one)
-        self.ops.each([n for n in self.nodes if n.role is not Role.MDS], one)
+        self.ops.each([n for n in chosen if n.role is not Role.MDS], one)
 
     def _apply_release_tunables(self) -> None:
         if not self.release.tunables:
@@ -831,12 +838,13 @@ class ClusterUpgrade:
         then the tunables and HSM: lowering ``timeout`` under blocked clients evicts them."""
         self._journal("unsuspending")
         self.let_clients_back()
+        self.resume_work()
         self.restore_tunables()
         self._journal("unsuspended")
 
     def let_clients_back(self) -> None:
         """Firewall off on every server (checked), recovery COMPLETE with the clients back
-        (0 evicted, the in-cluster client's probe), then the in-cluster work started again.
+        (0 evicted, the in-cluster client's probe).
 
         The recovery windows each server reports are read back first: they are what the
         targets computed when they mounted (from the ``timeout`` suspend raised), not what
@@ -868,7 +876,10 @@ class ClusterUpgrade:
         self.ops.guard_recovery(False)
         self.ops.wait_serving(self.policy.serving_timeout_s, self.run_id)
         self.serving_again_at = self.clock.now()
-        if self.state.tunables is not None:  # suspend recorded (and may have stopped) it
+
+    def resume_work(self) -> None:
+        """The in-cluster work suspend recorded (and may have stopped), started again."""
+        if self.state.tunables is not None:
             self.ops.resume_agent_work(
                 self.ops.decode_agent_work(self.state.tunables.get("agent_work"))
             )
@@ -941,19 +952,61 @@ class ClusterUpgrade:
                 return True
         return False
 
+    def _agents_later(self) -> bool:
+        """Swap the HSM agents back only once the clients are back? Yes once suspend began:
+        an agent's old disk boots with its hydrator and copytool running, and their I/O,
+        while servers are up with clients cut off, sends those clients blocking callbacks
+        they cannot answer: evicted ``ldlm_bl_timeout`` (>= 100 s) later, even if the work
+        is stopped at once (lustre/ldlm/ldlm_lockd.c, v2_15_5)."""
+        return self.state.suspend_started
+
+    def _back_first(self) -> list[_VmPlan]:
+        later = self._agents_later()
+        return [p for p in self.plans.values() if not (later and p.node.role in AGENT_ROLES)]
+
     def swap_back(self) -> None:
         """Every VM back on its old OS disk, its captured config and services restored and
-        healthy. The servers keep dropping client traffic until the clients may come back."""
+        healthy (the agents after the clients are back, see ``_agents_later``). The servers
+        keep dropping client traffic until the clients may come back."""
         if self.state.tunables is not None:
             self._resuspend_for_swap_back()
+        plans = self._back_first()
 
         def one(plan: _VmPlan) -> None:
             self._swap_vm(plan, plan.old_disk, plan.old_disk_id, None)
 
-        self._each(one)
+        self._each(one, plans)
         self.restored.clear()  # what was restored on the release's disks does not count
         self.restored_locally.clear()
-        self._restore_nodes(None)
+        nodes = [p.node for p in plans]
+        self._restore_nodes(None, nodes)
+        self.ops.wait_healthy(nodes, self._version_now(), self.policy.healthy_timeout_s)
+
+    def _agents_off_old_disks(self) -> bool:
+        for plan in self.plans.values():
+            if plan.node.role not in AGENT_ROLES:
+                continue
+            vm = self._retry(
+                f"read VM {plan.node.name}",
+                functools.partial(self.gw.vm_info, self.rg, plan.node.name),
+            )
+            if vm.os_disk_id.lower() != plan.old_disk_id.lower() or vm.power_state != "running":
+                return True
+        return False
+
+    def swap_back_agents(self) -> None:
+        """The HSM agents back on their old disks, with the clients already back."""
+        plans = [p for p in self.plans.values() if p.node.role in AGENT_ROLES]
+
+        def one(plan: _VmPlan) -> None:
+            self._swap_vm(plan, plan.old_disk, plan.old_disk_id, None)
+
+        self._each(one, plans)
+        agents = [p.node for p in plans]
+        for node in agents:
+            self.restored_locally.discard((node.name, ""))
+            self.restored.discard((node.name, ""))
+        self._restore_nodes(None, agents)
         self.ops.wait_healthy(self.nodes, self._version_now(), self.policy.healthy_timeout_s)
 
     def _resuspend_for_swap_back(self) -> None:

@@ -182,3 +182,32 @@ def test_an_abort_lands_inside_a_long_wait_not_at_the_next_step(
     assert "AbortRequestedError: operator abort while waiting on the nodes" in result.reason
     assert [t.status for t in result.steps if t.name == "restore"] == ["failed"]
     assert_back_to_normal(sim, before)
+
+
+def test_an_agent_swapped_back_does_no_io_while_a_server_still_cuts_clients_off(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    # One server's swap is refused (it stays up on its old disk, firewalled), the others are
+    # swapped. On the way back an agent boots its old disk, whose hydrator starts on its own,
+    # while another server's swap back takes 300 s: the hydrator's I/O would send blocking
+    # callbacks to the cut-off clients and evict them after 100 s.
+    sim.fault(
+        kind="vm.put",
+        target="eus01-oss1",
+        phase="accept",
+        status=400,
+        code="InvalidParameter",
+        count=1,
+    )
+
+    def runner(name: str, fn: Callable[[], Any]) -> Any:
+        if name == "rollback: swap back":
+            sim.fault(kind="vm.put", target="eus01-oss0", mode="hang", hang_s=300, count=1)
+        return fn()
+
+    before = node_params(sim)
+    result = upgrade(sim, conns, tmp_path, runner=runner)
+    assert result.outcome is Outcome.ROLLED_BACK, result.reason
+    customer = sim.customer()
+    assert customer["lock_callbacks_to_blocked"] == 0, customer.get("lock_callback_log")
+    assert_back_to_normal(sim, before)

@@ -483,13 +483,19 @@ class LustreOps:
 
         def one(node: NodeRef) -> None:
             try:
-                self.sh(node).run(["systemctl", "stop", *AGENT_WORK[node.role]])
+                self.stop_node_work(node)
             except NodeError as err:
                 if not best_effort:
                     raise
                 self.log(f"{node.name}: in-cluster work not stopped (down?): {err}")
 
         self.each(self.agents(), one)
+
+    def stop_node_work(self, node: NodeRef) -> None:
+        """Stop ``node``'s hydrator and copytool, if it is an agent (a node booted from its
+        old disk starts them on its own)."""
+        if node.role in AGENT_WORK:
+            self.sh(node).run(["systemctl", "stop", *AGENT_WORK[node.role]])
 
     def resume_agent_work(self, work: dict[str, list[str]] | None) -> None:
         """Start again what ``agent_work`` found running (the copytool before the hydrator);
@@ -822,8 +828,11 @@ class LustreOps:
 
     # ------------------------------------------------------------------ health
 
-    def check_node(self, node: NodeRef, lustre_version: str) -> list[str]:
-        """What is wrong with ``node`` for a suspended cluster on ``lustre_version``."""
+    def check_node(
+        self, node: NodeRef, lustre_version: str, agents_expected: int | None = None
+    ) -> list[str]:
+        """What is wrong with ``node`` for a suspended cluster on ``lustre_version``; on the
+        MDS, ``agents_expected`` HSM agents must be registered (None: every agent)."""
         problems: list[str] = []
         shell = self.sh(node)
         server = node.role in SERVER_ROLES
@@ -868,7 +877,11 @@ class LustreOps:
             problems.append("file system not mounted")
         if node.role is Role.MDS:
             agents = parse_hsm_agents(shell.check(reads[-1], results[-1]).stdout)
-            expected = sum(1 for n in self.nodes if n.role in AGENT_ROLES)
+            expected = (
+                sum(1 for n in self.nodes if n.role in AGENT_ROLES)
+                if agents_expected is None
+                else agents_expected
+            )
             if len(agents) < expected:
                 problems.append(f"{len(agents)}/{expected} HSM agents registered")
         return problems
@@ -876,10 +889,14 @@ class LustreOps:
     def wait_healthy(self, nodes: Sequence[NodeRef], lustre_version: str, timeout_s: float) -> None:
         deadline = self.clock.now() + timeout_s
 
+        # The agents among ``nodes`` must be registered with the MDT; the others may be
+        # elsewhere (swapped back later).
+        agents = sum(1 for n in nodes if n.role in AGENT_ROLES)
+
         def check(node: NodeRef) -> list[str]:
             self.checks.wait()
             try:
-                return self.check_node(node, lustre_version)
+                return self.check_node(node, lustre_version, agents)
             except NodeError as err:
                 return [str(err)]
 
