@@ -1,7 +1,7 @@
 """The emulator's control API under ``control_url``: ground truth, history, faults, reset.
 
 No ARM auth: it is the test harness's and the benchmark's window into the simulated world,
-never used by the orchestrator. ``state`` and ``timeline`` are what tests assert on.
+never used by the orchestrator. ``state``, ``nodes`` and ``timeline`` are what tests assert on.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
 
 from amlfs_sim.arm.backend import KEEP_TAG, ArmBackend
+from amlfs_sim.arm.models import Operation
 from amlfs_sim.arm.responses import SimTime
 from amlfs_sim.arm.urls import json_response
 from amlfs_sim.faults import FaultSpec
+from amlfs_sim.nodes.fleet import NodeFleet
+from amlfs_sim.nodes.lustre import FSNAME, LustreNode
 
-__all__ = ["create_control_router", "snapshot_state", "snapshot_timeline"]
+__all__ = ["create_control_router", "snapshot_nodes", "snapshot_state", "snapshot_timeline"]
 
 
 def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str, Any]:
@@ -101,31 +104,110 @@ def snapshot_state(backend: ArmBackend, cluster: str | None = None) -> dict[str,
         }
 
 
-def snapshot_timeline(backend: ArmBackend, since: int = 0) -> dict[str, Any]:
-    """Operations with sim start/end and phases, and point events after ``since``."""
+def _node_fleet(backend: ArmBackend) -> NodeFleet | None:
+    # The node layer hangs its customer view on the backend (``Emulator`` wires it); the
+    # bound method's owner is the node fleet itself, whose per-node state ``nodes`` reports.
+    owner = getattr(backend.customer_view, "__self__", None)
+    return owner if isinstance(owner, NodeFleet) else None
+
+
+def _node_truth(node: LustreNode) -> dict[str, Any]:
+    """One node as it is, whatever the orchestrator believes: read-only, in memory."""
+    cluster = node.cluster
+    params = {name: node.param(name) for name in ("timeout", "at_max")}
+    for target in node.targets:
+        if target.kind == "mgs":
+            continue
+        base = f"{target.param_prefix}.{target.name}"
+        for leaf in ("recovery_time_soft", "recovery_time_hard"):
+            params[f"{base}.{leaf}"] = node.param(f"{base}.{leaf}")
+        if target.kind == "mdt":
+            params[f"{base}.hsm_control"] = node.param(f"{base}.hsm_control")
+    return {
+        "role": node.role.value,
+        "address": node.address,
+        "up": node.up,
+        "crashed": node.crashed,
+        "modules_loaded": node.modules_loaded,
+        "healthy": node.up and node.healthy(),
+        "lustre_version": node.lustre_version,
+        "os_version": node.disk.os_version if node.disk else None,
+        "config_files": sorted(node.disk.files) if node.disk else [],
+        "services": dict(node.services),
+        "nids": list(node.nids),
+        "iptables": list(node.iptables),
+        # Evaluated like the emulator's clients do: does this node drop any client's TCP 988?
+        "drops_client_traffic": any(node.drops_client_traffic(c.address) for c in cluster.clients),
+        "params": params,
+        "client_mounted": node.client_mounted,
+        "targets": [
+            {"target": t.name, "mounted": t.mounted, "recovery": t.recovery.status}
+            for t in node.targets
+        ],
+    }
+
+
+def snapshot_nodes(backend: ArmBackend, cluster: str | None = None) -> dict[str, Any]:
+    """Every node's own Lustre state per cluster: firewall rules, tunables, services, HSM.
+
+    What ``state`` summarises (``firewall_rules`` as a count) in full, so that a judge can
+    tell a node left suspended (a DROP rule on TCP 988, ``timeout`` still raised, the HSM
+    coordinator disabled) from one back to normal without asking the node over SSH.
+    """
+    with backend.lock:
+        backend.advance()
+        fleet = _node_fleet(backend)
+        if fleet is None:
+            raise HTTPException(404, "this emulator has no node layer")
+        now = backend.clock.now()
+        out: dict[str, Any] = {}
+        for name, sim in fleet.clusters.items():
+            if cluster is not None and name != cluster:
+                continue
+            sim.advance(now)
+            mds = sim.mds
+            out[name] = {
+                "timeout": sim.timeout(),  # what the clients run with (evictions use it)
+                "persistent_params": dict(sim.persistent),
+                "hsm_control": mds.param(f"mdt.{FSNAME}-MDT0000.hsm_control") if mds.up else None,
+                "hsm_active_requests": sim.hsm_active_requests(now),
+                "clients_blocked": sum(1 for c in sim.clients if c.blocked_since is not None),
+                "nodes": {n.name: _node_truth(n) for n in sim.nodes},
+            }
+        return {"now": round(now, 3), "clusters": out}
+
+
+def snapshot_timeline(
+    backend: ArmBackend, since: int = 0, *, operations: bool = True
+) -> dict[str, Any]:
+    """Operations with sim start/end and phases, and point events after ``since``.
+
+    ``operations=False`` leaves the operations out: a harness watching for an event polls
+    often, and the whole operation history is the bulk of the answer.
+    """
     with backend.lock:
         backend.advance()
         return {
             "now": round(backend.clock.now(), 3),
-            "operations": [
-                {
-                    "id": op.id,
-                    "kind": op.kind,
-                    "target": op.target,
-                    "start": round(op.start, 3),
-                    "end": None if op.end is None else round(op.end, 3),
-                    "status": op.status.value,
-                    "error_code": op.error_code,
-                    "hang": op.hang,
-                    "phases": [
-                        {"name": n, "start": round(s, 3), "end": round(e, 3)}
-                        for n, s, e in op.phase_log
-                    ],
-                }
-                for op in backend.history
-            ],
+            "operations": [_operation_row(op) for op in backend.history] if operations else [],
             "events": [e.as_dict() for e in backend.events if e.seq > since],
         }
+
+
+def _operation_row(op: Operation) -> dict[str, Any]:
+    return {
+        "id": op.id,
+        "kind": op.kind,
+        "target": op.target,
+        "start": round(op.start, 3),
+        "end": None if op.end is None else round(op.end, 3),
+        "status": op.status.value,
+        "error_code": op.error_code,
+        "hang": op.hang,
+        "phases": [
+            {"name": n, "start": round(s, 3), "end": round(e, 3)} for n, s, e in op.phase_log
+        ],
+    }
 
 
 def create_control_router(backend: ArmBackend, times: SimTime) -> APIRouter:
@@ -135,9 +217,13 @@ def create_control_router(backend: ArmBackend, times: SimTime) -> APIRouter:
     async def state(cluster: str | None = None) -> Response:
         return json_response(200, snapshot_state(backend, cluster))
 
+    @router.get("/nodes")
+    async def nodes(cluster: str | None = None) -> Response:
+        return json_response(200, snapshot_nodes(backend, cluster))
+
     @router.get("/timeline")
-    async def timeline(since: int = 0) -> Response:
-        return json_response(200, snapshot_timeline(backend, since))
+    async def timeline(since: int = 0, operations: bool = True) -> Response:
+        return json_response(200, snapshot_timeline(backend, since, operations=operations))
 
     @router.post("/faults")
     async def add_fault(spec: FaultSpec) -> Response:
