@@ -16,6 +16,7 @@ name recorded: no cluster of the original run is forgotten.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import queue as queue_module
 import threading
@@ -56,6 +57,31 @@ SUCCEEDED = ("upgraded", "already_current")  # outcomes that leave the cluster o
 # was cancelled or stopped (it may be half-way: a resume finds it and resumes it).
 NOT_JUDGED = ("busy", "interrupted")
 FAILED = ("rolled_back", "failed_needs_attention")
+IN_FLIGHT = "in_flight"  # started by a run that has not recorded its result (yet)
+
+
+def _rows_to_run(rows: Sequence[PlanRow], recorded: dict[str, dict[str, Any]]) -> list[PlanRow]:
+    """The admitted rows, plus those a resumed run must look at again: a cluster the record
+    shows in flight (or interrupted) is run when planning found it on the release (``skipped``),
+    and the upgrade verifies it serves normally before it claims ``already_current``. (One not
+    on the release was left half-way: planning finds it interrupted and admits it anyway.)"""
+    chosen = []
+    for row in rows:
+        earlier = (recorded.get(row.cluster) or {}).get("outcome")
+        if row.run:
+            chosen.append(row)
+        elif earlier in (IN_FLIGHT, "interrupted") and row.skipped:  # found on the release
+            chosen.append(
+                dataclasses.replace(
+                    row,
+                    run=True,
+                    skipped=False,
+                    reason=f"{earlier} when this run stopped: checked again ({row.reason})",
+                )
+            )
+    return chosen
+
+
 #: The group of clusters an earlier run left half-way: run before the first wave.
 RESUME_WAVE = "interrupted"
 
@@ -293,7 +319,8 @@ class FleetRunner:
         seconds, the wait cut short by an abort); ``control_every_s`` in that unit is how
         often a wait (the bake time) asks ``control`` whether to stop."""
         self.fleet = fleet
-        self.rows = [r for r in rows if r.run]
+        record = store.get("fleet-runs", run_name) or {}
+        self.rows = _rows_to_run(rows, record.get("results") or {})
         self.policy = policy
         self.upgrade = upgrade
         self.store = store
@@ -305,7 +332,6 @@ class FleetRunner:
         self.control_every_s = control_every_s
         self.on_result = on_result
         self.log = log
-        record = store.get("fleet-runs", run_name) or {}
         self.summary = FleetSummary(
             run_name,
             earlier=dict(record.get("results") or {}),
@@ -508,6 +534,16 @@ class FleetRunner:
                             now = self.now()
                             # Never more than one interval of starts made up at once.
                             next_slot = max(next_slot or now, now - ramp) + ramp
+                            # In the record before it starts: if this process dies, a
+                            # resume knows the cluster was in flight, even one it finds
+                            # on the release (upgraded, its result never saved).
+                            self.summary.results[row.cluster] = {
+                                "cluster": row.cluster,
+                                "outcome": IN_FLIGHT,
+                                "wave": wave,
+                                "reason": "started; no result recorded yet",
+                            }
+                            self._save()
                             future = pool.submit(
                                 self.upgrade, clusters[row.cluster], self.abort.is_set
                             )

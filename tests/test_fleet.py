@@ -497,3 +497,31 @@ def test_a_halt_cuts_the_bake_time_short(sim: Sim, conns: Connections, tmp_path:
     assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state("lustre-weu-01")["vms"]} == {
         "2.15.5"
     }
+
+
+def test_a_resume_records_a_cluster_the_dead_run_upgraded_but_never_recorded(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    # The first run started the cluster (the record says in flight), upgraded it, and died
+    # before saving the result. The resumed run plans it "already on release", and still
+    # checks it and records it: the record keeps every cluster of the original run.
+    policy = FleetPolicy(override_window=True, reason="test")
+    store = StateStore(tmp_path)
+    first = upgrader(conns, store)(sim.cluster, lambda: False)
+    assert first["outcome"] == "upgraded"
+    store.put(
+        "fleet-runs",
+        "died",
+        value={
+            "results": {sim.cluster.name: {"cluster": sim.cluster.name, "outcome": "in_flight"}}
+        },
+    )
+    rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=[sim.cluster.name])
+    assert [r.skipped for r in rows] == [True]  # planning alone would forget it
+    summary = FleetRunner(
+        sim.world.fleet, rows, policy, upgrader(conns, store), store, "died"
+    ).run()
+    result = summary.results[sim.cluster.name]
+    assert result["outcome"] == "already_current", result
+    record = store.get("fleet-runs", "died")
+    assert record["results"][sim.cluster.name]["outcome"] == "already_current"

@@ -52,6 +52,8 @@ from azure.mgmt.compute.models import (
     DiskSecurityProfile,
     DiskSku,
     ImageDiskReference,
+    OSDisk,
+    StorageProfile,
     VirtualMachine,
 )
 from azure.mgmt.core.polling.arm_polling import ARMPolling
@@ -501,8 +503,13 @@ class ComputeGateway:
             if status.code and status.code.startswith("PowerState/"):
                 power = status.code.split("/", 1)[1]
         storage = vm.storage_profile
-        assert storage is not None
-        assert storage.os_disk is not None
+        if not isinstance(storage, StorageProfile) or not isinstance(storage.os_disk, OSDisk):
+            # Seen once in a chaos run (a body whose storage profile came back from the
+            # SDK's deserializer as a plain dict): read again rather than crash the caller.
+            raise RetryableAzureError(
+                f"get VM {name}: the answer has no readable storageProfile.osDisk",
+                code="MalformedResponse",
+            )
         managed = storage.os_disk.managed_disk
         os_disk_id = str(managed.id if managed is not None else "")
         return VmInfo(
