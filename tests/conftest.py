@@ -25,9 +25,11 @@ from azure.mgmt.compute.models import (
 
 from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.clock import ScaledClock
-from amlfs.models import Cluster
+from amlfs.models import Cluster, Release, load_release
 from amlfs.runtime import Connections, from_endpoint
+from amlfs.saga import ClusterUpgrade, UpgradeResult
 from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
+from amlfs.store import StateStore
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld, load_world
 
@@ -233,3 +235,21 @@ def cli_args(command: str, endpoint: Path, *options: str) -> list[str]:
     """``amlfs COMMAND`` on the small fleet, release 2.15.6 and the emulator at ``endpoint``."""
     fleet = ["--fleet", str(SMALL_FLEET), "--release", str(RELEASE_FILE)]
     return [command, *fleet, "--endpoint", str(endpoint), *options]
+
+
+def upgrade_cluster(
+    sim: Sim, conns: Connections, store_dir: Path, release: Release | None = None, **options: Any
+) -> UpgradeResult:
+    """One upgrade of the small fleet's first cluster, with the orchestrator's real
+    connections; ``options`` are ``ClusterUpgrade``'s keywords (policy, runner, should_abort,
+    log...)."""
+    cluster = sim.cluster
+    return ClusterUpgrade(
+        cluster,
+        release or load_release(RELEASE_FILE),
+        gateway=conns.gateway(cluster.subscription_id),
+        shells=conns.shells(),
+        store=StateStore(store_dir),
+        clock=conns.clock,
+        **options,
+    ).run()

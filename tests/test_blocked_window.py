@@ -18,9 +18,8 @@ from typing import Any
 from amlfs.errors import HealthCheckError
 from amlfs.lustre.procedures import BlockedWhileUp
 from amlfs.runtime import Connections
-from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy, UpgradeResult
-from amlfs.store import StateStore
-from tests.conftest import Sim
+from amlfs.saga import Outcome, UpgradePolicy, UpgradeResult
+from tests.conftest import Sim, upgrade_cluster
 from tests.test_cluster_upgrade import RELEASE, assert_customer_safe
 
 AGENT_WORK = {"eus01-agtpri0": ("hydrator", "lhsmd"), "eus01-agtstd0": ("lhsmd",)}
@@ -32,17 +31,8 @@ def upgrade(
     store_dir: Path,
     runner: Callable[[str, Callable[[], Any]], Any] | None = None,
 ) -> UpgradeResult:
-    cluster = sim.cluster
-    return ClusterUpgrade(
-        cluster,
-        RELEASE,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(store_dir),
-        clock=conns.clock,
-        policy=UpgradePolicy(lro_timeout_s=900, downtime_budget_s=3600),
-        runner=runner,
-    ).run()
+    policy = UpgradePolicy(lro_timeout_s=900, downtime_budget_s=3600)
+    return upgrade_cluster(sim, conns, store_dir, RELEASE, policy=policy, runner=runner)
 
 
 def agent_units(sim: Sim) -> dict[str, list[str]]:

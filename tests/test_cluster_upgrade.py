@@ -14,9 +14,9 @@ from amlfs.errors import DataDiskGuardError
 from amlfs.lease import ClusterLease
 from amlfs.models import Release, load_release
 from amlfs.runtime import Connections
-from amlfs.saga import ClusterUpgrade, Outcome, Predictions, UpgradePolicy, UpgradeResult
+from amlfs.saga import Outcome, Predictions, UpgradePolicy, UpgradeResult
 from amlfs.store import StateStore
-from tests.conftest import REPO, Sim
+from tests.conftest import REPO, Sim, upgrade_cluster
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 BAD_RELEASE = load_release(REPO / "examples" / "release-2.15.7.yaml")
@@ -29,16 +29,7 @@ def upgrade(
     release: Release = RELEASE,
     policy: UpgradePolicy | None = None,
 ) -> UpgradeResult:
-    cluster = sim.cluster
-    return ClusterUpgrade(
-        cluster,
-        release,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(store_dir),
-        clock=conns.clock,
-        policy=policy or UpgradePolicy(),
-    ).run()
+    return upgrade_cluster(sim, conns, store_dir, release, policy=policy)
 
 
 def images(state: dict[str, Any]) -> set[str]:
@@ -425,15 +416,7 @@ def test_a_vm_someone_stopped_before_the_swap_is_swapped_then_started(
             ).result()
         return fn()
 
-    result = ClusterUpgrade(
-        sim.cluster,
-        RELEASE,
-        gateway=conns.gateway(sim.cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(tmp_path),
-        clock=conns.clock,
-        runner=runner,
-    ).run()
+    result = upgrade_cluster(sim, conns, tmp_path, RELEASE, runner=runner)
     assert result.outcome is Outcome.UPGRADED, result.reason
     assert_customer_safe(sim, "2.15.6")
     starts = [op for op in sim.timeline()["operations"] if op["kind"] == "vm.start"]
@@ -450,15 +433,7 @@ def test_suspend_cuts_client_traffic_both_ways_on_every_server(
             seen.update(sim.customer())
         return fn()
 
-    result = ClusterUpgrade(
-        sim.cluster,
-        RELEASE,
-        gateway=conns.gateway(sim.cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(tmp_path),
-        clock=conns.clock,
-        runner=runner,
-    ).run()
+    result = upgrade_cluster(sim, conns, tmp_path, RELEASE, runner=runner)
     assert result.outcome is Outcome.UPGRADED, result.reason
     servers = [n.name for n in sim.cluster.nodes if n.role.value in ("mds", "oss")]
     assert seen["clients_blocked"] == seen["clients"]

@@ -19,10 +19,10 @@ import pytest
 from amlfs.lease import ClusterLease, LeaseHeldError, LeaseLostError
 from amlfs.models import load_release
 from amlfs.runtime import Connections
-from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy, UpgradeResult
+from amlfs.saga import Outcome, UpgradeResult
 from amlfs.store import StateStore, open_store
 from tests import stores
-from tests.conftest import REPO, SMALL_FLEET, Sim
+from tests.conftest import REPO, SMALL_FLEET, Sim, upgrade_cluster
 
 # The lease's own tests run on both backends: it lives in one document, through update/get.
 store_location = stores.store_location
@@ -163,17 +163,7 @@ def upgrade(
     *,
     runner: Callable[[str, Callable[[], Any]], Any] | None = None,
 ) -> UpgradeResult:
-    cluster = sim.cluster
-    return ClusterUpgrade(
-        cluster,
-        RELEASE,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(store_dir),
-        clock=conns.clock,
-        policy=UpgradePolicy(),
-        runner=runner,
-    ).run()
+    return upgrade_cluster(sim, conns, store_dir, RELEASE, runner=runner)
 
 
 def test_a_second_orchestrator_changes_nothing_while_the_first_works(

@@ -19,10 +19,9 @@ from pydantic import ValidationError
 
 from amlfs.lustre.procedures import SuspendPolicy
 from amlfs.runtime import Connections
-from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy, UpgradeResult
-from amlfs.store import StateStore
+from amlfs.saga import Outcome, UpgradePolicy, UpgradeResult
 from amlfs_sim.nodes.lustre import recovery_windows
-from tests.conftest import Sim
+from tests.conftest import Sim, upgrade_cluster
 from tests.test_cluster_upgrade import RELEASE, assert_customer_safe
 
 
@@ -34,18 +33,7 @@ def upgrade(
     runner: Callable[[str, Callable[[], Any]], Any] | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> UpgradeResult:
-    cluster = sim.cluster
-    return ClusterUpgrade(
-        cluster,
-        RELEASE,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(store_dir),
-        clock=conns.clock,
-        policy=policy or UpgradePolicy(),
-        runner=runner,
-        log=log,
-    ).run()
+    return upgrade_cluster(sim, conns, store_dir, RELEASE, policy=policy, runner=runner, log=log)
 
 
 def windows_reported(sim: Sim, node: str) -> dict[str, str]:

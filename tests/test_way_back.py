@@ -20,9 +20,9 @@ from amlfs.errors import HealthCheckError
 from amlfs.lustre.procedures import SuspendPolicy
 from amlfs.models import load_release
 from amlfs.runtime import Connections
-from amlfs.saga import ClusterUpgrade, Outcome, UpgradePolicy, UpgradeResult
+from amlfs.saga import Outcome, UpgradePolicy, UpgradeResult
 from amlfs.store import StateStore
-from tests.conftest import REPO, Sim
+from tests.conftest import REPO, Sim, upgrade_cluster
 from tests.test_hsm_drain import LONG, World, assert_left_as_it_was, hsm_sim, world
 from tests.test_hsm_drain import upgrade as upgrade_on
 
@@ -51,17 +51,7 @@ def upgrade(
     runner: Callable[[str, Callable[[], Any]], Any] | None = None,
     policy: UpgradePolicy | None = None,
 ) -> UpgradeResult:
-    cluster = sim.cluster
-    return ClusterUpgrade(
-        cluster,
-        RELEASE,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(store_dir),
-        clock=conns.clock,
-        policy=policy or UpgradePolicy(),
-        runner=runner,
-    ).run()
+    return upgrade_cluster(sim, conns, store_dir, RELEASE, policy=policy, runner=runner)
 
 
 def node_params(sim: Sim) -> dict[str, str]:
@@ -167,17 +157,9 @@ def test_an_abort_lands_inside_a_long_wait_not_at_the_next_step(
         return fn()
 
     before = node_params(sim)
-    cluster = sim.cluster
-    result = ClusterUpgrade(
-        cluster,
-        RELEASE,
-        gateway=conns.gateway(cluster.subscription_id),
-        shells=conns.shells(),
-        store=StateStore(tmp_path),
-        clock=conns.clock,
-        runner=runner,
-        should_abort=aborted.is_set,
-    ).run()
+    result = upgrade_cluster(
+        sim, conns, tmp_path, RELEASE, runner=runner, should_abort=aborted.is_set
+    )
     assert result.outcome is Outcome.ROLLED_BACK, result.reason
     assert "AbortRequestedError: operator abort while waiting on the nodes" in result.reason
     assert [t.status for t in result.steps if t.name == "restore"] == ["failed"]
