@@ -523,7 +523,12 @@ class ClusterUpgrade:
         if self.state.suspend_started:
             if serving:
                 serving = self._compensate("clients back", self.let_clients_back, failures)
-            if serving and self.plans and self._agents_later() and self._agents_off_old_disks():
+            if (
+                serving
+                and self.plans
+                and self._agents_later()
+                and self._needs_swap_back(self._agent_plans())
+            ):
                 serving = self._compensate("swap back agents", self.swap_back_agents, failures)
             if serving:
                 serving = self._compensate("in-cluster work", self.resume_work, failures)
@@ -934,10 +939,11 @@ class ClusterUpgrade:
 
     # ------------------------------------------------------------------ compensations
 
-    def _needs_swap_back(self) -> bool:
-        """Is any VM off its old OS disk or not running (read from Azure)? A VM that cannot
-        be read counts as off: the swap back then reads it again, or says why it cannot."""
-        for plan in self.plans.values():
+    def _needs_swap_back(self, plans: Sequence[_VmPlan] | None = None) -> bool:
+        """Is any VM of ``plans`` (default: all) off its old OS disk or not running (read
+        from Azure)? A VM that cannot be read counts as off: the swap back then reads it
+        again, or says why it cannot."""
+        for plan in self.plans.values() if plans is None else plans:
             try:
                 vm = self._retry(
                     f"read VM {plan.node.name}",
@@ -982,21 +988,12 @@ class ClusterUpgrade:
         self._restore_nodes(None, nodes)
         self.ops.wait_healthy(nodes, self._version_now(), self.policy.healthy_timeout_s)
 
-    def _agents_off_old_disks(self) -> bool:
-        for plan in self.plans.values():
-            if plan.node.role not in AGENT_ROLES:
-                continue
-            vm = self._retry(
-                f"read VM {plan.node.name}",
-                functools.partial(self.gw.vm_info, self.rg, plan.node.name),
-            )
-            if vm.os_disk_id.lower() != plan.old_disk_id.lower() or vm.power_state != "running":
-                return True
-        return False
+    def _agent_plans(self) -> list[_VmPlan]:
+        return [p for p in self.plans.values() if p.node.role in AGENT_ROLES]
 
     def swap_back_agents(self) -> None:
         """The HSM agents back on their old disks, with the clients already back."""
-        plans = [p for p in self.plans.values() if p.node.role in AGENT_ROLES]
+        plans = self._agent_plans()
 
         def one(plan: _VmPlan) -> None:
             self._swap_vm(plan, plan.old_disk, plan.old_disk_id, None)
