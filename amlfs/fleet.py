@@ -21,7 +21,7 @@ import datetime as dt
 import queue as queue_module
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -57,26 +57,31 @@ SUCCEEDED = ("upgraded", "already_current")  # outcomes that leave the cluster o
 # was cancelled or stopped (it may be half-way: a resume finds it and resumes it).
 NOT_JUDGED = ("busy", "interrupted")
 FAILED = ("rolled_back", "failed_needs_attention")
-IN_FLIGHT = "in_flight"  # started by a run that has not recorded its result (yet)
+STARTS = "fleet-starts"  # STARTS/RUN/CLUSTER: written when a run starts a cluster
 
 
-def _rows_to_run(rows: Sequence[PlanRow], recorded: dict[str, dict[str, Any]]) -> list[PlanRow]:
-    """The admitted rows, plus those a resumed run must look at again: a cluster the record
-    shows in flight (or interrupted) is run when planning found it on the release (``skipped``),
-    and the upgrade verifies it serves normally before it claims ``already_current``. (One not
-    on the release was left half-way: planning finds it interrupted and admits it anyway.)"""
+def _rows_to_run(
+    rows: Sequence[PlanRow], recorded: dict[str, dict[str, Any]], started: Collection[str]
+) -> list[PlanRow]:
+    """The admitted rows, plus those a resumed run must look at again: a cluster an earlier
+    run of this name started and has no final result for (it died before saving it), or
+    recorded as interrupted, is run when planning found it on the release (``skipped``); the
+    upgrade verifies it serves normally before it claims ``already_current``. (One not on the
+    release was left half-way: planning finds it interrupted and admits it anyway.)"""
     chosen = []
     for row in rows:
         earlier = (recorded.get(row.cluster) or {}).get("outcome")
+        unfinished = earlier == "interrupted" or (row.cluster in started and earlier not in FINAL)
         if row.run:
             chosen.append(row)
-        elif earlier in (IN_FLIGHT, "interrupted") and row.skipped:  # found on the release
+        elif unfinished and row.skipped:  # found on the release
+            what = earlier or "started without a recorded result"
             chosen.append(
                 dataclasses.replace(
                     row,
                     run=True,
                     skipped=False,
-                    reason=f"{earlier} when this run stopped: checked again ({row.reason})",
+                    reason=f"{what} when this run stopped: checked again ({row.reason})",
                 )
             )
     return chosen
@@ -320,7 +325,7 @@ class FleetRunner:
         often a wait (the bake time) asks ``control`` whether to stop."""
         self.fleet = fleet
         record = store.get("fleet-runs", run_name) or {}
-        self.rows = _rows_to_run(rows, record.get("results") or {})
+        self.rows = _rows_to_run(rows, record.get("results") or {}, store.names(STARTS, run_name))
         self.policy = policy
         self.upgrade = upgrade
         self.store = store
@@ -534,16 +539,10 @@ class FleetRunner:
                             now = self.now()
                             # Never more than one interval of starts made up at once.
                             next_slot = max(next_slot or now, now - ramp) + ramp
-                            # In the record before it starts: if this process dies, a
-                            # resume knows the cluster was in flight, even one it finds
-                            # on the release (upgraded, its result never saved).
-                            self.summary.results[row.cluster] = {
-                                "cluster": row.cluster,
-                                "outcome": IN_FLIGHT,
-                                "wave": wave,
-                                "reason": "started; no result recorded yet",
-                            }
-                            self._save()
+                            # Known before it starts (one small document, not the whole
+                            # record): if this process dies, a resume checks the cluster
+                            # even when it finds it on the release (its result unsaved).
+                            self.store.put(STARTS, self.run_name, row.cluster, value={"wave": wave})
                             future = pool.submit(
                                 self.upgrade, clusters[row.cluster], self.abort.is_set
                             )

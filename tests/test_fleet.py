@@ -502,20 +502,14 @@ def test_a_halt_cuts_the_bake_time_short(sim: Sim, conns: Connections, tmp_path:
 def test_a_resume_records_a_cluster_the_dead_run_upgraded_but_never_recorded(
     sim: Sim, conns: Connections, tmp_path: Path
 ) -> None:
-    # The first run started the cluster (the record says in flight), upgraded it, and died
+    # The first run started the cluster (its start is in the store), upgraded it, and died
     # before saving the result. The resumed run plans it "already on release", and still
     # checks it and records it: the record keeps every cluster of the original run.
     policy = FleetPolicy(override_window=True, reason="test")
     store = StateStore(tmp_path)
     first = upgrader(conns, store)(sim.cluster, lambda: False)
     assert first["outcome"] == "upgraded"
-    store.put(
-        "fleet-runs",
-        "died",
-        value={
-            "results": {sim.cluster.name: {"cluster": sim.cluster.name, "outcome": "in_flight"}}
-        },
-    )
+    store.put("fleet-starts", "died", sim.cluster.name, value={"wave": "canary"})
     rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=[sim.cluster.name])
     assert [r.skipped for r in rows] == [True]  # planning alone would forget it
     summary = FleetRunner(
@@ -525,3 +519,19 @@ def test_a_resume_records_a_cluster_the_dead_run_upgraded_but_never_recorded(
     assert result["outcome"] == "already_current", result
     record = store.get("fleet-runs", "died")
     assert record["results"][sim.cluster.name]["outcome"] == "already_current"
+
+
+def test_a_run_notes_each_cluster_it_starts_before_it_starts_it(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    policy = FleetPolicy(override_window=True, reason="test")
+    store = StateStore(tmp_path)
+    seen: list[list[str]] = []
+
+    def upgrade(cluster: Cluster, should_abort: Callable[[], bool]) -> dict[str, Any]:
+        seen.append(store.names("fleet-starts", "noted"))  # what a resume would find now
+        return {"cluster": cluster.name, "outcome": "upgraded"}
+
+    rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=[sim.cluster.name])
+    FleetRunner(sim.world.fleet, rows, policy, upgrade, store, "noted").run()
+    assert seen == [[sim.cluster.name]]
