@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from amlfs.errors import InventoryError
+from amlfs.errors import InventoryError, StateStoreError
 from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
 
@@ -154,7 +154,9 @@ def upgrade_cluster(
     endpoint: Annotated[
         Path | None, typer.Option(help="amlfs-sim endpoint.json (else the saved Blocks)")
     ] = None,
-    state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+    state_dir: Annotated[
+        str, typer.Option(help="Durable state store: a directory, or a postgresql:// URL")
+    ] = ".amlfs-state",
     budget_min: Annotated[float, typer.Option(help="Customer downtime budget")] = 30.0,
     keep_old_disks_days: Annotated[int, typer.Option(help="Keep old OS disks N days")] = 0,
 ) -> None:
@@ -177,7 +179,7 @@ def upgrade_cluster(
             policy=UpgradePolicy(
                 downtime_budget_s=budget_min * 60, keep_old_disks_days=keep_old_disks_days
             ),
-            state_dir=str(state_dir),
+            state_dir=state_dir,
             emulator_endpoint=str(endpoint) if endpoint else None,
         )
     except (InventoryError, ValueError, KeyError) as err:
@@ -210,8 +212,12 @@ def plan(
     override_window: Annotated[bool, typer.Option(help="Hotfix: ignore windows")] = False,
     reason: Annotated[str | None, typer.Option(help="Why (with --override-window)")] = None,
     state_dir: Annotated[
-        Path, typer.Option(help="Durable state store (journals of interrupted runs)")
-    ] = Path(".amlfs-state"),
+        str,
+        typer.Option(
+            help="Durable state store (journals of interrupted runs): a directory, "
+            "or a postgresql:// URL"
+        ),
+    ] = ".amlfs-state",
 ) -> None:
     """Dry run: per cluster its window, wave, current release, whether it would run and why.
 
@@ -224,7 +230,7 @@ def plan(
     from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
     from amlfs.saga import UpgradePolicy
     from amlfs.schedule import Prediction
-    from amlfs.store import StateStore
+    from amlfs.store import open_store
 
     console = _stdout()
     try:
@@ -257,7 +263,7 @@ def plan(
             connections,
             [c for c in parsed.clusters if selector.matches(c)],
             parsed_release,
-            StateStore(state_dir),
+            open_store(state_dir),
         )
         rows = plan_fleet(
             parsed,
@@ -298,22 +304,27 @@ def plan(
 @app.command()
 def status(
     run_name: Annotated[str | None, typer.Argument(help="Fleet run name (default: all)")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+    state_dir: Annotated[
+        str, typer.Option(help="Durable state store: a directory, or a postgresql:// URL")
+    ] = ".amlfs-state",
 ) -> None:
     """Show a running or finished fleet run from the state store (updated per cluster)."""
-    from amlfs.store import StateStore
+    from amlfs.store import open_store
 
-    store = StateStore(state_dir)
-    runs_dir = state_dir / "fleet-runs"
-    names = [run_name] if run_name else sorted(p.stem for p in runs_dir.glob("*.json"))
+    try:
+        store = open_store(state_dir)
+        names = [run_name] if run_name else store.names("fleet-runs")
+    except StateStoreError as err:
+        _error("error", err)
+        raise typer.Exit(2) from err
     if not names:
-        _error("error", f"no fleet run recorded under {runs_dir}")
+        _error("error", f"no fleet run recorded in {store}")
         raise typer.Exit(1)
     console = _stdout()
     for name in names:
         record = store.get("fleet-runs", name)
         if record is None:
-            _error("error", f"no fleet run named {name!r} under {runs_dir}")
+            _error("error", f"no fleet run named {name!r} in {store}")
             raise typer.Exit(1)
         table = Table(title=Text(f"fleet run {name}: {record.get('counts', {})}"))
         for column in ("cluster", "wave", "result", "release", "downtime", "reason"):
@@ -393,7 +404,9 @@ def run_fleet(
     bake: Annotated[
         float, typer.Option(help="Seconds (sim) to wait after a wave before the next")
     ] = _POLICY["bake_s"],
-    state_dir: Annotated[Path, typer.Option(help="Durable state store")] = Path(".amlfs-state"),
+    state_dir: Annotated[
+        str, typer.Option(help="Durable state store: a directory, or a postgresql:// URL")
+    ] = ".amlfs-state",
     cluster_deployment: Annotated[
         str | None,
         typer.Option(help="Scale-out: each cluster as a run of this deployment on workers"),
@@ -419,7 +432,7 @@ def run_fleet(
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from amlfs.fleet import ClusterSelector
-    from amlfs.store import StateStore
+    from amlfs.store import open_store
     from flows.cluster_upgrade import on_sigterm
     from flows.fleet_maintenance import FleetParams, fleet_maintenance
 
@@ -443,7 +456,7 @@ def run_fleet(
             dry_run=dry_run,
             at=dt.datetime.fromisoformat(at) if at else None,
             run_name=run_name,
-            state_dir=str(state_dir),
+            state_dir=state_dir,
             emulator_endpoint=str(endpoint) if endpoint else None,
             cluster_deployment=cluster_deployment,
             dead_run_after_s=dead_run_after,
@@ -467,7 +480,7 @@ def run_fleet(
     signal.signal(signal.SIGTERM, on_sigterm)
     thread = threading.Thread(target=work, name="fleet-run", daemon=True)
     thread.start()
-    store = StateStore(state_dir)
+    store = open_store(state_dir)
     console = _stdout()
     # Its own console: a live display redraws by counting lines, so it must crop, not overflow.
     with _progress(Console()) as progress:

@@ -4,8 +4,8 @@
 the release? inside a window with room for an upgrade and a rollback?) without changing
 anything. A cluster an earlier run left half-way (``amlfs.reconcile.read_cluster``) is
 admitted whatever its MDS's image, window or wave say, and runs first, ahead of the waves:
-its resume decides forward or back. ``FleetRunner`` runs the admitted clusters wave by wave
-through an injected ``upgrade`` function, never exceeding the caps (overall, per
+its resume decides forward or back. ``FleetRunner`` makes a ``ClusterJob`` of each admitted
+cluster and runs them wave by wave on an ``Executor`` (``amlfs.jobs``), never exceeding the caps (overall, per
 subscription, per region), waiting the bake time between waves, stopping admission when the
 error budget is spent or an operator halts, asking in-flight clusters to roll back on abort
 or cancel, and recording every result in the state store so a stopped run resumes without
@@ -29,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from amlfs.errors import InventoryError
 from amlfs.fanout import run_all
+from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, Executor
 from amlfs.models import Cluster, Fleet, Release
+from amlfs.saga import UpgradePolicy
 from amlfs.schedule import ErrorBudget, Prediction, WaveGate, admit, order_waves, wave_gate
-from amlfs.store import StateStore
+from amlfs.store import Store
 
 __all__ = [
     "FINAL",
@@ -302,17 +304,20 @@ class FleetSummary:
 
 
 class FleetRunner:
-    """Run ``upgrade(cluster)`` for the planned clusters within the caps and the budget."""
+    """Run the planned clusters' jobs on ``executor`` within the caps and the budget."""
 
     def __init__(
         self,
         fleet: Fleet,
         rows: Sequence[PlanRow],
         policy: FleetPolicy,
-        upgrade: Callable[[Cluster, Callable[[], bool]], dict[str, Any]],
-        store: StateStore,
+        executor: Executor,
+        store: Store,
         run_name: str,
         *,
+        release: Release,
+        upgrade: UpgradePolicy | None = None,
+        anchor: ClockAnchor | None = None,
         control: Callable[[], Control] = lambda: "run",
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         sleep: Callable[[float], object] | None = None,
@@ -320,14 +325,20 @@ class FleetRunner:
         on_result: Callable[[FleetSummary, str], None] = lambda summary, cluster: None,
         log: Callable[[str], None] = lambda message: None,
     ) -> None:
-        """``now`` and ``sleep`` share one unit (seconds of the run's clock; by default real
-        seconds, the wait cut short by an abort); ``control_every_s`` in that unit is how
-        often a wait (the bake time) asks ``control`` whether to stop."""
+        """Each cluster's job carries ``release``, the ``upgrade`` policy, the window end
+        from its plan row (none when the policy overrides windows, its reason recorded) and
+        ``anchor`` (the jobs' UTC clock; None: the real one). ``now`` and ``sleep`` share one
+        unit (seconds of the run's clock; by default real seconds, the wait cut short by an
+        abort); ``control_every_s`` in that unit is how often a wait (the bake time) asks
+        ``control`` whether to stop."""
         self.fleet = fleet
         record = store.get("fleet-runs", run_name) or {}
         self.rows = _rows_to_run(rows, record.get("results") or {}, store.names(STARTS, run_name))
         self.policy = policy
-        self.upgrade = upgrade
+        self.executor = executor
+        self.release = release
+        self.upgrade = upgrade or UpgradePolicy()
+        self.anchor = anchor
         self.store = store
         self.run_name = run_name
         self.control = control
@@ -379,6 +390,20 @@ class FleetRunner:
             or (self.now() - self._saved_at).total_seconds() >= self.SAVE_SUCCESSES_EVERY_S
         ):
             self._save()
+
+    def job(self, cluster: Cluster, row: PlanRow) -> ClusterJob:
+        """The job of ``row``'s cluster: what the executor runs."""
+        override = self.policy.override_window
+        return ClusterJob(
+            cluster=cluster,
+            release=self.release,
+            policy=self.upgrade,
+            window_end=None if override else row.window_end,
+            anchor=self.anchor,
+            override_reason=self.policy.reason if override else None,
+            wave=row.wave,
+            fleet_run=self.run_name,
+        )
 
     def failures(self) -> int:
         return sum(1 for r in self.summary.results.values() if r["outcome"] in FAILED)
@@ -485,7 +510,7 @@ class FleetRunner:
         self.log(f"wave {wave}: {len(rows)} clusters")
         clusters = {c.name: c for c in self.fleet.clusters}
         queue = list(rows)
-        running: dict[concurrent.futures.Future[dict[str, Any]], PlanRow] = {}
+        running: dict[concurrent.futures.Future[ClusterOutcome], PlanRow] = {}
         results: list[dict[str, Any]] = []
         per_sub: Counter[str] = Counter()
         per_region: Counter[str] = Counter()
@@ -494,7 +519,7 @@ class FleetRunner:
         # on from where it was, not from when the start happened (under load the loop wakes up
         # late, and measuring from the start made every delay push back all later clusters).
         next_slot: dt.datetime | None = None
-        finished: queue_module.SimpleQueue[concurrent.futures.Future[dict[str, Any]]]
+        finished: queue_module.SimpleQueue[concurrent.futures.Future[ClusterOutcome]]
         finished = queue_module.SimpleQueue()
 
         def ramp_wait() -> float:
@@ -544,7 +569,9 @@ class FleetRunner:
                             # even when it finds it on the release (its result unsaved).
                             self.store.put(STARTS, self.run_name, row.cluster, value={"wave": wave})
                             future = pool.submit(
-                                self.upgrade, clusters[row.cluster], self.abort.is_set
+                                self.executor.run,
+                                self.job(clusters[row.cluster], row),
+                                self.abort.is_set,
                             )
                             running[future] = row
                             with self._in_flight_lock:
@@ -576,13 +603,12 @@ class FleetRunner:
                     per_sub[row.subscription_id] -= 1
                     per_region[row.region] -= 1
                     try:
-                        result = future.result()
+                        outcome = future.result()
                     except Exception as err:  # an orchestrator bug must not lose the fleet
-                        result = {
-                            "cluster": row.cluster,
-                            "outcome": "failed_needs_attention",
-                            "reason": f"{type(err).__name__}: {err}",
-                        }
+                        outcome = ClusterOutcome.failed(
+                            self.job(clusters[row.cluster], row), f"{type(err).__name__}: {err}"
+                        )
+                    result = outcome.record()
                     result["wave"] = row.wave
                     self.summary.results[row.cluster] = result
                     results.append(result)

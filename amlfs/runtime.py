@@ -7,7 +7,6 @@ emulator's ``endpoint.json``; real Azure uses ``DefaultAzureCredential`` unless 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import threading
 from collections.abc import Callable
@@ -21,17 +20,13 @@ from amlfs.azure.client import StaticTokenCredential, compute_client
 from amlfs.azure.gateway import ComputeGateway, OperationTimes, arm_budget_of
 from amlfs.clock import Clock, Pacer, ScaledClock
 from amlfs.errors import InventoryError
-from amlfs.models import Cluster, Release
-from amlfs.saga import ClusterUpgrade, UpgradePolicy, UpgradeResult
 from amlfs.ssh import SshConfig, SshPool, load_private_key
-from amlfs.store import Store
 
 __all__ = [
     "AzureSettings",
     "Connections",
     "SshSettings",
     "from_endpoint",
-    "run_cluster_upgrade",
 ]
 
 
@@ -275,41 +270,3 @@ def from_endpoint(path: str | Path) -> tuple[AzureSettings, SshSettings]:
         known_hosts=ssh["known_hosts"],
         port=ssh["port"],
     )
-
-
-def run_cluster_upgrade(
-    cluster: Cluster,
-    release: Release,
-    connections: Connections,
-    store: Store,
-    policy: UpgradePolicy,
-    *,
-    run_id: str | None = None,
-    window_end: dt.datetime | None = None,
-    log: Any = None,
-    runner: Any = None,
-    should_abort: Any = None,
-    now_utc: Any = None,
-) -> UpgradeResult:
-    """Upgrade ``cluster`` (or resume it from its journal) with ``connections``; its SSH
-    sessions are closed at the end."""
-    upgrade = ClusterUpgrade(
-        cluster,
-        release,
-        gateway=connections.gateway(cluster.subscription_id),
-        shells=connections.shells(),
-        store=store,
-        clock=connections.clock,
-        policy=policy,
-        run_id=run_id,
-        window_end=window_end,
-        runner=runner,
-        log=log or (lambda message: None),
-        should_abort=should_abort or (lambda: False),
-        node_checks=connections.pacer("node_checks"),
-        **({"now_utc": now_utc} if now_utc is not None else {}),
-    )
-    try:
-        return upgrade.run()
-    finally:
-        connections.shells().release(node.name for node in cluster.nodes)

@@ -6,7 +6,8 @@ orchestrator process is saturated at 100% of a core while the machine still has 
 ("shards"), each with its own connections (HTTPS pools, SSH sessions, and the process-wide
 pacers at 1/N of their rates), running clusters on threads. Everything fleet-wide stays in
 the parent: admission, caps, the ramp, the error budget and the record (``FleetRunner``
-calls ``ShardPool.upgrade`` where it would run a cluster in-process).
+gives its jobs to a ``ShardPool``, an ``amlfs.jobs.Executor``, where it would run them
+in-process; each shard runs a job with ``amlfs.jobs.run_job``).
 
 A shard that dies (killed, out of memory) is seen at once (its pipe closes) and started
 again; every cluster it was running is given to the new shard, which resumes it from its
@@ -22,7 +23,6 @@ hundreds of threads is unsafe, and ``multiprocessing``'s spawn would re-import t
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import os
 import resource
 import signal
@@ -38,9 +38,8 @@ from typing import Any
 
 from amlfs.errors import AmlfsError
 from amlfs.gcpauses import GcPauses, settle_heap
-from amlfs.models import Cluster, Release
-from amlfs.runtime import AzureSettings, Connections, SshSettings, run_cluster_upgrade
-from amlfs.saga import UpgradePolicy
+from amlfs.jobs import ClusterJob, ClusterOutcome, run_job
+from amlfs.runtime import AzureSettings, Connections, SshSettings
 from amlfs.store import open_store
 
 __all__ = ["ShardError", "ShardPool", "ShardSpec", "ShardStats"]
@@ -62,14 +61,8 @@ class ShardSpec:
 
     azure: AzureSettings
     ssh: SshSettings
-    release: Release
-    policy: UpgradePolicy
     state_dir: str
     forward_logs: bool = True
-    # The parent's UTC at wall-clock time ``wall_anchor`` (window checks on the emulator's
-    # time scale, like the parent's own ``now_utc``); None: the real UTC clock.
-    utc_anchor: dt.datetime | None = None
-    wall_anchor: float = 0.0
     # sys.setswitchinterval in the shard (None: Python's 5 ms). Hundreds of threads waiting
     # for the GIL each wake every interval: a fleet-sized shard wants a longer one.
     switch_interval_s: float | None = None
@@ -100,10 +93,9 @@ class ShardStats:
 
 @dataclass
 class _Pending:
-    cluster: Cluster
-    window_end: dt.datetime | None
+    job: ClusterJob
     done: threading.Event = field(default_factory=threading.Event)
-    result: dict[str, Any] | None = None
+    result: ClusterOutcome | None = None
     error: str | None = None
     abort_sent: bool = False
 
@@ -131,7 +123,7 @@ class _Shard:
 
 
 class ShardPool:
-    """``processes`` orchestrator processes; ``upgrade`` runs one cluster on the least busy.
+    """``processes`` orchestrator processes; ``run`` runs one job on the least busy.
 
     Use as a context manager, or ``start()`` then ``close()``.
     """
@@ -234,15 +226,13 @@ class ShardPool:
 
     # ------------------------------------------------------------------ clusters
 
-    def upgrade(
-        self,
-        cluster: Cluster,
-        should_abort: Callable[[], bool] = lambda: False,
-        window_end: dt.datetime | None = None,
-    ) -> dict[str, Any]:
-        """Run ``cluster`` on a shard and wait for its result (the ``UpgradeResult`` as
-        JSON). ``should_abort`` is asked every ``ABORT_POLL_S`` and passed on once it says yes."""
-        pending = _Pending(cluster, window_end)
+    def run(
+        self, job: ClusterJob, should_abort: Callable[[], bool] = lambda: False
+    ) -> ClusterOutcome:
+        """Run ``job`` on a shard and wait for its outcome. ``should_abort`` is asked every
+        ``ABORT_POLL_S`` and passed on once it says yes."""
+        cluster = job.cluster
+        pending = _Pending(job)
         while True:
             with self._lock:
                 if self._closing:
@@ -257,7 +247,7 @@ class ShardPool:
                     shard.running[cluster.name] = pending
                     break
             time.sleep(0.5)  # the only one is being started again
-        shard.send(("run", cluster, window_end))  # if it is gone, the restart re-sends it
+        shard.send(("run", job))  # if it is gone, the restart re-sends it
         while not pending.done.wait(ABORT_POLL_S):
             if not pending.abort_sent and should_abort():
                 pending.abort_sent = True
@@ -348,7 +338,7 @@ class ShardPool:
             new.running.update(orphans)
             self._shards = [new if s is shard else s for s in self._shards]
         for name, pending in orphans.items():
-            new.send(("run", pending.cluster, pending.window_end))
+            new.send(("run", pending.job))
             if pending.abort_sent:
                 new.send(("abort", name))
 
@@ -386,31 +376,14 @@ def _serve(conn: Connection) -> None:
         if spec.forward_logs:
             send(("log", message))
 
-    now_utc = None
-    if spec.utc_anchor is not None:
-        anchor, wall, scale = spec.utc_anchor, spec.wall_anchor, spec.azure.time_scale
-
-        def now_utc() -> dt.datetime:
-            return anchor + dt.timedelta(seconds=(time.time() - wall) * scale)
-
-    def run(cluster: Cluster, window_end: dt.datetime | None) -> None:
+    def run(job: ClusterJob) -> None:
         try:
-            result = run_cluster_upgrade(
-                cluster,
-                spec.release,
-                connections,
-                store,
-                spec.policy,
-                window_end=window_end,
-                log=log,
-                should_abort=lambda: cluster.name in aborted,
-                now_utc=now_utc,
+            outcome = run_job(
+                job, connections, store, should_abort=lambda: job.name in aborted, log=log
             )
-            out = result.model_dump(mode="json")
-            out["orchestrator_pid"] = os.getpid()
-            send(("done", cluster.name, out))
+            send(("done", job.name, outcome.model_copy(update={"orchestrator_pid": os.getpid()})))
         except Exception as err:  # reported to the parent, which records the cluster failed
-            send(("error", cluster.name, f"{type(err).__name__}: {err}"))
+            send(("error", job.name, f"{type(err).__name__}: {err}"))
 
     send(("ready",))
     while True:
@@ -419,9 +392,9 @@ def _serve(conn: Connection) -> None:
         except (EOFError, OSError):
             os._exit(3)  # the parent died: never keep running clusters nobody records
         if message[0] == "run":
-            cluster = message[1]
-            aborted.discard(cluster.name)
-            thread = threading.Thread(target=run, args=message[1:], name=cluster.name)
+            job = message[1]
+            aborted.discard(job.name)
+            thread = threading.Thread(target=run, args=(job,), name=job.name)
             thread.start()
             threads = [t for t in threads if t.is_alive()] + [thread]
         elif message[0] == "abort":

@@ -55,8 +55,9 @@ from rich.table import Table
 
 from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, PlanRow, plan_fleet
 from amlfs.gcpauses import GcPauses, settle_heap
+from amlfs.jobs import ClusterJob, ClusterOutcome, Executor, InProcessExecutor
 from amlfs.models import Cluster, load_release, parse_fleet
-from amlfs.runtime import Connections, from_endpoint, run_cluster_upgrade
+from amlfs.runtime import Connections, from_endpoint
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction
 from amlfs.shards import ShardPool, ShardSpec
@@ -264,42 +265,37 @@ def main() -> None:
             spans: dict[str, tuple[float, float]] = {}  # cluster: (start, end), sim s
 
             shards = None
+            inner: Executor
             if args.processes > 1:
                 spec = ShardSpec(
                     azure,
                     ssh,
-                    release,
-                    upgrade_policy,
                     str(store.root),
                     forward_logs=False,
                     switch_interval_s=args.switch_interval,
                     freeze_heap=not args.no_freeze_heap,
                 )
-                shards = ShardPool(spec, args.processes)
+                inner = shards = ShardPool(spec, args.processes)
                 shards.start()
+            else:
+                inner = InProcessExecutor(connections, store)
 
-            def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
-                began = connections.clock.now()
-                if shards is not None:
-                    out = shards.upgrade(cluster, should_abort)
-                else:
-                    out = run_cluster_upgrade(
-                        cluster,
-                        release,
-                        connections,
-                        store,
-                        upgrade_policy,
-                        should_abort=should_abort,
-                    ).model_dump(mode="json")
-                spans[cluster.name] = (began, connections.clock.now())
-                return out
+            class Timed:
+                """The chosen executor, each job's span noted (sim s)."""
+
+                def run(self, job: ClusterJob, should_abort: Any) -> ClusterOutcome:
+                    began = connections.clock.now()
+                    outcome = inner.run(job, should_abort)
+                    spans[job.name] = (began, connections.clock.now())
+                    return outcome
 
             context = ssl.create_default_context(cafile=endpoint.ca_file)
 
             def sim_state() -> dict[str, Any]:
-                return httpx.get(
+                state: dict[str, Any] = httpx.get(
                     f"{endpoint.control_url}/state", verify=context, timeout=120
                 ).json()
+                return state
 
             if not args.no_freeze_heap:
                 settle_heap()
@@ -324,7 +320,15 @@ def main() -> None:
                     )
 
             summary = FleetRunner(
-                fleet, rows, policy, upgrade, store, "bench", on_result=progress
+                fleet,
+                rows,
+                policy,
+                Timed(),
+                store,
+                "bench",
+                release=release,
+                upgrade=upgrade_policy,
+                on_result=progress,
             ).run()
             makespan = connections.clock.now() - sim0
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -469,12 +473,12 @@ def main() -> None:
     ssh_heads = _delta(state0["ssh"]["commands_by_head"], state["ssh"]["commands_by_head"])
     for i in range(max(len(arm_kinds), len(ssh_heads))):
         arm = arm_kinds[i] if i < len(arm_kinds) else ("", 0)
-        ssh = ssh_heads[i] if i < len(ssh_heads) else ("", 0)
+        head = ssh_heads[i] if i < len(ssh_heads) else ("", 0)
         breakdown.add_row(
             arm[0],
             f"{arm[1] / per_node:.2f}" if arm[0] else "",
-            ssh[0],
-            f"{ssh[1] / per_node:.2f}" if ssh[0] else "",
+            head[0],
+            f"{head[1] / per_node:.2f}" if head[0] else "",
         )
     Console().print(breakdown)
     print(

@@ -36,16 +36,11 @@ from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from amlfs.errors import AmlfsError
+from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, run_job
 from amlfs.models import load_fleet, load_release
-from amlfs.runtime import (
-    AzureSettings,
-    Connections,
-    SshSettings,
-    from_endpoint,
-    run_cluster_upgrade,
-)
-from amlfs.saga import UpgradePolicy, UpgradeResult
-from amlfs.store import StateStore
+from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
+from amlfs.saga import UpgradePolicy
+from amlfs.store import Store, open_store
 from flows.markdown import markdown_text
 
 __all__ = [
@@ -54,7 +49,6 @@ __all__ = [
     "StopSignals",
     "cluster_upgrade",
     "on_sigterm",
-    "run_cluster_upgrade",
     "stop_signals",
 ]
 
@@ -81,6 +75,28 @@ class ClusterUpgradeParams(BaseModel):
     window_end: dt.datetime | None = Field(
         default=None, description="UTC end of the window; steps that would cross it roll back"
     )
+    anchor: ClockAnchor | None = Field(
+        default=None,
+        description="Fleet runs: the fleet run's UTC clock (a rehearsal's `at`, the emulator's "
+        "time scale); empty: the real UTC clock",
+    )
+    override_reason: str | None = Field(
+        default=None, description="Fleet hotfixes: why the window is overridden (recorded)"
+    )
+    wave: str | None = Field(default=None, description="Fleet runs: the cluster's wave")
+
+    def job(self) -> ClusterJob:
+        """The job these parameters describe (reads the inventory and the release)."""
+        return ClusterJob(
+            cluster=load_fleet(self.fleet_file).cluster(self.cluster),
+            release=load_release(self.release_file),
+            policy=self.policy,
+            run_id=self.run_id,
+            window_end=self.window_end,
+            anchor=self.anchor,
+            override_reason=self.override_reason,
+            wave=self.wave,
+        )
 
 
 def resolve_settings(params: ClusterUpgradeParams) -> tuple[AzureSettings, SshSettings]:
@@ -131,7 +147,7 @@ class StopSignals:
     def __init__(
         self,
         flow_run_id: str | None,
-        store: StateStore | None = None,
+        store: Store | None = None,
         *,
         log: Any = None,
     ) -> None:
@@ -195,7 +211,7 @@ def on_sigterm(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def stop_signals(
-    flow_run_id: str | None, store: StateStore | None = None, *, log: Any = None
+    flow_run_id: str | None, store: Store | None = None, *, log: Any = None
 ) -> Iterator[StopSignals]:
     """A ``StopSignals`` for the calling run; in the main thread it also takes SIGTERM (the
     previous handler, Prefect's own, is put back at the end). Off the main thread (``amlfs
@@ -228,7 +244,7 @@ def variable_says_abort(variable: Any, name: str = "amlfs-fleet-control") -> boo
         return False
 
 
-def _heartbeat(store: StateStore, key: str, stop: threading.Event) -> None:
+def _heartbeat(store: Store, key: str, stop: threading.Event) -> None:
     """Record that this flow run is alive, where, until ``stop``: a fleet flow that dispatched
     it to a worker declares it dead (and starts a follow-up run) when the record goes stale."""
     while True:
@@ -254,7 +270,7 @@ def cluster_upgrade(params: ClusterUpgradeParams) -> dict[str, Any]:
     from tasks.cluster import outcome_state
 
     logger = get_run_logger()
-    store = StateStore(params.state_dir)
+    store = open_store(params.state_dir)
     flow_run_id = flow_run.get_id()
     run_key = str(flow_run_id or "local")
     done = threading.Event()
@@ -291,33 +307,28 @@ def cluster_upgrade(params: ClusterUpgradeParams) -> dict[str, Any]:
 def _cluster_upgrade(
     params: ClusterUpgradeParams, logger: Any, run_step: Any, should_abort: Any
 ) -> dict[str, Any]:
-    fleet = load_fleet(params.fleet_file)
-    cluster = fleet.cluster(params.cluster)
-    release = load_release(params.release_file)
+    job = params.job()
+    cluster = job.cluster
     azure, ssh = resolve_settings(params)
     connections = Connections.create(azure, ssh)
     try:
-        result = run_cluster_upgrade(
-            cluster,
-            release,
+        result = run_job(
+            job,
             connections,
-            StateStore(params.state_dir),
-            params.policy,
-            run_id=params.run_id,
-            window_end=params.window_end,
+            open_store(params.state_dir),
             log=logger.info,
             runner=run_step,
             should_abort=should_abort,
         )
     finally:
         connections.close()
-    out = result.model_dump(mode="json")
     if params.emulator_endpoint:
-        out["customer_view"] = customer_view(params.emulator_endpoint, cluster.name)
+        result.customer_view = customer_view(params.emulator_endpoint, cluster.name)
+    out = result.record()
     logger.info(
         "%s: %s %s -> %s%s (downtime seen %.0f s)",
         cluster.name,
-        result.outcome.value,
+        result.outcome,
         result.release_before,
         result.release_after,
         f": {result.reason}" if result.reason else "",
@@ -332,7 +343,7 @@ def _cluster_upgrade(
     return out
 
 
-def _artifact(result: UpgradeResult) -> tuple[list[dict[str, Any]], str]:
+def _artifact(result: ClusterOutcome) -> tuple[list[dict[str, Any]], str]:
     """The cluster's table artifact: its steps, and a description saying how it ended. The
     Prefect UI renders both as Markdown (string cells too): values are Markdown text."""
     table: list[dict[str, Any]] = [
@@ -344,7 +355,7 @@ def _artifact(result: UpgradeResult) -> tuple[list[dict[str, Any]], str]:
         for t in result.steps
     ]
     description = markdown_text(
-        f"{result.cluster}: {result.outcome.value}, {result.release_before} -> "
+        f"{result.cluster}: {result.outcome}, {result.release_before} -> "
         f"{result.release_after}, downtime seen {result.downtime_observed_s:.0f} s"
         + (f"; {result.reason}" if result.reason else "")
     )

@@ -62,20 +62,20 @@ from amlfs.fleet import (
     plan_fleet,
     read_all,
 )
+from amlfs.jobs import ClockAnchor, Executor, InProcessExecutor
 from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
 from amlfs.reconcile import ClusterReading, read_cluster
 from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
 from amlfs.shards import ShardPool, ShardSpec
-from amlfs.store import StateStore
+from amlfs.store import Store, open_store
 from flows.cluster_upgrade import (
-    ABORTS,
     ClusterUpgradeParams,
     resolve_settings,
-    run_cluster_upgrade,
     stop_signals,
 )
+from flows.executors import DeploymentExecutor, PrefectTaskExecutor
 from flows.markdown import markdown_text
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
@@ -167,7 +167,7 @@ def read_fleet(
     connections: Connections,
     clusters: list[Cluster],
     release: Release,
-    store: StateStore,
+    store: Store,
     workers: int = 16,
 ) -> dict[str, ClusterReading]:
     """Every cluster read for planning (``read_cluster``), ``workers`` at a time."""
@@ -182,7 +182,7 @@ def read_fleet(
     )
 
 
-def with_journal(fleet: Fleet, store: StateStore) -> list[str]:
+def with_journal(fleet: Fleet, store: Store) -> list[str]:
     """Clusters whose journal says a run stopped half-way (state store reads only)."""
     names = []
     for cluster in fleet.clusters:
@@ -272,7 +272,6 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
 
 def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str, Any] | State[Any]:
     from tasks import run_step
-    from tasks.cluster import upgrade_cluster
 
     fleet = load_fleet(params.fleet_file)
     release = load_release(params.release_file)
@@ -288,12 +287,12 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     )
     connections = Connections.create(azure, ssh)
     start_utc = params.at or dt.datetime.now(dt.UTC)
-    start_clock = connections.clock.now()
+    # The run's UTC clock, on the emulator's time scale when there is one; every cluster's job
+    # carries it, wherever it runs.
+    anchor = ClockAnchor.start(start_utc, time_scale=connections.clock.time_scale)
+    now_utc = anchor.now_utc
 
-    def now_utc() -> dt.datetime:  # on the emulator's time scale when there is one
-        return start_utc + dt.timedelta(seconds=connections.clock.now() - start_clock)
-
-    store = StateStore(params.state_dir)
+    store = open_store(params.state_dir)
     selector = params.selector
     if params.mode == "scheduled":
         tick_start = start_utc.replace(second=0, microsecond=0)
@@ -356,93 +355,28 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if admitted:
         created = create_progress_artifact(progress=0.0, key="fleet-progress", description=run_name)
         progress = created if isinstance(created, UUID) else None
-    window_ends = {r.cluster: r.window_end for r in rows}
-    context = contextvars.copy_context()
-
-    def dispatched(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
-        assert params.cluster_deployment is not None
-        cluster_params = ClusterUpgradeParams(
-            fleet_file=params.fleet_file,
-            cluster=cluster.name,
-            release_file=params.release_file,
-            policy=params.upgrade,
-            state_dir=params.state_dir,
-            emulator_endpoint=params.emulator_endpoint,
-            azure_block=params.azure_block,
-            ssh_block=params.ssh_block,
-            window_end=None if params.policy.override_window else window_ends[cluster.name],
-        ).model_dump(mode="json")
-        out = context.copy().run(
-            run_on_workers,
+    executor: Executor
+    shards: ShardPool | None = None
+    if params.cluster_deployment:
+        executor = DeploymentExecutor(
             params.cluster_deployment,
-            cluster.name,
-            cluster_params,
+            params,
             store,
             logger,
-            params.dead_run_after_s,
-            should_abort,
+            context=contextvars.copy_context(),
         )
-        if params.policy.override_window:
-            out["override"] = params.policy.reason
-        return out
-
-    shards: ShardPool | None = None
-    if params.processes > 1 and admitted:
-        spec = ShardSpec(
-            azure,
-            ssh,
-            release,
-            params.upgrade,
-            params.state_dir,
-            utc_anchor=now_utc(),
-            wall_anchor=time.time(),
-        )
-        shards = ShardPool(spec, params.processes, log=logger.info)
-        shards.start()
-
-    def upgrade(cluster: Cluster, should_abort: Any) -> dict[str, Any]:
-        if params.cluster_deployment:
-            return dispatched(cluster, should_abort)
-        window_end = None if params.policy.override_window else window_ends[cluster.name]
-
-        def job() -> dict[str, Any]:
-            if shards is not None:
-                # In another process: its steps are not Prefect tasks, its log lines come here.
-                out = shards.upgrade(cluster, should_abort, window_end)
-            else:
-                out = run_cluster_upgrade(
-                    cluster,
-                    release,
-                    connections,
-                    store,
-                    params.upgrade,
-                    log=logger.info,
-                    runner=run_step,
-                    should_abort=should_abort,
-                    window_end=window_end,
-                    now_utc=now_utc,
-                ).model_dump(mode="json")
-            if params.emulator_endpoint:
-                from flows.cluster_upgrade import customer_view
-
-                out["customer_view"] = customer_view(params.emulator_endpoint, cluster.name)
-            if params.policy.override_window:
-                out["override"] = params.policy.reason
-            return out
-
-        # Worker threads do not inherit the flow's context: run the task inside a copy of it.
-        # Its state says the cluster's outcome (a rolled-back cluster is not plain Completed,
-        # one that needs attention is Failed) and carries the result.
-        state: State[Any] = context.copy().run(
-            lambda: upgrade_cluster.with_options(task_run_name=f"upgrade-{cluster.name}")(
-                job, return_state=True
+    else:
+        if params.processes > 1 and admitted:
+            # In other processes: their steps are not Prefect tasks, their log lines come here.
+            shards = ShardPool(
+                ShardSpec(azure, ssh, params.state_dir), params.processes, log=logger.info
             )
+            shards.start()
+        executor = PrefectTaskExecutor(
+            shards or InProcessExecutor(connections, store, log=logger.info, runner=run_step),
+            contextvars.copy_context(),
+            emulator_endpoint=params.emulator_endpoint,
         )
-        data = state.result(raise_on_failure=False)
-        if isinstance(data, BaseException):
-            raise data  # a bug in the job: FleetRunner records it as failed_needs_attention
-        assert isinstance(data, dict)
-        return data
 
     def on_result(summary: FleetSummary, cluster: str) -> None:
         result = summary.results[cluster]
@@ -460,9 +394,12 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         fleet,
         rows,
         params.policy,
-        upgrade,
+        executor,
         store,
         run_name,
+        release=release,
+        upgrade=params.upgrade,
+        anchor=anchor,
         control=control,
         now=now_utc,
         sleep=connections.clock.sleep,
@@ -510,107 +447,6 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if counts.get("failed_needs_attention"):
         return Failed(message=message, data=out)
     return Completed(message=message, data=out)
-
-
-FOLLOW_UPS = 2
-BUSY_WAITS = 3  # follow-ups refused by a dead run's lease, waited out one lease each
-
-
-def run_on_workers(
-    deployment: str,
-    cluster: str,
-    cluster_params: dict[str, Any],
-    store: StateStore,
-    logger: Any,
-    dead_after_s: float = 30.0,
-    should_abort: Callable[[], bool] = lambda: False,
-) -> dict[str, Any]:
-    """One cluster as a flow run on the work pool; a run whose worker died is marked crashed
-    and followed by a new run, which resumes the cluster from its journal. Once
-    ``should_abort()`` says so, the run is asked to abort (an abort request in the state
-    store, read at its step boundaries: the cluster rolls back where it runs, without its
-    process being killed mid-swap)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.deployments import run_deployment
-    from prefect.states import Crashed
-
-    reason = ""
-    attempt = 0
-    busy_waits = 0
-    ttl = float((cluster_params.get("policy") or {}).get("lease_ttl_s", 60.0))
-    for attempt in range(1 + FOLLOW_UPS + BUSY_WAITS):
-        if attempt > FOLLOW_UPS + busy_waits:
-            break
-        run = run_deployment(
-            name=deployment,
-            parameters={"params": cluster_params},
-            timeout=0,
-            flow_run_name=f"{cluster}-{attempt}" if attempt else cluster,
-        )
-        assert isinstance(run, FlowRun)
-        logger.info("%s: dispatched as flow run %s", cluster, run.id)
-        started = time.time()
-        silent = ""
-        with get_client(sync_client=True) as client:
-            while True:
-                time.sleep(1.0)
-                if should_abort() and store.get(ABORTS, str(run.id)) is None:
-                    store.put(ABORTS, str(run.id), value={"by": "the fleet run", "at": time.time()})
-                    logger.info("%s: asked flow run %s to abort", cluster, run.id)
-                current = client.read_flow_run(run.id)
-                state = current.state
-                if state is not None and state.is_final():
-                    break
-                beat = store.get("cluster-runs", str(run.id))
-                last = beat["at"] if beat else started
-                if state is not None and state.is_running() and time.time() - last > dead_after_s:
-                    silent = f"flow run {run.id} silent for {time.time() - last:.0f} s"
-                    logger.warning(
-                        "%s: %s: marking it crashed, starting a follow-up", cluster, silent
-                    )
-                    client.set_flow_run_state(run.id, Crashed(message=silent), force=True)
-                    break
-        # The run's own record of the outcome, whatever its state says: Completed, Failed
-        # (needs attention), Cancelled (rolled back on a cancel) all leave one.
-        result = store.get("cluster-results", str(run.id))
-        if result is not None and state is not None and state.is_final() and not silent:
-            if attempt and result.get("outcome") == "busy" and busy_waits < BUSY_WAITS:
-                # A follow-up after a crash found the dead run's lease still live (its
-                # worker was on another host: taken over once it expires). Wait it out.
-                busy_waits += 1
-                logger.info("%s: %s; trying again in %.0f s", cluster, result["reason"], ttl)
-                time.sleep(ttl)
-                continue
-            result["flow_run"] = str(run.id)
-            result["follow_ups"] = attempt
-            return dict(result)
-        if state is not None and state.is_completed():
-            reason = f"flow run {run.id} completed without a result"
-        elif state is not None and state.is_cancelled():
-            # An operator's decision: no follow-up. Killed before it recorded an outcome,
-            # the cluster may be half-way: a resume of the fleet run finds it.
-            return {
-                "cluster": cluster,
-                "outcome": "interrupted",
-                "reason": f"flow run {run.id} was cancelled before it recorded an outcome: "
-                f"{state.message}",
-                "flow_run": str(run.id),
-                "follow_ups": attempt,
-            }
-        else:
-            # Crashed (its worker or process died or went silent) or failed (an error escaped
-            # the flow): the cluster may be mid-swap, and a follow-up resumes it from its
-            # journal. Only a cancel stops here.
-            what = f"{state.type.value}: {state.message}" if state is not None else "no state"
-            reason = silent or f"flow run {run.id} ended {what}"
-        logger.warning("%s: %s", cluster, reason)
-    return {
-        "cluster": cluster,
-        "outcome": "failed_needs_attention",
-        "reason": reason,
-        "follow_ups": attempt,
-    }
 
 
 def _markdown(

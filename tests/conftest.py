@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,13 @@ from azure.mgmt.compute.models import (
 
 from amlfs.azure import StaticTokenCredential, compute_client
 from amlfs.clock import ScaledClock
-from amlfs.models import Cluster, Release, load_release
+from amlfs.fleet import FleetPolicy, FleetRunner, PlanRow
+from amlfs.jobs import ClusterJob, ClusterOutcome, Executor, run_job
+from amlfs.models import Cluster, Fleet, Release, load_release
 from amlfs.runtime import Connections, from_endpoint
-from amlfs.saga import ClusterUpgrade, UpgradeResult
+from amlfs.saga import ClusterUpgrade, UpgradePolicy, UpgradeResult
 from amlfs.ssh import NodeShell, SshConfig, SshPool, load_private_key
-from amlfs.store import StateStore
+from amlfs.store import StateStore, Store
 from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld, load_world
 
@@ -253,3 +255,44 @@ def upgrade_cluster(
         clock=conns.clock,
         **options,
     ).run()
+
+
+class CallExecutor:
+    """A test's stand-in for an executor: ``fn(cluster, should_abort)`` returns the outcome
+    (a ``ClusterOutcome`` or its fields)."""
+
+    def __init__(self, fn: Callable[[Cluster, Callable[[], bool]], Any]) -> None:
+        self.fn = fn
+
+    def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:
+        out = self.fn(job.cluster, should_abort)
+        return out if isinstance(out, ClusterOutcome) else ClusterOutcome.model_validate(out)
+
+
+def fleet_runner(
+    fleet: Fleet,
+    rows: Sequence[PlanRow],
+    policy: FleetPolicy,
+    upgrade: Executor | Callable[[Cluster, Callable[[], bool]], Any],
+    store: Store,
+    run_name: str,
+    **options: Any,
+) -> FleetRunner:
+    """A ``FleetRunner`` of the release ``RELEASE_FILE`` (unless ``options`` name one) whose
+    executor is ``upgrade``, or a ``CallExecutor`` of it."""
+    executor = upgrade if hasattr(upgrade, "run") else CallExecutor(upgrade)  # type: ignore[arg-type]
+    options.setdefault("release", load_release(RELEASE_FILE))
+    return FleetRunner(fleet, rows, policy, executor, store, run_name, **options)  # type: ignore[arg-type]
+
+
+def run_cluster(
+    cluster: Cluster,
+    release: Release,
+    connections: Connections,
+    store: Store,
+    policy: UpgradePolicy | None = None,
+    **options: Any,
+) -> ClusterOutcome:
+    """``run_job`` of one cluster's job; ``options``: its keywords (should_abort, log, runner)."""
+    job = ClusterJob(cluster=cluster, release=release, policy=policy or UpgradePolicy())
+    return run_job(job, connections, store, **options)

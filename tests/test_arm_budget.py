@@ -12,10 +12,8 @@ import pytest
 from pydantic import SecretStr
 
 from amlfs.clock import Pacer
-from amlfs.models import load_release
 from amlfs.reconcile import inspect_cluster
 from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
-from amlfs.saga import UpgradePolicy
 from amlfs.shards import ShardSpec
 from amlfs.store import StateStore
 from amlfs_sim import Emulator, EndpointInfo
@@ -27,7 +25,6 @@ from amlfs_sim.arm.throttling import (
     WindowPolicy,
 )
 from amlfs_sim.spec import SimWorld
-from tests.conftest import RELEASE_FILE
 
 
 class ManualClock:
@@ -71,8 +68,6 @@ def test_a_shard_gets_its_share_of_every_subscription_budget() -> None:
     spec = ShardSpec(
         azure,
         SshSettings(username="u", private_key=SecretStr("k"), known_hosts="/dev/null"),
-        load_release(RELEASE_FILE),
-        UpgradePolicy(),
         "/tmp/state",
     ).for_share(0.25)
     assert spec.azure.max_arm_reads_per_s == azure.max_arm_reads_per_s / 4

@@ -12,15 +12,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from amlfs.fleet import ClusterSelector, FleetPolicy, FleetRunner, PlanRow, plan_fleet
+from amlfs.fleet import ClusterSelector, FleetPolicy, PlanRow, plan_fleet
 from amlfs.models import Cluster, load_release
 from amlfs.runtime import Connections
-from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction
 from amlfs.store import StateStore
-from flows.cluster_upgrade import run_cluster_upgrade
 from flows.fleet_maintenance import FleetParams, _current_release, read_fleet
-from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args
+from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args, fleet_runner, run_cluster
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 PREDICTION = Prediction(dt.timedelta(minutes=10), dt.timedelta(minutes=6))
@@ -47,10 +45,7 @@ def upgrader(
     conns: Connections, store: StateStore
 ) -> Callable[[Cluster, Callable[[], bool]], dict[str, Any]]:
     def upgrade(cluster: Cluster, should_abort: Callable[[], bool]) -> dict[str, Any]:
-        result = run_cluster_upgrade(
-            cluster, RELEASE, conns, store, UpgradePolicy(), should_abort=should_abort
-        )
-        return result.model_dump(mode="json")
+        return run_cluster(cluster, RELEASE, conns, store, should_abort=should_abort).record()
 
     return upgrade
 
@@ -123,7 +118,7 @@ def test_caps_hold_on_the_emulator_timeline(sim: Sim, conns: Connections, tmp_pa
     )
     rows = plan(sim, conns, policy, IN_EUS_WINDOW)
     rows = [PlanRow(**{**r.__dict__, "wave": "all"}) for r in rows]
-    runner = FleetRunner(
+    runner = fleet_runner(
         sim.world.fleet,
         rows,
         policy,
@@ -146,7 +141,7 @@ def test_error_budget_spent_stops_admission_and_failed_canary_closes_the_next_wa
     policy = FleetPolicy(override_window=True, reason="test", error_budget=0)
     rows = plan(sim, conns, policy, IN_EUS_WINDOW)
     store = StateStore(tmp_path)
-    summary = FleetRunner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "b").run()
+    summary = fleet_runner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "b").run()
     assert summary.results["lustre-eus-01"]["outcome"] == "rolled_back"
     assert set(summary.not_started) == {"lustre-weu-01", "lustre-scus-01"}
     assert summary.stopped is not None
@@ -174,12 +169,12 @@ def test_halt_then_resume_continues_without_redoing_finished_clusters(
     def halt_after_first() -> Any:
         return "halt" if calls else "run"
 
-    first = FleetRunner(
+    first = fleet_runner(
         sim.world.fleet, rows, policy, counting, store, "weekly", control=halt_after_first
     ).run()
     assert first.stopped == "halted by operator"
     assert list(first.results) == ["lustre-eus-01"]
-    resumed = FleetRunner(
+    resumed = fleet_runner(
         sim.world.fleet, rows, policy, counting, store, "weekly", control=lambda: control["value"]
     ).run()
     assert calls == ["lustre-eus-01", "lustre-weu-01", "lustre-scus-01"]
@@ -201,7 +196,7 @@ def test_abort_rolls_back_in_flight_clusters(sim: Sim, conns: Connections, tmp_p
     def abort_once_running() -> Any:
         return "abort" if started else "run"
 
-    summary = FleetRunner(
+    summary = fleet_runner(
         sim.world.fleet, rows, policy, recording, store, "a", control=abort_once_running
     ).run()
     result = summary.results["lustre-eus-01"]
@@ -243,7 +238,7 @@ def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> No
     policy = FleetPolicy(override_window=True, reason="test", error_budget=3)
     rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=["lustre-scus-01"])
     store = StateStore(tmp_path)
-    FleetRunner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "w48").run()
+    fleet_runner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "w48").run()
     shown = runner.invoke(
         app, ["status", "w48", "--state-dir", str(tmp_path)], env={"COLUMNS": "250"}
     )
@@ -391,7 +386,7 @@ def test_a_resumed_run_keeps_every_cluster_of_the_original_run(
     store = StateStore(tmp_path)
     policy = FleetPolicy(override_window=True, reason="test", max_parallel=1, error_budget=3)
     rows = read_plan(sim, conns, store, policy)
-    first = FleetRunner(
+    first = fleet_runner(
         sim.world.fleet,
         rows,
         policy,
@@ -406,7 +401,7 @@ def test_a_resumed_run_keeps_every_cluster_of_the_original_run(
     rows = read_plan(sim, conns, store, policy)
     assert {r.cluster: r.run for r in rows}["lustre-eus-01"] is False
     rows = [r for r in rows if r.cluster == "lustre-weu-01"]
-    FleetRunner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "keep").run()
+    fleet_runner(sim.world.fleet, rows, policy, upgrader(conns, store), store, "keep").run()
     record = store.get("fleet-runs", "keep")
     assert {k: v["outcome"] for k, v in record["results"].items()} == {
         "lustre-eus-01": "upgraded",
@@ -457,7 +452,7 @@ def test_the_next_wave_waits_the_bake_time(sim: Sim, conns: Connections, tmp_pat
         started[cluster.name] = clock.now()
         return upgrade(cluster, should_abort)
 
-    summary = FleetRunner(
+    summary = fleet_runner(
         sim.world.fleet,
         rows,
         policy,
@@ -479,7 +474,7 @@ def test_a_halt_cuts_the_bake_time_short(sim: Sim, conns: Connections, tmp_path:
     policy = FleetPolicy(override_window=True, reason="test", bake_s=900, error_budget=3)
     rows = read_plan(sim, conns, store, policy, names=["lustre-eus-01", "lustre-weu-01"])
     clock = RunClock()
-    summary = FleetRunner(
+    summary = fleet_runner(
         sim.world.fleet,
         rows,
         policy,
@@ -512,7 +507,7 @@ def test_a_resume_records_a_cluster_the_dead_run_upgraded_but_never_recorded(
     store.put("fleet-starts", "died", sim.cluster.name, value={"wave": "canary"})
     rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=[sim.cluster.name])
     assert [r.skipped for r in rows] == [True]  # planning alone would forget it
-    summary = FleetRunner(
+    summary = fleet_runner(
         sim.world.fleet, rows, policy, upgrader(conns, store), store, "died"
     ).run()
     result = summary.results[sim.cluster.name]
@@ -533,5 +528,5 @@ def test_a_run_notes_each_cluster_it_starts_before_it_starts_it(
         return {"cluster": cluster.name, "outcome": "upgraded"}
 
     rows = plan(sim, conns, policy, IN_EUS_WINDOW, names=[sim.cluster.name])
-    FleetRunner(sim.world.fleet, rows, policy, upgrade, store, "noted").run()
+    fleet_runner(sim.world.fleet, rows, policy, upgrade, store, "noted").run()
     assert seen == [[sim.cluster.name]]

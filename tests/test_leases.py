@@ -206,17 +206,18 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     from amlfs.models import load_fleet, load_release
-    from amlfs.runtime import Connections, from_endpoint, run_cluster_upgrade
+    from amlfs.jobs import ClusterJob, run_job
+    from amlfs.runtime import Connections, from_endpoint
     from amlfs.saga import UpgradePolicy
     from amlfs.store import StateStore
     fleet, release, endpoint, state_dir, ttl = sys.argv[1:6]
     connections = Connections.create(*from_endpoint(endpoint))
-    cluster = load_fleet(fleet).clusters[0]
-    result = run_cluster_upgrade(
-        cluster, load_release(release), connections, StateStore(state_dir),
-        UpgradePolicy(lease_ttl_s=float(ttl)),
+    job = ClusterJob(
+        cluster=load_fleet(fleet).clusters[0], release=load_release(release),
+        policy=UpgradePolicy(lease_ttl_s=float(ttl)),
     )
-    print(json.dumps({"outcome": result.outcome.value, "reason": result.reason}))
+    result = run_job(job, connections, StateStore(state_dir))
+    print(json.dumps({"outcome": result.outcome, "reason": result.reason}))
     """
 )
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from amlfs.clock import Pacer, ScaledClock
-from amlfs.fleet import FleetPolicy, FleetRunner, PlanRow
+from amlfs.fleet import FleetPolicy, PlanRow
 from amlfs.models import Cluster, Fleet, parse_fleet
 from amlfs.runtime import Connections, from_endpoint
 from amlfs.store import StateStore
 from amlfs_sim.genfleet import generate_fleet
-from tests.conftest import Sim
+from tests.conftest import Sim, fleet_runner
 from tests.test_fleet import IN_EUS_WINDOW, plan
 
 
@@ -102,7 +102,7 @@ def test_a_wave_ramps_up_one_start_per_interval_without_serializing(
         return {"cluster": cluster.name, "outcome": "upgraded"}
 
     store = StateStore(tmp_path)
-    summary = FleetRunner(sim.world.fleet, rows, policy, slow, store, "ramp").run()
+    summary = fleet_runner(sim.world.fleet, rows, policy, slow, store, "ramp").run()
     assert summary.counts() == {"upgraded": 3}
     assert len(starts) == 3
     # The k-th start is never earlier than k intervals after the first.
@@ -158,7 +158,7 @@ def test_a_late_start_is_made_up_by_at_most_one_interval(tmp_path: Path) -> None
         time.sleep(1.0)
         return {"cluster": cluster.name, "outcome": "upgraded"}
 
-    summary = FleetRunner(
+    summary = fleet_runner(
         fleet, rows, ramp_policy(4, 0.4), upgrade, StateStore(tmp_path), "late", now=now, log=log
     ).run()
     assert summary.counts() == {"upgraded": 4}
@@ -187,7 +187,7 @@ def test_successes_are_recorded_within_seconds_and_failures_at_once(tmp_path: Pa
         record = store.get("fleet-runs", "coalesced") or {"results": {}}
         seen_in_record[cluster] = cluster in record["results"]
 
-    summary = FleetRunner(
+    summary = fleet_runner(
         fleet, rows, ramp_policy(6, 0.0), upgrade, store, "coalesced", on_result=on_result
     ).run()
     assert summary.counts() == {"upgraded": 5, "rolled_back": 1}

@@ -90,6 +90,9 @@ def test_worker_killed_mid_swap_the_cluster_is_picked_up_again(
     # On failure show the fleet run's own log too: which attempt ended how.
     assert result.get("follow_ups") == 1, (result, out[-4000:])
     assert result["outcome"] in ("rolled_back", "upgraded"), result
+    # The job's fields reached the cluster's flow run on the worker, and came back with it.
+    assert result["override"] == "scale-out test", result
+    assert result["wave"], result
     state = control.get("/state", params={"cluster": CLUSTER}).json()
     control.close()
     emulator.stop()

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from amlfs.fleet import FleetPolicy, FleetRunner, PlanRow
+from amlfs.fleet import FleetPolicy, PlanRow
+from amlfs.jobs import ClusterJob, ClusterOutcome
+from amlfs.models import Cluster
 from amlfs.runtime import Connections, from_endpoint
-from amlfs.saga import UpgradePolicy
 from amlfs.shards import ShardError, ShardPool, ShardSpec
 from amlfs.store import StateStore
-from tests.conftest import Sim
+from tests.conftest import Sim, fleet_runner
 from tests.test_crash_resume import wait_for_event
 from tests.test_fleet import IN_EUS_WINDOW, RELEASE, cluster_intervals, plan
 
@@ -26,7 +27,11 @@ pytestmark = pytest.mark.integration
 
 def spec(sim: Sim, state_dir: Path) -> ShardSpec:
     azure, ssh = from_endpoint(sim.emulator.state_dir / "endpoint.json")
-    return ShardSpec(azure, ssh, RELEASE, UpgradePolicy(), str(state_dir))
+    return ShardSpec(azure, ssh, str(state_dir))
+
+
+def job(cluster: Cluster) -> ClusterJob:
+    return ClusterJob(cluster=cluster, release=RELEASE)
 
 
 def test_a_fleet_runs_in_two_orchestrator_processes_within_the_parents_caps(
@@ -47,7 +52,7 @@ def test_a_fleet_runs_in_two_orchestrator_processes_within_the_parents_caps(
     logs: list[str] = []
     with ShardPool(spec(sim, tmp_path), 2, log=logs.append) as pool:
         pids = set(pool.pids())
-        summary = FleetRunner(sim.world.fleet, rows, policy, pool.upgrade, store, "shards").run()
+        summary = fleet_runner(sim.world.fleet, rows, policy, pool, store, "shards").run()
     assert summary.counts() == {"upgraded": 3}, summary.results
     ran_in = {r["orchestrator_pid"] for r in summary.results.values()}
     assert ran_in <= pids
@@ -76,7 +81,7 @@ def test_a_killed_orchestrator_process_is_restarted_and_its_cluster_resumes(
     results: dict[str, object] = {}
     with ShardPool(spec(sim, tmp_path), 2, log=logs.append) as pool:
         worker = threading.Thread(
-            target=lambda: results.update(out=pool.upgrade(cluster)), daemon=True
+            target=lambda: results.update(out=pool.run(job(cluster))), daemon=True
         )
         worker.start()
         wait_for_event(sim, "vm.os_disk_swapped")
@@ -87,8 +92,9 @@ def test_a_killed_orchestrator_process_is_restarted_and_its_cluster_resumes(
         assert not worker.is_alive()
         assert pool.stats.restarts == 1
         assert victim not in pool.pids()
-    out = results["out"]
-    assert isinstance(out, dict)
+    outcome = results["out"]
+    assert isinstance(outcome, ClusterOutcome)
+    out = outcome.record()
     assert out["orchestrator_pid"] != victim
     assert out["outcome"] in ("upgraded", "rolled_back"), out
     assert any("died (signal 9)" in line for line in logs), logs
@@ -116,7 +122,7 @@ def test_a_process_that_keeps_dying_fails_its_cluster_with_the_reason(
 
         def run() -> None:
             try:
-                pool.upgrade(cluster)
+                pool.run(job(cluster))
             except ShardError as err:
                 errors.append(str(err))
 
