@@ -417,6 +417,13 @@ def run_fleet(
     processes: Annotated[
         int, typer.Option(help="Orchestrator processes on this machine running the clusters")
     ] = 1,
+    task_workers: Annotated[
+        bool,
+        typer.Option(
+            help="Scale-out: each cluster as a task run served by `amlfs task-worker` processes "
+            "sharing --state-dir"
+        ),
+    ] = False,
 ) -> None:
     """Run the fleet-maintenance flow from here, with a live progress bar.
 
@@ -461,6 +468,7 @@ def run_fleet(
             cluster_deployment=cluster_deployment,
             dead_run_after_s=dead_run_after,
             processes=processes,
+            task_workers=task_workers,
         )
     except (InventoryError, ValueError) as err:
         _error("error", err)
@@ -517,6 +525,44 @@ def run_fleet(
     console.print(Text(f"fleet run {run_name}: {state.name}: {state.message}"))
     if not state.is_completed():
         raise typer.Exit(1)
+
+
+@app.command("task-worker")
+def task_worker(
+    state_dir: Annotated[
+        str,
+        typer.Option(help="The fleet runs' state store: a directory, or a postgresql:// URL"),
+    ] = ".amlfs-state",
+    limit: Annotated[int, typer.Option(min=1, help="Clusters this process runs at once")] = 130,
+    share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="This process's share of every rate (polls, node checks, each "
+            "subscription's ARM budget): 1/N with N workers of one principal",
+        ),
+    ] = 1.0,
+) -> None:
+    """Serve fleet runs' cluster jobs (Prefect task runs of `cluster-job`) until stopped.
+
+    Needs PREFECT_API_URL (the server the fleet runs use) and, against real Azure, the
+    amlfs-azure and amlfs-ssh Blocks; against the emulator, its endpoint file, named by
+    each job. SIGTERM stops it gracefully.
+    """
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.taskworkers import serve_task_workers
+
+    if share <= 0:
+        _error("error", "--share must be > 0")
+        raise typer.Exit(2)
+    try:
+        serve_task_workers(state_dir, limit=limit, share=share)
+    except StateStoreError as err:
+        _error("error", err)
+        raise typer.Exit(2) from err
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ __all__ = [
     "FencedShells",
     "LeaseHeldError",
     "LeaseLostError",
+    "holder_alive",
+    "process_alive",
 ]
 
 RUNS_KEPT = 50
@@ -83,6 +85,32 @@ def _has_proc() -> bool:
     return os.path.exists(f"/proc/{os.getpid()}/stat")
 
 
+def process_alive(host: str | None, pid: int, pid_start: str | None) -> bool | None:
+    """Is process ``pid`` (started at ``pid_start``, as ``/proc`` tells) of ``host`` still
+    running? None when this cannot be told from here (another host, or no /proc)."""
+    if host != socket.gethostname() or not _has_proc():
+        return None
+    start = _process_start(int(pid))
+    return start is not None and (not pid_start or start == pid_start)
+
+
+def _live(record: dict[str, Any] | None, now: float) -> bool:
+    """Does ``record`` (a lease) name a live holder at wall time ``now``?"""
+    holder = (record or {}).get("holder")
+    if not record or not holder:
+        return False
+    if float(record.get("expires_at", 0)) <= now:
+        return False
+    alive = process_alive(holder.get("host"), int(holder.get("pid", 0)), holder.get("pid_start"))
+    return alive is not False  # that process is gone: its lease dies with it
+
+
+def holder_alive(store: Store, cluster: str, *, wall: Callable[[], float] = time.time) -> bool:
+    """Does a live orchestrator hold ``cluster``'s lease now? (No when the lease expired, was
+    given back, or its holder is a process of this host that is gone.)"""
+    return _live(store.get("clusters", cluster, "lease"), wall())
+
+
 class ClusterLease:
     """The lease of one cluster, for one orchestrator (one ``ClusterUpgrade``)."""
 
@@ -118,16 +146,7 @@ class ClusterLease:
     # ------------------------------------------------------------------ acquire / release
 
     def _holder_alive(self, record: dict[str, Any]) -> bool:
-        holder = record.get("holder")
-        if not holder:
-            return False
-        if float(record.get("expires_at", 0)) <= self.wall():
-            return False
-        if holder.get("host") == self.holder.host and _has_proc():
-            start = _process_start(int(holder.get("pid", 0)))
-            if start is None or (holder.get("pid_start") and start != holder["pid_start"]):
-                return False  # that process is gone: its lease dies with it
-        return True
+        return _live(record, self.wall())
 
     def acquire(self) -> None:
         """Take the lease, or raise ``LeaseHeldError`` naming the live holder."""

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     ValidationError,
     WithJsonSchema,
@@ -204,9 +205,15 @@ def _blackout(value: Any) -> dt.date | DateRange:
     )
 
 
+def _blackout_json(value: dt.date | DateRange) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, DateRange) else value.isoformat()
+
+
 Blackout = Annotated[
     dt.date | DateRange,
     PlainValidator(_blackout),
+    # Without it, pydantic's union serializer warns on every JSON dump (a job, a record).
+    PlainSerializer(_blackout_json, when_used="json"),
     WithJsonSchema(
         {
             "anyOf": [

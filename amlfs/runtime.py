@@ -27,6 +27,7 @@ __all__ = [
     "Connections",
     "SshSettings",
     "from_endpoint",
+    "share_of",
 ]
 
 
@@ -269,4 +270,19 @@ def from_endpoint(path: str | Path) -> tuple[AzureSettings, SshSettings]:
         private_key=SecretStr(Path(ssh["key_file"]).read_text()),
         known_hosts=ssh["known_hosts"],
         port=ssh["port"],
+    )
+
+
+def share_of(
+    azure: AzureSettings, ssh: SshSettings, share: float
+) -> tuple[AzureSettings, SshSettings]:
+    """The settings of one of several orchestrator processes that run as one principal: every
+    rate (polls, node checks, each subscription's ARM budget: reads, writes, deletes, disk
+    lists) cut to ``share`` of it (0 stays unpaced)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    rates = [name for name in type(azure).model_fields if name.startswith("max_")]
+    return (
+        azure.model_copy(update={name: getattr(azure, name) * share for name in rates}),
+        ssh.model_copy(update={"max_checks_per_s": ssh.max_checks_per_s * share}),
     )

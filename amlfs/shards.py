@@ -39,7 +39,7 @@ from typing import Any
 from amlfs.errors import AmlfsError
 from amlfs.gcpauses import GcPauses, settle_heap
 from amlfs.jobs import ClusterJob, ClusterOutcome, run_job
-from amlfs.runtime import AzureSettings, Connections, SshSettings
+from amlfs.runtime import AzureSettings, Connections, SshSettings, share_of
 from amlfs.store import open_store
 
 __all__ = ["ShardError", "ShardPool", "ShardSpec", "ShardStats"]
@@ -73,11 +73,7 @@ class ShardSpec:
         """This spec with the process-wide rates cut to ``share`` of them (0 stays unpaced):
         the polls, and each subscription's ARM budget (reads, writes, deletes, disk lists),
         which the processes share because they run as one principal."""
-        rates = [name for name in type(self.azure).model_fields if name.startswith("max_")]
-        azure = self.azure.model_copy(
-            update={name: getattr(self.azure, name) * share for name in rates}
-        )
-        ssh = self.ssh.model_copy(update={"max_checks_per_s": self.ssh.max_checks_per_s * share})
+        azure, ssh = share_of(self.azure, self.ssh, share)
         return dataclasses.replace(self, azure=azure, ssh=ssh)
 
 

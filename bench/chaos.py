@@ -987,7 +987,9 @@ class Harness:
             mark = max((e["seq"] for e in self.world.control.events(since)), default=since)
             orch = self.orchestrator(case_dir, f"run-fleet-{attempt}", argv).start()
             if attempt == len(moments):
-                runs.append((orch, orch.wait(self.run_timeout_s)))
+                code = orch.wait(self.run_timeout_s)
+                runs.append((orch, code))
+                actions.append(f"run {attempt}: exited {code}")
                 break
             description, match = KILL_MOMENTS[moments[attempt]]
             delay = rng.uniform(0, 45)

@@ -110,17 +110,29 @@ class ScaleOut:
         home: Path,
         *,
         workers: int = 2,
+        task_workers: int = 0,
+        store: str | None = None,
+        task_worker_limit: int = 130,
         dsn: str = "postgresql://postgres@127.0.0.1:5432",
         database: str | None = None,
     ) -> None:
+        """``workers`` process-pool workers (each cluster a flow run of the deployment), or
+        ``task_workers`` ``amlfs task-worker`` processes of ``store`` (each cluster a task
+        run), ``task_worker_limit`` clusters each, each with 1/N of every rate."""
+        if task_workers and not store:
+            raise ValueError("task workers need the fleet's state store (store=...)")
         self.home = home
         self.workers_wanted = workers
+        self.task_workers_wanted = task_workers
+        self.store = store
+        self.task_worker_limit = task_worker_limit
         self.dsn = dsn
         self.database = database or f"amlfs_scaleout_{os.getpid()}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.task_workers: list[subprocess.Popen[bytes]] = []
         self._logs: list[Any] = []
         base = dict(os.environ)
         base.update(
@@ -128,7 +140,7 @@ class ScaleOut:
                 "PREFECT_HOME": str(home),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_UI_ENABLED": "false",
-                "PREFECT_LOGGING_LEVEL": "WARNING",
+                "PREFECT_LOGGING_LEVEL": os.environ.get("AMLFS_SCALEOUT_LOG_LEVEL", "WARNING"),
             }
         )
         self.server_env = dict(base)
@@ -150,33 +162,61 @@ class ScaleOut:
         self.server = start_prefect_server(
             self.port, self.server_env, self._log("server"), self.home / "server.log"
         )
-        subprocess.run(
+        if self.workers_wanted:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "work-pool",
+                    "create",
+                    POOL,
+                    "--type",
+                    "process",
+                    "--overwrite",
+                ],
+                env=self.env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                cwd=REPO,
+            )
+            subprocess.run(
+                [sys.executable, "-m", "deployments.scaleout", "--register"],
+                env=self.env,
+                check=True,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+            )
+        for index in range(self.workers_wanted):
+            self.start_worker(index)
+        for index in range(self.task_workers_wanted):
+            self.start_task_worker(index)
+        return self
+
+    def start_task_worker(self, index: int) -> subprocess.Popen[bytes]:
+        """``amlfs task-worker`` number ``index`` (its own session: a kill takes only it)."""
+        assert self.store is not None
+        worker = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "prefect",
-                "work-pool",
-                "create",
-                POOL,
-                "--type",
-                "process",
-                "--overwrite",
+                "amlfs.cli",
+                "task-worker",
+                "--state-dir",
+                self.store,
+                "--limit",
+                str(self.task_worker_limit),
+                "--share",
+                str(1.0 / self.task_workers_wanted),
             ],
             env=self.env,
-            check=True,
-            stdout=subprocess.DEVNULL,
             cwd=REPO,
+            stdout=self._log(f"task-worker-{index}"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        subprocess.run(
-            [sys.executable, "-m", "deployments.scaleout", "--register"],
-            env=self.env,
-            check=True,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-        )
-        for index in range(self.workers_wanted):
-            self.start_worker(index)
-        return self
+        self.task_workers.append(worker)
+        return worker
 
     def start_worker(self, index: int) -> subprocess.Popen[bytes]:
         worker = subprocess.Popen(
@@ -210,11 +250,11 @@ class ScaleOut:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for proc in [*self.workers, *([self.server] if self.server else [])]:
+        for proc in [*self.workers, *self.task_workers, *([self.server] if self.server else [])]:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, *([self.server] if self.server else [])]:
+        for proc in [*self.workers, *self.task_workers, *([self.server] if self.server else [])]:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

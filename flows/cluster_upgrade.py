@@ -99,14 +99,21 @@ class ClusterUpgradeParams(BaseModel):
         )
 
 
-def resolve_settings(params: ClusterUpgradeParams) -> tuple[AzureSettings, SshSettings]:
-    if params.emulator_endpoint:
-        return from_endpoint(params.emulator_endpoint)
+def connection_settings(
+    emulator_endpoint: str | None, azure_block: str, ssh_block: str
+) -> tuple[AzureSettings, SshSettings]:
+    """Where and how to connect: the emulator's endpoint file, else the saved Blocks."""
+    if emulator_endpoint:
+        return from_endpoint(emulator_endpoint)
     from blocks import AzureTarget, SshAccess
 
-    azure = AzureTarget.load(params.azure_block)
-    ssh = SshAccess.load(params.ssh_block)
+    azure = AzureTarget.load(azure_block)
+    ssh = SshAccess.load(ssh_block)
     return azure.settings(), ssh.settings()  # type: ignore[union-attr]
+
+
+def resolve_settings(params: ClusterUpgradeParams) -> tuple[AzureSettings, SshSettings]:
+    return connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
 
 
 def customer_view(endpoint_file: str, cluster: str) -> dict[str, Any] | None:

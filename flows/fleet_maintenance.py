@@ -77,6 +77,7 @@ from flows.cluster_upgrade import (
 )
 from flows.executors import DeploymentExecutor, PrefectTaskExecutor
 from flows.markdown import markdown_text
+from flows.taskworkers import TaskWorkerExecutor
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
 
@@ -121,6 +122,13 @@ class FleetParams(BaseModel):
             "1: in this process, each step a Prefect task"
         ),
     )
+    task_workers: bool = Field(
+        default=False,
+        description=(
+            "Scale-out: run each cluster as a task run served by `amlfs task-worker` processes "
+            "(this machine or others) sharing state_dir (a postgresql:// URL across machines)"
+        ),
+    )
     state_dir: str = ".amlfs-state"
     emulator_endpoint: str | None = None
     azure_block: str = "amlfs-azure"
@@ -136,10 +144,17 @@ class FleetParams(BaseModel):
             raise ValueError("override_window needs policy.reason (recorded with the run)")
         if self.at is not None and self.at.tzinfo is None:
             raise ValueError("at must carry a timezone (UTC)")
-        if self.processes > 1 and self.cluster_deployment:
-            raise ValueError(
-                "processes > 1 and cluster_deployment are two ways to spread clusters: pick one"
+        spreads = [
+            name
+            for name, chosen in (
+                ("processes > 1", self.processes > 1),
+                ("cluster_deployment", bool(self.cluster_deployment)),
+                ("task_workers", self.task_workers),
             )
+            if chosen
+        ]
+        if len(spreads) > 1:
+            raise ValueError(f"{' and '.join(spreads)} are ways to spread clusters: pick one")
         return self
 
 
@@ -357,7 +372,21 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         progress = created if isinstance(created, UUID) else None
     executor: Executor
     shards: ShardPool | None = None
-    if params.cluster_deployment:
+    if params.task_workers:
+        executor = TaskWorkerExecutor(
+            store,
+            run_name,
+            {
+                "emulator_endpoint": params.emulator_endpoint,
+                "azure_block": params.azure_block,
+                "ssh_block": params.ssh_block,
+            },
+            contextvars.copy_context(),
+            lease_ttl_s=params.upgrade.lease_ttl_s,
+            emulator_endpoint=params.emulator_endpoint,
+            log=logger.info,
+        )
+    elif params.cluster_deployment:
         executor = DeploymentExecutor(
             params.cluster_deployment,
             params,

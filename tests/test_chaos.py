@@ -166,7 +166,9 @@ def chaos(
         world.stop()
 
 
-def explain(result: CaseResult) -> str:
+def explain(result: CaseResult, work: Path | None = None) -> str:
+    """The violations, and (from ``work``, the harness's directory) the end of each run's
+    log: a clean-clone CI run keeps nothing else of a failed case."""
     lines = [f"{result.label}: {len(result.violations)} violations ({result.wall_s:.0f} s)"]
     for verdict in result.verdicts:
         said = ", ".join(f"{c.source}: {c.outcome} {c.reason[:100]}" for c in verdict.claims)
@@ -175,6 +177,14 @@ def explain(result: CaseResult) -> str:
     lines += [f"  {v}" for v in result.run_violations]
     lines += [f"  action: {a}" for a in result.actions]
     lines.append(f"  logs: {Path(result.label)}/*.log under the harness work dir")
+    if result.violations and work is not None:
+        for log in sorted((work / result.label).glob("*.log")):
+            tail = [
+                line
+                for line in log.read_text(errors="replace").splitlines()
+                if line.strip() and "Pydantic" not in line and "serializer" not in line
+            ][-30:]
+            lines += [f"  --- {log.name} (last lines)", *(f"    {line[:300]}" for line in tail)]
     return "\n".join(lines)
 
 
@@ -191,7 +201,7 @@ def test_a_seeded_fault_mix_leaves_every_cluster_working_and_reported_truly(
 ) -> None:
     result = chaos.mix(seed)
     assert len(result.verdicts) == 3
-    assert result.violations == [], explain(result)
+    assert result.violations == [], explain(result, chaos.workdir)
 
 
 @pytest.mark.process
@@ -200,7 +210,7 @@ def test_sigkill_during_a_rollback_then_the_same_command_again(chaos: Harness) -
     # Seed 1: killed once an OS disk is swapped back (a bad image forces the rollback), the
     # resumed run killed once a node booted; before the fixes the last run forgot clusters.
     result = chaos.kill(1)
-    assert result.violations == [], explain(result)
+    assert result.violations == [], explain(result, chaos.workdir)
 
 
 @pytest.mark.process
@@ -208,4 +218,4 @@ def test_sigkill_during_a_rollback_then_the_same_command_again(chaos: Harness) -
 def test_a_second_orchestrator_on_the_same_cluster(chaos: Harness) -> None:
     # Before the lease, the second run rolled the first one back and deleted its new disks.
     result = chaos.concurrent(1, "same-dir", cluster="lustre-weu-01")
-    assert result.violations == [], explain(result)
+    assert result.violations == [], explain(result, chaos.workdir)

@@ -36,9 +36,15 @@ def job_for(sim: Sim, anchor: ClockAnchor | None) -> ClusterJob:
     )
 
 
+@pytest.mark.filterwarnings("error")  # a serializer warning is a field that may not come back
 def test_a_job_is_frozen_and_survives_json_and_pickle(sim: Sim) -> None:
-    job = job_for(sim, ClockAnchor.start(WINDOW_END - dt.timedelta(hours=1), time_scale=20))
+    anchor = ClockAnchor.start(WINDOW_END - dt.timedelta(hours=1), time_scale=20)
+    job = job_for(sim, anchor).model_copy(
+        update={"cluster": sim.world.fleet.cluster("lustre-weu-01")}  # it has a blackout date
+    )
+    assert job.cluster.blackout_dates
     assert ClusterJob.model_validate_json(job.model_dump_json()) == job
+    assert ClusterJob.model_validate(job.model_dump(mode="json")) == job
     assert pickle.loads(pickle.dumps(job)) == job  # noqa: S301 (our own bytes)
     with pytest.raises(ValidationError):
         job.window_end = None  # type: ignore[misc]
