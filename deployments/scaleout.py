@@ -71,7 +71,7 @@ def start_prefect_server(
         time.sleep(0.5)
 
 
-def _create_database(name: str, dsn: str) -> None:
+def create_database(name: str, dsn: str) -> None:
     import asyncio
 
     import asyncpg
@@ -87,7 +87,7 @@ def _create_database(name: str, dsn: str) -> None:
     asyncio.run(create())
 
 
-def _drop_database(name: str, dsn: str) -> None:
+def drop_database(name: str, dsn: str) -> None:
     import asyncio
 
     import asyncpg
@@ -158,7 +158,7 @@ class ScaleOut:
 
     def __enter__(self) -> ScaleOut:
         self.home.mkdir(parents=True, exist_ok=True)
-        _create_database(self.database, self.dsn)
+        create_database(self.database, self.dsn)
         self.server = start_prefect_server(
             self.port, self.server_env, self._log("server"), self.home / "server.log"
         )
@@ -264,7 +264,7 @@ class ScaleOut:
         for handle in self._logs:
             handle.close()
         try:
-            _drop_database(self.database, self.dsn)
+            drop_database(self.database, self.dsn)
         except Exception as err:  # teardown goes on; the name says which database is left
             print(f"could not drop database {self.database}: {err}", file=sys.stderr)
 

@@ -161,34 +161,54 @@ def conns(sim: Sim) -> Iterator[Connections]:
 
 @dataclass
 class PrefectServer:
-    """A real ``prefect server`` (SQLite in a temp dir) for tests that run flows in other
-    processes or deployments; ``env`` points a child process at it."""
+    """A real ``prefect server`` on its own PostgreSQL database (the machine's server) for
+    tests that run flows in other processes or deployments; ``env`` points a child process at
+    it. Not SQLite: under load (a chaos case's orchestrators, a parallel test) SQLite answers
+    ``503 database is locked``, and a run that cannot reach its server is not what a test of
+    the product should fail on."""
 
     url: str
     env: dict[str, str]
+
+
+PREFECT_DSN = os.environ.get("AMLFS_TEST_PREFECT_DSN", "postgresql://postgres@127.0.0.1:5432")
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     import subprocess
 
-    from deployments.scaleout import free_port, start_prefect_server
+    from deployments.scaleout import (
+        create_database,
+        drop_database,
+        free_port,
+        start_prefect_server,
+    )
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
+    database = f"amlfs_tests_{os.getpid()}_{port}"
+    create_database(database, PREFECT_DSN)
     env = dict(os.environ)
     env.update(
         {
             "PREFECT_HOME": str(home),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+            "PREFECT_API_DATABASE_CONNECTION_URL": (
+                f"{PREFECT_DSN.replace('postgresql://', 'postgresql+asyncpg://')}/{database}"
+            ),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
     )
     log = (home / "server.log").open("w")
-    proc = start_prefect_server(port, env, log, home / "server.log", timeout_s=90)
+    try:
+        proc = start_prefect_server(port, env, log, home / "server.log", timeout_s=90)
+    except BaseException:
+        log.close()
+        drop_database(database, PREFECT_DSN)
+        raise
     client_env = dict(env)
     client_env["PREFECT_API_URL"] = url
     client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
@@ -202,6 +222,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+        drop_database(database, PREFECT_DSN)
 
 
 def os_disk_body(
