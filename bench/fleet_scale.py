@@ -61,7 +61,7 @@ from amlfs.runtime import Connections, from_endpoint
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction
 from amlfs.shards import ShardPool, ShardSpec
-from amlfs.store import StateStore
+from amlfs.store import StateStore, Store
 from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
 from amlfs_sim.nodes.lustre import HSM_DRAIN_SECONDS, REPLAY_SECONDS
 from amlfs_sim.server import serve_process
@@ -163,6 +163,14 @@ def main() -> None:
         help="Orchestrator processes running the clusters (amlfs.shards; 1: this process)",
     )
     parser.add_argument(
+        "--task-workers",
+        type=int,
+        default=0,
+        help="Run the clusters as Prefect task runs served by N `amlfs task-worker` processes "
+        "(a Prefect server and the state store on the local PostgreSQL; each worker 1/N of the "
+        "endpoint's default rates); 0: this process or --processes",
+    )
+    parser.add_argument(
         "--window-min", type=float, default=30, help="P4: the one window the fleet must fit"
     )
     parser.add_argument(
@@ -249,7 +257,7 @@ def main() -> None:
             if args.max_checks_per_s is not None:
                 ssh = ssh.model_copy(update={"max_checks_per_s": args.max_checks_per_s})
             connections = Connections.create(azure, ssh)
-            store = StateStore(Path(tmp) / "state")
+            store: Store = StateStore(Path(tmp) / "state")
             rows = plan_fleet(
                 fleet,
                 release,
@@ -265,12 +273,17 @@ def main() -> None:
             spans: dict[str, tuple[float, float]] = {}  # cluster: (start, end), sim s
 
             shards = None
+            engine: Engine | None = None
             inner: Executor
-            if args.processes > 1:
+            if args.task_workers:
+                engine = Engine(Path(tmp), args.task_workers, args.max_parallel)
+                store = engine.start()
+                inner = engine.executor(sim_dir / "endpoint.json")
+            elif args.processes > 1:
                 spec = ShardSpec(
                     azure,
                     ssh,
-                    str(store.root),
+                    str(Path(tmp) / "state"),
                     forward_logs=False,
                     switch_interval_s=args.switch_interval,
                     freeze_heap=not args.no_freeze_heap,
@@ -334,6 +347,11 @@ def main() -> None:
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             shard_stats = shards.close() if shards is not None else None
             shard_cpu = shard_stats.cpu_s if shard_stats is not None else 0.0
+            engine_cpu = 0.0
+            if engine is not None:
+                shard_cpu = engine.worker_cpu_s()
+                engine_cpu = engine.server_cpu_s()
+                engine.stop()
             load.stop()
             orchestrator_gc = [own_gc.describe(), *(shard_stats.gc if shard_stats else [])]
             pacers = {
@@ -489,12 +507,88 @@ def main() -> None:
         f"leaked={len(state['leaked_disks'])} sim_cpu_s_per_node={sim_cpu / per_node:.3f} "
         f"arm_per_node={arm_requests / per_node:.1f} ssh_cmds_per_node={ssh_commands / per_node:.1f} "
         f"fits_window={makespan <= window_s} cpu_count={os.cpu_count()} "
-        f"processes={args.processes} orchestrator_nice={args.orchestrator_nice} "
+        f"processes={args.processes} task_workers={args.task_workers} "
+        + (f"prefect_server_cpu_s={engine_cpu:.1f} " if args.task_workers else "")
+        + f"orchestrator_nice={args.orchestrator_nice} "
         f"freeze_heap={not args.no_freeze_heap} sim_gc_max_ms={sim_gc.get('max_ms', 0)} "
         f"orch_gc_max_ms={max(g.get('max_ms', 0) for g in orchestrator_gc)} "
         f"most_runnable={load.most_runnable} max_load={load.max_load:.0f}"
         + (f" last_start_s={last_start:.0f} cluster_s_median={median_s:.0f}" if spans else "")
     )
+
+
+#: Where --task-workers keeps the state store (a table of its own, dropped at the end).
+POSTGRES_URL = os.environ.get("AMLFS_BENCH_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
+
+
+def _group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of process group ``pgid``."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+class Engine:
+    """Prefect's engine for the bench: a server on the local PostgreSQL, the state store in
+    a PostgreSQL table, ``workers`` task-worker processes (``deployments.scaleout.ScaleOut``).
+    """
+
+    def __init__(self, tmp: Path, workers: int, max_parallel: int) -> None:
+        from deployments.scaleout import ScaleOut
+
+        self.table = f"amlfs_bench_{os.getpid()}"
+        self.store_url = f"{POSTGRES_URL}?table={self.table}"
+        self.scale = ScaleOut(
+            tmp / "prefect",
+            workers=0,
+            task_workers=workers,
+            store=self.store_url,
+            task_worker_limit=math.ceil(max_parallel / workers) + 5,
+        )
+
+    def start(self) -> Store:
+        from amlfs.store import open_store
+
+        self.scale.__enter__()
+        # This process submits the task runs: the same server, settings read on first use.
+        os.environ.update(
+            {
+                k: self.scale.env[k]
+                for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOGGING_LEVEL")
+            }
+        )
+        self.store = open_store(self.store_url)
+        return self.store
+
+    def executor(self, endpoint_file: Path) -> Executor:
+        import contextvars
+
+        from flows.taskworkers import TaskWorkerExecutor
+
+        connect = {"emulator_endpoint": str(endpoint_file), "azure_block": "-", "ssh_block": "-"}
+        return TaskWorkerExecutor(self.store, "bench", connect, contextvars.copy_context())
+
+    def worker_cpu_s(self) -> float:
+        return sum(_group_cpu_s(w.pid) for w in self.scale.task_workers)
+
+    def server_cpu_s(self) -> float:
+        assert self.scale.server is not None
+        return _group_cpu_s(self.scale.server.pid)
+
+    def stop(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self.scale.__exit__(None, None, None)
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.table)))
 
 
 class LoadWatch:
