@@ -22,6 +22,7 @@ from rich.text import Text
 from amlfs.errors import InventoryError, StateStoreError
 from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
+from amlfs.store import without_password
 
 app = typer.Typer(help="AMLFS fleet maintenance.", no_args_is_help=True, add_completion=False)
 
@@ -263,7 +264,7 @@ def plan(
             connections,
             [c for c in parsed.clusters if selector.matches(c)],
             parsed_release,
-            open_store(state_dir),
+            open_store(without_password(state_dir)),
         )
         rows = plan_fleet(
             parsed,
@@ -276,7 +277,7 @@ def plan(
             current_release=lambda c: readings[c.name].release,
             interrupted=lambda c: readings[c.name].interrupted,
         )
-    except InventoryError as err:
+    except (InventoryError, StateStoreError, ValueError) as err:
         _error("error", err)
         raise typer.Exit(2) from err
     finally:
@@ -312,9 +313,10 @@ def status(
     from amlfs.store import open_store
 
     try:
-        store = open_store(state_dir)
+        store = open_store(without_password(state_dir))
         names = [run_name] if run_name else store.names("fleet-runs")
-    except StateStoreError as err:
+        records = {name: store.get("fleet-runs", name) for name in names}
+    except (StateStoreError, ValueError) as err:
         _error("error", err)
         raise typer.Exit(2) from err
     if not names:
@@ -322,7 +324,7 @@ def status(
         raise typer.Exit(1)
     console = _stdout()
     for name in names:
-        record = store.get("fleet-runs", name)
+        record = records[name]
         if record is None:
             _error("error", f"no fleet run named {name!r} in {store}")
             raise typer.Exit(1)
@@ -495,7 +497,11 @@ def run_fleet(
         task = progress.add_task(f"fleet run {run_name}", total=len(selected), last="")
         while thread.is_alive():
             thread.join(0.5)
-            record = store.get("fleet-runs", run_name) or {}
+            try:
+                record = store.get("fleet-runs", run_name) or {}
+            except StateStoreError:
+                continue  # the bar waits; the run itself retries or reports
+
             results = record.get("results", {})
             last = next(reversed(results.items()), None) if results else None
             progress.update(
@@ -559,8 +565,8 @@ def task_worker(
         _error("error", "--share must be > 0")
         raise typer.Exit(2)
     try:
-        serve_task_workers(state_dir, limit=limit, share=share)
-    except StateStoreError as err:
+        serve_task_workers(without_password(state_dir), limit=limit, share=share)
+    except (StateStoreError, ValueError) as err:
         _error("error", err)
         raise typer.Exit(2) from err
 

@@ -135,6 +135,12 @@ class ClusterOutcome(BaseModel):
             override=job.override_reason,
         )  # fmt: skip
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ClusterOutcome:
+        """An outcome another process recorded (it may run another version: fields this one
+        does not know are left out)."""
+        return cls.model_validate({k: v for k, v in record.items() if k in cls.model_fields})
+
     def record(self) -> dict[str, Any]:
         """As the fleet record keeps it (JSON; fields never set are left out)."""
         return self.model_dump(mode="json", exclude_none=True)

@@ -22,7 +22,9 @@ import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+from pydantic import AfterValidator
 
 from amlfs.errors import StateStoreError
 
@@ -64,6 +66,25 @@ def check_key(parts: tuple[str, ...], *, prefix: bool = False) -> None:
     for part in parts:
         if not isinstance(part, str) or not _SAFE.match(part) or part in (".", ".."):
             raise StateStoreError(f"state store key part {part!r} is not a safe name")
+
+
+def without_password(location: str) -> str:
+    """``location`` unchanged, or ``ValueError`` when it is a URL that carries a password: a
+    store location given to a flow is a Prefect parameter (kept by the server, shown in the
+    UI) and one given on a command line is in every process listing."""
+    if location.startswith(_URL_SCHEMES):
+        from urllib.parse import urlsplit
+
+        if urlsplit(location).password is not None:
+            raise ValueError(
+                "the state store URL carries a password: leave it out (postgresql://USER@HOST"
+                "/DB) and give it to libpq in PGPASSWORD or ~/.pgpass (PGPASSFILE)"
+            )
+    return location
+
+
+#: A store location as a parameter or an option: a directory, or a URL without a password.
+StoreLocation = Annotated[str, AfterValidator(without_password)]
 
 
 def open_store(location: str | Path) -> Store:

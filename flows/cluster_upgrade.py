@@ -40,7 +40,7 @@ from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, run_job
 from amlfs.models import load_fleet, load_release
 from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
 from amlfs.saga import UpgradePolicy
-from amlfs.store import Store, open_store
+from amlfs.store import Store, StoreLocation, open_store
 from flows.markdown import markdown_text
 
 __all__ = [
@@ -60,12 +60,16 @@ ABORTS = "cluster-aborts"
 class ClusterUpgradeParams(BaseModel):
     """Parameters of one cluster's upgrade (rendered as a form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a refused value may be a secret (a URL with a password).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     fleet_file: str = Field(description="Fleet inventory YAML")
     cluster: str = Field(description="Cluster name in the inventory")
     release_file: str = Field(description="Release YAML (image, Lustre version, config)")
     policy: UpgradePolicy = UpgradePolicy()
-    state_dir: str = Field(default=".amlfs-state", description="Durable state store root")
+    state_dir: StoreLocation = Field(
+        default=".amlfs-state",
+        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
+    )
     emulator_endpoint: str | None = Field(
         default=None, description="amlfs-sim endpoint.json; empty: use the Blocks below"
     )

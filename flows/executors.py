@@ -62,7 +62,7 @@ class PrefectTaskExecutor:
         data = state.result(raise_on_failure=False)
         if isinstance(data, BaseException):
             raise data  # a bug in the job: FleetRunner records it as failed_needs_attention
-        return ClusterOutcome.model_validate(data)
+        return ClusterOutcome.from_record(data)
 
 
 class DeploymentExecutor:
@@ -109,7 +109,7 @@ class DeploymentExecutor:
             self.params.dead_run_after_s,
             should_abort,
         )
-        return ClusterOutcome.model_validate(
+        return ClusterOutcome.from_record(
             {**out, "wave": job.wave, "override": job.override_reason}
         )
 

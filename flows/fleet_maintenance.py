@@ -47,6 +47,7 @@ from prefect.artifacts import (
 )
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, Completed, Failed
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,7 +70,7 @@ from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
 from amlfs.shards import ShardPool, ShardSpec
-from amlfs.store import Store, open_store
+from amlfs.store import Store, StoreLocation, open_store
 from flows.cluster_upgrade import (
     ClusterUpgradeParams,
     resolve_settings,
@@ -87,7 +88,8 @@ CONTROL_VARIABLE = "amlfs-fleet-control"
 class FleetParams(BaseModel):
     """A fleet maintenance run (rendered as a typed form in the Prefect UI)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # hide_input_in_errors: a refused value may be a secret (a URL with a password).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     fleet_file: str = Field(description="Fleet inventory YAML")
     release_file: str = Field(description="Release YAML")
     mode: Literal["scheduled", "manual", "hotfix"] = "manual"
@@ -129,7 +131,10 @@ class FleetParams(BaseModel):
             "(this machine or others) sharing state_dir (a postgresql:// URL across machines)"
         ),
     )
-    state_dir: str = ".amlfs-state"
+    state_dir: StoreLocation = Field(
+        default=".amlfs-state",
+        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
+    )
     emulator_endpoint: str | None = None
     azure_block: str = "amlfs-azure"
     ssh_block: str = "amlfs-ssh"
@@ -288,6 +293,12 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
 def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str, Any] | State[Any]:
     from tasks import run_step
 
+    if params.task_workers and not PREFECT_API_URL.value():
+        # Else this run talks to a temporary server of its own that no task worker can reach.
+        raise InventoryError(
+            "task_workers needs a Prefect server the `amlfs task-worker` processes share: "
+            "set PREFECT_API_URL"
+        )
     fleet = load_fleet(params.fleet_file)
     release = load_release(params.release_file)
     azure, ssh = resolve_settings(

@@ -28,8 +28,10 @@ So Prefect carries the work and shows it; the state store says what happened:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
+import secrets
 import socket
 import threading
 import time
@@ -64,7 +66,9 @@ STARTS = "fleet-job-starts"
 OUTCOMES = "fleet-job-outcomes"
 ABORTS = "fleet-job-aborts"
 RUN_TAG = "fleet-run:"
+BUSY_WAITS = 3  # busy answers to a follow-up, each waited out one lease
 CLUSTER_TAG = "cluster:"
+ATTEMPT_TAG = "attempt:"
 
 
 # ---------------------------------------------------------------------- the worker's side
@@ -86,18 +90,20 @@ class _Worker:
 
     def connections(self, connect: dict[str, Any]) -> Connections:
         key = (connect.get("emulator_endpoint"), connect["azure_block"], connect["ssh_block"])
-        with self._lock:
+        with self._lock:  # made once (cheap: clients and sessions open on first use)
             existing = self._connections.get(key)
-            if existing is not None:
-                return existing
-        azure, ssh = connection_settings(*key)
-        made = Connections.create(*share_of(azure, ssh, self.share))
-        with self._lock:
-            return self._connections.setdefault(key, made)
+            if existing is None:
+                azure, ssh = connection_settings(*key)
+                existing = self._connections[key] = Connections.create(
+                    *share_of(azure, ssh, self.share)
+                )
+            return existing
 
     def begin(self, run: str) -> None:
+        names = self._abort_requests(run) or set()  # now, not at the watcher's next turn
         with self._lock:
             self._in_flight[run] = self._in_flight.get(run, 0) + 1
+            self._aborted[run] = names
 
     def end(self, run: str) -> None:
         with self._lock:
@@ -142,8 +148,27 @@ def _started_mark() -> dict[str, Any]:
     }
 
 
+def _tagged(tags: list[str], prefix: str) -> str | None:
+    values = [t[len(prefix) :] for t in tags if t.startswith(prefix)]
+    return values[0] if len(values) == 1 else None
+
+
+def _put_outcome(store: Store, run: str, key: str, record: dict[str, Any]) -> None:
+    """Write the outcome, trying again for a minute: without it the fleet waits for it."""
+    for attempt in range(12):
+        try:
+            store.put(OUTCOMES, run, key, value=record)
+            return
+        except StateStoreError:
+            if attempt == 11:
+                raise
+            time.sleep(5.0)
+
+
 def _cluster_job() -> State[Any]:
     """One cluster's job, as a task run on a task worker (see the module's docstring)."""
+    from prefect.states import Completed
+
     from tasks import run_step
     from tasks.cluster import outcome_state
 
@@ -151,40 +176,47 @@ def _cluster_job() -> State[Any]:
     if worker is None:
         raise RuntimeError("cluster-job runs inside `amlfs task-worker` processes only")
     tags = task_run.get_tags()
-    runs = [t[len(RUN_TAG) :] for t in tags if t.startswith(RUN_TAG)]
-    clusters = [t[len(CLUSTER_TAG) :] for t in tags if t.startswith(CLUSTER_TAG)]
-    if len(runs) != 1 or len(clusters) != 1:
+    run, cluster, attempt = (_tagged(tags, t) for t in (RUN_TAG, CLUSTER_TAG, ATTEMPT_TAG))
+    if run is None or cluster is None or attempt is None:
         raise RuntimeError(
-            f"task run {task_run.get_name()!r} does not name one fleet run and one cluster "
-            f"(tags {RUN_TAG}RUN, {CLUSTER_TAG}NAME): {tags}"
+            f"task run {task_run.get_name()!r} does not name one fleet run, cluster and "
+            f"attempt (tags {RUN_TAG}RUN, {CLUSTER_TAG}NAME, {ATTEMPT_TAG}ID): {tags}"
         )
-    run, cluster = runs[0], clusters[0]
     key = f"{cluster}.{task_run.get_id()}"
     store = worker.store
-    store.put(STARTS, run, key, value=_started_mark())
     logger = get_run_logger()
     ticket = store.get(JOBS, run, cluster)
+    if ticket is None or attempt not in ticket.get("attempts", []):
+        # A copy the fleet run gave up on (it was queued too long, or its run decided), or
+        # left from an earlier run of this name: it must not touch the cluster.
+        why = f"{cluster}: not a live attempt of fleet run {run}'s job: nothing done"
+        logger.warning(why)
+        return Completed(name="Stale", message=why)
+    store.put(STARTS, run, key, value=_started_mark())
+    job: ClusterJob | None = None
     worker.begin(run)
     try:
-        if ticket is None:
-            raise RuntimeError(f"no job recorded for {cluster} in fleet run {run}")
         job = ClusterJob.model_validate(ticket["job"])
-        try:
-            outcome = run_job(
-                job,
-                worker.connections(ticket["connect"]),
-                store,
-                should_abort=lambda: worker.aborted(run, cluster),
-                log=logger.info,
-                runner=run_step,
-            )
-        except Exception as err:  # recorded: the fleet counts it failed, with the reason
-            outcome = ClusterOutcome.failed(job, f"{type(err).__name__}: {err}")
+        outcome = run_job(
+            job,
+            worker.connections(ticket["connect"]),
+            store,
+            should_abort=lambda: worker.aborted(run, cluster),
+            log=logger.info,
+            runner=run_step,
+        )
+    except Exception as err:  # recorded: the fleet counts it failed, with the reason
+        reason = f"{type(err).__name__}: {err}"
+        outcome = (
+            ClusterOutcome.failed(job, reason)
+            if job is not None
+            else ClusterOutcome(cluster=cluster, outcome="failed_needs_attention", reason=reason)
+        )
     finally:
         worker.end(run)
     outcome.orchestrator_pid = os.getpid()
     record = outcome.record()
-    store.put(OUTCOMES, run, key, value=record)
+    _put_outcome(store, run, key, record)
     logger.info("%s: %s %s", cluster, outcome.outcome, outcome.reason)
     return outcome_state(record)
 
@@ -206,7 +238,9 @@ def serve_task_workers(store_location: str, *, limit: int, share: float) -> None
     from prefect.task_worker import serve
 
     global _WORKER
-    _WORKER = _Worker(open_store(store_location), share)
+    store = open_store(store_location)
+    store.names(JOBS)  # reach it now: a wrong location is an error here, not a silent worker
+    _WORKER = _Worker(store, share)
     serve(cluster_job, limit=limit)
 
 
@@ -257,15 +291,39 @@ class TaskWorkerExecutor:
                 self._listed_at = time.monotonic()
             return self._listed
 
-    def _submit(self, job: ClusterJob) -> str:
+    def _ticket(self, job: ClusterJob, attempts: list[str]) -> None:
+        """The job as the workers read it, with the attempts that may run it (none: the
+        fleet run decided; a copy that runs later does nothing)."""
+        self.store.put(
+            JOBS,
+            self.fleet_run,
+            job.name,
+            value={
+                "job": job.model_dump(mode="json"),
+                "connect": self.connect,
+                "attempts": attempts,
+            },
+        )
+
+    def _submit(self, job: ClusterJob, attempts: list[str]) -> str:
+        """One more task run of ``job``; ``attempts``: the live ones so far (their tags)."""
+        attempt = secrets.token_hex(6)
+        self._ticket(job, [*attempts, attempt])
+
         def submit() -> str:
             # Named after the cluster (Prefect adds -N; a task run name given to .delay() is
             # not used), the job found by its tags.
             options = cluster_job.with_options(
-                name=job.name, tags=[f"{RUN_TAG}{self.fleet_run}", f"{CLUSTER_TAG}{job.name}"]
+                name=job.name,
+                tags=[
+                    f"{RUN_TAG}{self.fleet_run}",
+                    f"{CLUSTER_TAG}{job.name}",
+                    f"{ATTEMPT_TAG}{attempt}",
+                ],
             )
             return str(options.delay().task_run_id)
 
+        attempts.append(attempt)
         return self.context.copy().run(submit)
 
     def _dead(self, job: ClusterJob, run_id: str, submitted: float) -> str | None:
@@ -278,17 +336,35 @@ class TaskWorkerExecutor:
                 return f"task run {run_id} not started after {waited:.0f} s"
             return None
         alive = process_alive(started["host"], started["pid"], started.get("pid_start"))
+        long_ago = time.time() - float(started["at"]) > self.lease_ttl_s
         if alive is False:
             why = f"its task worker (host {started['host']}, pid {started['pid']}) is gone"
-        elif alive is None and time.time() - float(started["at"]) > self.lease_ttl_s:
-            if holder_alive(self.store, job.name):
-                return None
+        elif not long_ago or holder_alive(self.store, job.name):
+            return None
+        elif alive is None:
             why = f"task run {run_id} on host {started['host']}: the cluster's lease expired"
         else:
-            return None
+            # Its worker lives and nobody holds the lease: did the run end without writing
+            # its outcome (the store refused it)? Only Prefect can say.
+            ended = self._ended(run_id)
+            if ended is None:
+                return None
+            why = f"task run {run_id} ended {ended} without recording an outcome"
         if self.store.get(OUTCOMES, self.fleet_run, key) is not None:
             return None  # it finished meanwhile
         return why
+
+    def _ended(self, run_id: str) -> str | None:
+        """The final state of task run ``run_id`` in Prefect (None: not final, or unknown)."""
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_task_run(UUID(run_id)).state
+        except Exception as err:  # unknown: judged again at the next check
+            self.log(f"cannot read task run {run_id}: {err}")
+            return None
+        return state.type.value if state is not None and state.is_final() else None
 
     def _crash(self, run_id: str, why: str) -> None:
         """Mark an abandoned task run Crashed in Prefect, so that the UI does not show it
@@ -303,58 +379,111 @@ class TaskWorkerExecutor:
             self.log(f"could not mark task run {run_id} crashed: {err}")
 
     def _outcome(self, job: ClusterJob, answer: dict[str, Any], follow_ups: int) -> ClusterOutcome:
-        outcome = ClusterOutcome.model_validate(answer)
+        outcome = ClusterOutcome.from_record(answer)
         outcome.follow_ups = follow_ups
         if self.emulator_endpoint:
             outcome.customer_view = customer_view(self.emulator_endpoint, job.name)
         return outcome
 
     def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:
+        tags: list[str] = []  # the attempts' tags, in the JOBS document
+        try:
+            return self._run(job, should_abort, tags)
+        finally:
+            with contextlib.suppress(StateStoreError):  # else a late copy finds the lease
+                self._ticket(job, [])
+
+    def _run(
+        self, job: ClusterJob, should_abort: Callable[[], bool], tags: list[str]
+    ) -> ClusterOutcome:
         run = self.fleet_run
         self.store.delete(ABORTS, run, job.name)  # an earlier run's request of this name
-        self.store.put(
-            JOBS, run, job.name, value={"job": job.model_dump(mode="json"), "connect": self.connect}
-        )
-        attempts = [(self._submit(job), time.time())]
+        attempts = [(self._submit(job, tags), time.time())]
         answers: dict[str, dict[str, Any]] = {}
         abort_sent = False
+        busy_waits = 0
         checked = time.monotonic()
         wake = threading.Event()
         while True:
             wake.wait(self.poll_s)
-            if not abort_sent and should_abort():
-                self.store.put(ABORTS, run, job.name, value={"at": time.time()})
-                abort_sent = True
-            listed = self._outcomes_listed()
-            for run_id, _ in attempts:
-                key = f"{job.name}.{run_id}"
-                if run_id not in answers and key in listed:
-                    answer = self.store.get(OUTCOMES, run, key)
-                    if answer is not None:
-                        answers[run_id] = answer
-            decided = next((a for a in answers.values() if a.get("outcome") != "busy"), None)
-            if decided is None and len(answers) == len(attempts):
-                decided = answers[attempts[-1][0]]  # every run found the cluster busy
-            if decided is not None:
-                return self._outcome(job, decided, len(attempts) - 1)
-            if time.monotonic() - checked < self.check_every_s:
-                continue
-            checked = time.monotonic()
-            latest, submitted = attempts[-1]
-            if latest in answers:  # busy: is an earlier run of the job still holding it?
-                waiting = [(r, t) for r, t in attempts if r not in answers]
-                if all(self._dead(job, r, t) for r, t in waiting):
-                    return self._outcome(job, answers[latest], len(attempts) - 1)
-                continue
-            why = self._dead(job, latest, submitted)
-            if why is None:
-                continue
-            self._crash(latest, why)
-            if len(attempts) > self.follow_ups:
-                return ClusterOutcome.failed(
-                    job,
-                    f"{why}; {len(attempts)} task runs did not finish: the cluster is where its "
-                    "journal says; run the fleet again with the same run name to resume it",
-                )
-            self.log(f"{job.name}: {why}: submitting it again (it resumes from its journal)")
-            attempts.append((self._submit(job), time.time()))
+            try:
+                if not abort_sent and should_abort():
+                    self.store.put(ABORTS, run, job.name, value={"at": time.time()})
+                    abort_sent = True
+                decided = self._answers(job, attempts, answers)
+                if decided is not None:
+                    return self._outcome(job, decided, len(attempts) - 1)
+                if time.monotonic() - checked < self.check_every_s:
+                    continue
+                checked = time.monotonic()
+                latest, submitted = attempts[-1]
+                if latest in answers:
+                    # Busy: another orchestrator holds the cluster, or the lease of an earlier
+                    # attempt whose worker died is not expired yet (clocks of two hosts
+                    # differ): wait one lease, then try again, a few times.
+                    waiting = [(r, t) for r, t in attempts if r not in answers]
+                    if not all(self._dead(job, r, t) for r, t in waiting):
+                        continue
+                    if not waiting or busy_waits >= BUSY_WAITS:
+                        return self._outcome(job, answers[latest], len(attempts) - 1)
+                    busy_waits += 1
+                    self.log(f"{job.name}: busy: trying again in {self.lease_ttl_s:.0f} s")
+                    wake.wait(self.lease_ttl_s)
+                    attempts.append((self._submit(job, tags), time.time()))
+                    continue
+                why = self._dead(job, latest, submitted)
+                if why is None:
+                    continue
+                self._crash(latest, why)
+                given_up = self._give_up(job, attempts, why)
+                if given_up is not None:
+                    return given_up
+                started = self.store.get(STARTS, run, f"{job.name}.{latest}") is not None
+                what = "resumes from its journal" if started else "was not started"
+                self.log(f"{job.name}: {why}: submitting it again (it {what})")
+                attempts.append((self._submit(job, tags), time.time()))
+            except StateStoreError as err:  # the store did not answer: ask again next poll
+                self.log(f"{job.name}: cannot read the state store: {err}; trying again")
+
+    def _give_up(
+        self, job: ClusterJob, attempts: list[tuple[str, float]], why: str
+    ) -> ClusterOutcome | None:
+        """The outcome once ``follow_ups`` more task runs did not finish (None: try again)."""
+        if len(attempts) <= self.follow_ups:
+            return None
+        if not any(self.store.get(STARTS, self.fleet_run, f"{job.name}.{r}") for r, _ in attempts):
+            # Never started anywhere: the cluster was not touched. Not a failure of the
+            # release; a resume of the fleet run runs it again.
+            return ClusterOutcome.failed(
+                job,
+                f"{why}: no task worker started any of its {len(attempts)} task runs (are "
+                "`amlfs task-worker` processes running, on this state store, against this "
+                "Prefect server, with --limit enough?); nothing was changed; run again with the "
+                "same run name",
+                outcome="interrupted",
+            )
+        return ClusterOutcome.failed(
+            job,
+            f"{why}; {len(attempts)} task runs did not finish: the cluster is where its "
+            "journal says; run the fleet again with the same run name to resume it",
+        )
+
+    def _answers(
+        self,
+        job: ClusterJob,
+        attempts: list[tuple[str, float]],
+        answers: dict[str, dict[str, Any]],
+    ) -> dict[str, Any] | None:
+        """Collect the attempts' outcomes; the first that is not busy decides (one busy
+        answer to a single attempt decides too)."""
+        listed = self._outcomes_listed()
+        for run_id, _ in attempts:
+            key = f"{job.name}.{run_id}"
+            if run_id not in answers and key in listed:
+                answer = self.store.get(OUTCOMES, self.fleet_run, key)
+                if answer is not None:
+                    answers[run_id] = answer
+        decided = next((a for a in answers.values() if a.get("outcome") != "busy"), None)
+        if decided is None and len(attempts) == 1 and answers:
+            decided = answers[attempts[0][0]]
+        return decided

@@ -91,3 +91,23 @@ def test_a_job_on_another_host_is_judged_by_the_clusters_lease(
     else:
         assert why is not None
         assert "the cluster's lease expired" in why
+
+
+def test_a_store_url_with_a_password_is_refused_without_showing_it() -> None:
+    from pydantic import ValidationError
+
+    from flows.cluster_upgrade import ClusterUpgradeParams
+    from flows.fleet_maintenance import FleetParams
+
+    url = "postgresql://amlfs:hunter2-secret@db.example:5432/amlfs"
+    for make in (
+        lambda: FleetParams(fleet_file="f", release_file="r", state_dir=url),
+        lambda: ClusterUpgradeParams(fleet_file="f", cluster="c", release_file="r", state_dir=url),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            make()
+        assert "PGPASSWORD" in str(caught.value)
+        assert "hunter2" not in str(caught.value)
+    assert FleetParams(
+        fleet_file="f", release_file="r", state_dir=url.replace(":hunter2-secret", "")
+    )
