@@ -41,6 +41,7 @@ __all__ = [
     "WindowOccurrence",
     "admit",
     "current_or_next_window",
+    "next_window_opening",
     "order_waves",
     "wave_gate",
     "wave_may_open",
@@ -165,6 +166,21 @@ def current_or_next_window(
             return _occurrence(cluster, start)
         start += WEEK
     return None
+
+
+def next_window_opening(
+    cluster: Cluster, t: dt.datetime, fleet_blackouts: Sequence[Blackout] = ()
+) -> WindowOccurrence | None:
+    """The first occurrence of ``cluster``'s window that starts at or after ``t`` and is not
+    blacked out: the one a scheduled tick would start it in. None beyond ``SEARCH_HORIZON``."""
+    t = _utc(t, "t")
+    blackouts = _blackouts(cluster, fleet_blackouts)
+    for start in _starts_from(cluster.window, t):
+        if start > t + SEARCH_HORIZON:
+            return None
+        if not is_blacked_out(start.date(), blackouts):
+            return _occurrence(cluster, start)
+    return None  # pragma: no cover - _starts_from never ends
 
 
 def windows_opening_in(
