@@ -497,12 +497,23 @@ def record_outcome(
     reason: str = "",
 ) -> Rollout:
     """The rollout with ``cluster``'s result of one attempt, judged again (it may halt or
-    complete). A cluster not in the rollout, or an outcome that says nothing of the release
+    complete). Recording the same run's same outcome again changes nothing, nor does any
+    outcome of a cluster that succeeded already. A cluster not in
+    the rollout, or an outcome that says nothing of the release
     (busy, interrupted) for a cluster with a result already, changes nothing."""
     at = _aware(at, "at")
     if cluster not in rollout.members:
         return rollout
     before = rollout.clusters.get(cluster)
+    if (
+        before is not None
+        and run_name
+        and (before.run_name, before.outcome) == (run_name, outcome)
+        and not before.retry
+    ):
+        return rollout  # this run's result, recorded already
+    if before is not None and before.outcome in SUCCEEDED and not before.retry:
+        return rollout  # on the release already: a later reading finding it there is no news
     if outcome not in (*SUCCEEDED, *FAILED):
         if before is not None and not before.retry:
             return rollout

@@ -52,9 +52,10 @@ from prefect.states import Cancelled, Completed, Failed
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from amlfs.errors import AmlfsError, InventoryError
+from amlfs.errors import AmlfsError, InventoryError, StateStoreError
 from amlfs.fleet import (
     RESUME_WAVE,
+    SUCCEEDED,
     ClusterSelector,
     Control,
     FleetPolicy,
@@ -66,6 +67,7 @@ from amlfs.fleet import (
 from amlfs.jobs import ClockAnchor, Executor, InProcessExecutor
 from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
 from amlfs.reconcile import ClusterReading, read_cluster
+from amlfs.rollout import Rollout, RolloutBook
 from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
@@ -78,6 +80,7 @@ from flows.cluster_upgrade import (
 )
 from flows.executors import DeploymentExecutor, PrefectTaskExecutor
 from flows.markdown import markdown_text
+from flows.rollout_view import RolloutLink, gate_for_other_rollouts, publish_forecast
 from flows.taskworkers import TaskWorkerExecutor
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
@@ -131,6 +134,11 @@ class FleetParams(BaseModel):
             "(this machine or others) sharing state_dir (a postgresql:// URL across machines)"
         ),
     )
+    rollout: str | None = Field(
+        default=None,
+        description="Advance this rollout (amlfs rollout start): only clusters of its open "
+        "stages run; outcomes are recorded in it",
+    )
     state_dir: StoreLocation = Field(
         default=".amlfs-state",
         description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
@@ -147,6 +155,10 @@ class FleetParams(BaseModel):
             raise ValueError("override_window is only for mode=hotfix")
         if self.policy.override_window and not (self.policy.reason or "").strip():
             raise ValueError("override_window needs policy.reason (recorded with the run)")
+        if self.rollout is not None and self.mode == "hotfix":
+            raise ValueError(
+                "a rollout is advanced by scheduled or manual runs; a hotfix names its clusters"
+            )
         if self.at is not None and self.at.tzinfo is None:
             raise ValueError("at must carry a timezone (UTC)")
         spreads = [
@@ -319,7 +331,17 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     now_utc = anchor.now_utc
 
     store = open_store(params.state_dir)
+    book = RolloutBook(store)
     selector = params.selector
+    link: RolloutLink | None = None
+    if params.rollout is not None:
+        try:
+            link = RolloutLink(book, params.rollout, release, now=now_utc, log=logger.info)
+        except (InventoryError, StateStoreError):
+            connections.close()
+            raise
+        members = [c.name for c in fleet.clusters if c.name in link.members and selector.matches(c)]
+        selector = selector.model_copy(update={"names": members or ["<none>"]})
     if params.mode == "scheduled":
         tick_start = start_utc.replace(second=0, microsecond=0)
         tick_start -= dt.timedelta(minutes=tick_start.minute % params.tick_minutes)
@@ -340,6 +362,15 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
                 "scheduled tick %s: journals of interrupted runs for %s", tick_start, halfway
             )
         selector = selector.model_copy(update={"names": (names + halfway) or ["<none>"]})
+        if not names and not halfway:
+            # Nothing to do: no artifact either, so the last real results stay in view.
+            if link is not None:
+                _publish(book, link.rollout, fleet, anchor, params, logger)
+            connections.close()
+            return Completed(
+                message="no window opens in this tick",
+                data={"run_name": params.run_name, "results": {}, "plan": [], "counts": {}},
+            )
     prediction, downtime = _prediction(params.upgrade)
     try:
         readings = read_fleet(
@@ -363,6 +394,18 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         connections.close()
         raise
     run_name = params.run_name or str(flow_run.get_name() or "fleet-run")
+    for reading in readings.values():
+        if reading.release is not None:
+            _saw(book, reading.cluster, reading.release, now_utc(), logger)
+    policy = params.policy
+    if link is not None:
+        rows = link.gate(rows)
+        for row in rows:
+            if row.skipped and row.cluster in link.members:
+                link.record(row.cluster, "already_current", run_name, row.reason)
+        policy = policy.model_copy(update={"error_budget": link.remaining_budget()})
+    elif params.mode == "scheduled":
+        rows = gate_for_other_rollouts(book, rows, start_utc)
     create_table_artifact(
         key="fleet-plan",
         table=[r.as_dict() for r in rows],
@@ -421,6 +464,10 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     def on_result(summary: FleetSummary, cluster: str) -> None:
         result = summary.results[cluster]
         logger.info("%s: %s %s", cluster, result["outcome"], result.get("reason", ""))
+        if result["outcome"] in SUCCEEDED:
+            _saw(book, cluster, release.version, now_utc(), logger)
+        if link is not None:
+            link.record(cluster, result["outcome"], run_name, result.get("reason", ""))
         if progress is not None:
             update_progress_artifact(progress, 100.0 * len(summary.results) / len(admitted))
 
@@ -428,12 +475,15 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
 
     def control() -> Control:
         # A cancel of this flow run in Prefect, or SIGTERM, is an abort of the whole run.
-        return "cancel" if stop.requested() else operator()
+        if stop.requested():
+            return "cancel"
+        value = operator()
+        return link.control() if value == "run" and link is not None else value
 
     runner = FleetRunner(
         fleet,
         rows,
-        params.policy,
+        policy,
         executor,
         store,
         run_name,
@@ -454,6 +504,10 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         if shards is not None:
             shards.close()
         connections.close()
+    if link is not None:
+        for cluster, result in summary.results.items():  # any a failing store missed
+            link.record(cluster, result["outcome"], run_name, result.get("reason", ""))
+        _publish(book, link.rollout, fleet, anchor, params, logger)
     for wave in summary.waves:
         if wave["wave"] == RESUME_WAVE:
             names = [r.cluster for r in rows if r.interrupted]
@@ -474,6 +528,8 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     )
     out = summary.as_dict()
     out["plan"] = [r.as_dict() for r in rows]
+    if link is not None:
+        out["rollout"] = {"name": link.name, "state": link.rollout.state}
     message = outcome_message(summary)
     logger.info(
         "fleet run %s done: %s%s",
@@ -487,6 +543,36 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if counts.get("failed_needs_attention"):
         return Failed(message=message, data=out)
     return Completed(message=message, data=out)
+
+
+def _saw(book: RolloutBook, cluster: str, version: str, at: dt.datetime, logger: Any) -> None:
+    try:
+        book.saw(cluster, version, at)
+    except StateStoreError as err:  # compliance is a view: a run never stops for it
+        logger.warning("%s: cannot record its release: %s", cluster, err)
+
+
+def _publish(
+    book: RolloutBook,
+    rollout: Rollout,
+    fleet: Fleet,
+    anchor: ClockAnchor,
+    params: FleetParams,
+    logger: Any,
+) -> None:
+    try:
+        prediction, _ = _prediction(params.upgrade)
+        if publish_forecast(
+            book,
+            book.get(rollout.name),
+            fleet,
+            anchor.now_utc(),
+            upgrade=prediction.upgrade,
+            state_dir=params.state_dir,
+        ):
+            logger.info("rollout %s: forecast published", rollout.name)
+    except (StateStoreError, InventoryError) as err:
+        logger.warning("rollout %s: cannot publish its forecast: %s", rollout.name, err)
 
 
 def _markdown(

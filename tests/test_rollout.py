@@ -194,8 +194,13 @@ def test_every_cluster_upgraded_completes_the_rollout() -> None:
     for name in rollout.members:
         rollout = ro.record_outcome(rollout, name, "upgraded", at=at("2026-12-20 02:12"))
     assert rollout.state == "completed"
-    # Outcomes that say nothing of the release change nothing once there is a result.
+    # Outcomes that say nothing of the release change nothing once there is a result, and a
+    # later run finding a cluster on the release does not move when its stage finished.
     assert ro.record_outcome(rollout, "can-a", "busy", at=at("2026-12-21 00:00")) == rollout
+    again = ro.record_outcome(
+        rollout, "can-a", "already_current", at=at("2026-12-28 02:00"), run_name="later"
+    )
+    assert again == rollout
 
 
 def test_the_forecast_projects_each_stage_and_flags_the_deadline_on_day_one() -> None:

@@ -1,0 +1,220 @@
+"""Prefect flows of release rollouts: ``rollout-start`` (the typed form in the UI) and
+``rollout-tick`` (every 15 minutes: each active rollout advanced by a ``fleet-maintenance``
+run in scheduled mode, gated by the rollout's stages).
+
+The rollout itself is ``amlfs.rollout``; its record lives in the state store, so the CLI
+(``amlfs rollout ...``), these flows and every fleet run see the same rollout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from amlfs.errors import InventoryError
+from amlfs.fleet import ClusterSelector, FleetPolicy
+from amlfs.models import Fleet, load_fleet, load_release
+from amlfs.rollout import (
+    Forecast,
+    Rollout,
+    RolloutBook,
+    RolloutStrategy,
+    forecast,
+    forecast_lines,
+    load_strategy,
+    new_rollout,
+)
+from amlfs.saga import UpgradePolicy
+from amlfs.store import StoreLocation, open_store
+from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance
+from flows.rollout_view import publish_forecast
+
+__all__ = ["RolloutStartParams", "RolloutTickParams", "rollout_start", "rollout_tick"]
+
+
+class RolloutStartParams(BaseModel):
+    """Start a release's rollout across the fleet (a typed form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    name: str = Field(description="Rollout name, e.g. 2.15.6-2026w49 (unique)")
+    fleet_file: str = Field(description="Fleet inventory YAML")
+    release_file: str = Field(description="Release YAML")
+    strategy: RolloutStrategy | None = Field(
+        default=None, description="Stages, soak, thresholds, approvals, budget, deadline"
+    )
+    strategy_file: str | None = Field(default=None, description="Or: a strategy YAML file")
+    selector: ClusterSelector = Field(
+        default=ClusterSelector(), description="Which clusters (empty: the whole fleet)"
+    )
+    hotfix_reason: str | None = Field(
+        default=None, description="A hotfix rollout: why (needed to skip soak or approvals)"
+    )
+    skip_soak: bool = False
+    skip_approvals: bool = False
+    started_by: str = Field(default="", description="Who starts it (recorded)")
+    at: dt.datetime | None = Field(default=None, description="Start as of (rehearsals)")
+    state_dir: StoreLocation = Field(
+        default=".amlfs-state",
+        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutStartParams:
+        if (self.strategy is None) == (self.strategy_file is None):
+            raise ValueError("give the strategy or a strategy_file, one of them")
+        if (self.skip_soak or self.skip_approvals) and not (self.hotfix_reason or "").strip():
+            raise ValueError("skipping soak or approvals is for a hotfix: give hotfix_reason")
+        if self.at is not None and self.at.tzinfo is None:
+            raise ValueError("at must carry a timezone (UTC)")
+        return self
+
+
+@dataclass(frozen=True)
+class Started:
+    """A rollout just started, with what its forecast needs."""
+
+    book: RolloutBook
+    rollout: Rollout
+    fleet: Fleet
+    now: dt.datetime
+    upgrade: dt.timedelta  # the predicted duration of one cluster's upgrade
+
+    def forecast(self, state_dir: str) -> Forecast:
+        return forecast(
+            self.rollout, self.fleet, self.now, upgrade=self.upgrade, state_dir=state_dir
+        )
+
+
+def start_rollout(params: RolloutStartParams, *, upgrade: UpgradePolicy | None = None) -> Started:
+    """Create the rollout's record (refused if the name is taken): what the CLI and the flow
+    both do."""
+    fleet = load_fleet(params.fleet_file)
+    release = load_release(params.release_file)
+    strategy = params.strategy or load_strategy(str(params.strategy_file))
+    now = params.at or dt.datetime.now(dt.UTC)
+    rollout = new_rollout(
+        params.name,
+        fleet,
+        release_version=release.version,
+        release_file=params.release_file,
+        fleet_file=params.fleet_file,
+        strategy=strategy,
+        now=now,
+        selected=params.selector.matches,
+        by=params.started_by,
+        hotfix_reason=params.hotfix_reason,
+        skip_soak=params.skip_soak,
+        skip_approvals=params.skip_approvals,
+    )
+    book = RolloutBook(open_store(params.state_dir))
+    book.create(rollout)
+    prediction, _ = _prediction(upgrade or UpgradePolicy())
+    return Started(book, rollout, fleet, now, prediction.upgrade)
+
+
+@flow(name="rollout-start", persist_result=False)
+def rollout_start(params: RolloutStartParams) -> dict[str, Any]:
+    """Start a rollout; its forecast (and the clusters that cannot make the deadline, with
+    the hotfix command that would) is logged and published as the artifact ``rollout-NAME``."""
+    logger = get_run_logger()
+    started = start_rollout(params)
+    result = started.forecast(params.state_dir)
+    for line in forecast_lines(result):
+        logger.info("%s", line)
+    publish_forecast(
+        started.book,
+        started.rollout,
+        started.fleet,
+        started.now,
+        upgrade=started.upgrade,
+        state_dir=params.state_dir,
+    )
+    return {
+        "rollout": started.rollout.name,
+        "members": len(started.rollout.members),
+        "projected_done": result.projected_done.isoformat() if result.projected_done else None,
+        "late": list(result.late),
+        "hotfix_command": result.hotfix_command,
+    }
+
+
+class RolloutTickParams(BaseModel):
+    """One tick of every active rollout (the schedule's form)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    tick_minutes: int = Field(default=15, ge=1, le=1440)
+    at: dt.datetime | None = Field(default=None, description="Tick as of (rehearsals)")
+    policy: FleetPolicy = Field(
+        default=FleetPolicy(), description="Caps of each run (the rollout sets its budget)"
+    )
+    upgrade: UpgradePolicy = UpgradePolicy()
+    state_dir: StoreLocation = Field(
+        default=".amlfs-state",
+        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
+    )
+    emulator_endpoint: str | None = None
+    azure_block: str = "amlfs-azure"
+    ssh_block: str = "amlfs-ssh"
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutTickParams:
+        if self.at is not None and self.at.tzinfo is None:
+            raise ValueError("at must carry a timezone (UTC)")
+        if self.policy.override_window:
+            raise ValueError("a rollout tick never overrides windows (a hotfix run does)")
+        return self
+
+
+@flow(name="rollout-tick", persist_result=False)
+def rollout_tick(params: RolloutTickParams) -> Any:
+    """Advance each active rollout by one scheduled fleet run (a subflow named after the
+    rollout and the tick). Failed when a rollout's run failed (a cluster needs attention)."""
+    logger = get_run_logger()
+    book = RolloutBook(open_store(params.state_dir))
+    when = params.at or dt.datetime.now(dt.UTC)
+    tick = when.replace(second=0, microsecond=0)
+    tick -= dt.timedelta(minutes=tick.minute % params.tick_minutes)
+    active = book.active()
+    if not active:
+        logger.info("tick %s: no active rollout", tick.isoformat())
+    outcomes: dict[str, Any] = {}
+    failed = []
+    for rollout in active:
+        run = FleetParams(
+            fleet_file=rollout.fleet_file,
+            release_file=rollout.release_file,
+            mode="scheduled",
+            rollout=rollout.name,
+            policy=params.policy,
+            upgrade=params.upgrade,
+            tick_minutes=params.tick_minutes,
+            at=when,
+            run_name=f"{rollout.name}-{tick:%Y%m%dT%H%M}",
+            state_dir=params.state_dir,
+            emulator_endpoint=params.emulator_endpoint,
+            azure_block=params.azure_block,
+            ssh_block=params.ssh_block,
+        )
+        try:
+            state = fleet_maintenance.with_options(flow_run_name=run.run_name)(
+                run, return_state=True
+            )
+        except InventoryError as err:  # its files changed or went away: say so, go on
+            logger.error("rollout %s: %s", rollout.name, err)
+            failed.append(rollout.name)
+            continue
+        outcomes[rollout.name] = {"state": state.name, "message": state.message}
+        if state.is_failed():
+            failed.append(rollout.name)
+        logger.info("rollout %s: %s: %s", rollout.name, state.name, state.message)
+    message = (
+        "; ".join(f"{name}: {o['message']}" for name, o in outcomes.items()) or "no active rollout"
+    )
+    if failed:
+        return Failed(message=f"{', '.join(failed)} failed: {message}", data=outcomes)
+    return Completed(message=message, data=outcomes)
