@@ -10,9 +10,13 @@ RUNNING (no task-run heartbeat), and a run it had received but not started stays
 So Prefect carries the work and shows it; the state store says what happened:
 
 * the task run has no parameters (nothing goes to Prefect's result storage, which would need
-  a file system shared by the machines): the job is in the store (``fleet-jobs/RUN/CLUSTER``)
-  and the task run's tags name it (``fleet-run:RUN``, ``cluster:NAME``); it is named after
-  the cluster (``NAME-0``);
+  a file system shared by the machines) and no tags: the job is in the store
+  (``fleet-jobs/RUN/CLUSTER``), and the run is named after the cluster and the attempt
+  (``NAME #ATTEMPT``, Prefect adds ``-N`` under a flow run); the attempt's document
+  (``fleet-job-attempts/ATTEMPT``) names the fleet run and the cluster. No tags, because for
+  every distinct set of tags a task worker's engine starts a concurrency-slot service while
+  holding a lock its event loop also takes to emit the run's event: with runs arriving at
+  once, the worker deadlocked and started nothing more (prefect 3.x; ``bench/RESULTS.md``);
 * the worker notes where it runs the job when it begins (``fleet-job-starts/RUN/CLUSTER.ID``:
   host, pid) and writes the outcome (``fleet-job-outcomes/RUN/CLUSTER.ID``); the fleet records
   that outcome, never a task run's state alone;
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import re
 import secrets
 import socket
 import threading
@@ -53,6 +58,7 @@ from flows.cluster_upgrade import connection_settings, customer_view
 
 __all__ = [
     "ABORTS",
+    "ATTEMPTS",
     "JOBS",
     "OUTCOMES",
     "STARTS",
@@ -62,13 +68,17 @@ __all__ = [
 ]
 
 JOBS = "fleet-jobs"
+ATTEMPTS = "fleet-job-attempts"
 STARTS = "fleet-job-starts"
 OUTCOMES = "fleet-job-outcomes"
 ABORTS = "fleet-job-aborts"
-RUN_TAG = "fleet-run:"
 BUSY_WAITS = 3  # busy answers to a follow-up, each waited out one lease
-CLUSTER_TAG = "cluster:"
-ATTEMPT_TAG = "attempt:"
+# "NAME #ATTEMPT", and "-N" when Prefect numbers the runs of a flow run's task.
+_ATTEMPT_IN_NAME = re.compile(r".+ #(?P<attempt>[0-9a-f]{12})(?:-\d+)?")
+# Prefect numbers a flow run's task runs with a counter in the flow run's context, read and
+# written without a lock: two threads may take one number, and the server then answers the
+# second .delay() with the first one's task run (same flow run, task and number).
+_SUBMIT_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------- the worker's side
@@ -148,9 +158,14 @@ def _started_mark() -> dict[str, Any]:
     }
 
 
-def _tagged(tags: list[str], prefix: str) -> str | None:
-    values = [t[len(prefix) :] for t in tags if t.startswith(prefix)]
-    return values[0] if len(values) == 1 else None
+def attempt_run_name(cluster: str, attempt: str) -> str:
+    """The name of an attempt's task run (Prefect may add ``-N``)."""
+    return f"{cluster} #{attempt}"
+
+
+def _attempt_of(name: str) -> str | None:
+    found = _ATTEMPT_IN_NAME.fullmatch(name)
+    return found["attempt"] if found is not None else None
 
 
 def _put_outcome(store: Store, run: str, key: str, record: dict[str, Any]) -> None:
@@ -175,15 +190,17 @@ def _cluster_job() -> State[Any]:
     worker = _WORKER
     if worker is None:
         raise RuntimeError("cluster-job runs inside `amlfs task-worker` processes only")
-    tags = task_run.get_tags()
-    run, cluster, attempt = (_tagged(tags, t) for t in (RUN_TAG, CLUSTER_TAG, ATTEMPT_TAG))
-    if run is None or cluster is None or attempt is None:
-        raise RuntimeError(
-            f"task run {task_run.get_name()!r} does not name one fleet run, cluster and "
-            f"attempt (tags {RUN_TAG}RUN, {CLUSTER_TAG}NAME, {ATTEMPT_TAG}ID): {tags}"
-        )
-    key = f"{cluster}.{task_run.get_id()}"
+    name = task_run.get_name() or ""
+    attempt = _attempt_of(name)
     store = worker.store
+    whose = store.get(ATTEMPTS, attempt) if attempt is not None else None
+    if whose is None:
+        raise RuntimeError(
+            f"task run {name!r} does not name an attempt of a fleet run's job "
+            f"(CLUSTER #ATTEMPT, and {ATTEMPTS}/ATTEMPT in the state store)"
+        )
+    run, cluster = str(whose["fleet_run"]), str(whose["cluster"])
+    key = f"{cluster}.{task_run.get_id()}"
     logger = get_run_logger()
     ticket = store.get(JOBS, run, cluster)
     if ticket is None or attempt not in ticket.get("attempts", []):
@@ -235,12 +252,20 @@ cluster_job = task(
 def serve_task_workers(store_location: str, *, limit: int, share: float) -> None:
     """Serve ``cluster-job`` in this process until it is stopped (SIGTERM: Prefect's task
     worker shuts down gracefully). ``limit`` jobs at once; ``share`` of every rate."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.task_worker import serve
 
     global _WORKER
     store = open_store(store_location)
     store.names(JOBS)  # reach it now: a wrong location is an error here, not a silent worker
     _WORKER = _Worker(store, share)
+    # Start the event and log services before runs arrive. Else the first job's thread starts
+    # the log service holding the lock that the worker's event loop takes for each run it
+    # receives, and waits for that loop: the module docstring's deadlock, at most once a
+    # process (read in prefect's services.py; not seen in the bench or the tests).
+    EventsWorker.instance()
+    APILogWorker.instance()
     serve(cluster_job, limit=limit)
 
 
@@ -306,22 +331,20 @@ class TaskWorkerExecutor:
         )
 
     def _submit(self, job: ClusterJob, attempts: list[str]) -> str:
-        """One more task run of ``job``; ``attempts``: the live ones so far (their tags)."""
+        """One more task run of ``job``; ``attempts``: the live ones so far (their ids)."""
+        from prefect.context import TagsContext
+
         attempt = secrets.token_hex(6)
+        self.store.put(ATTEMPTS, attempt, value={"fleet_run": self.fleet_run, "cluster": job.name})
         self._ticket(job, [*attempts, attempt])
 
         def submit() -> str:
-            # Named after the cluster (Prefect adds -N; a task run name given to .delay() is
-            # not used), the job found by its tags.
-            options = cluster_job.with_options(
-                name=job.name,
-                tags=[
-                    f"{RUN_TAG}{self.fleet_run}",
-                    f"{CLUSTER_TAG}{job.name}",
-                    f"{ATTEMPT_TAG}{attempt}",
-                ],
-            )
-            return str(options.delay().task_run_id)
+            # Named after the cluster and the attempt (a task run name given to .delay() is
+            # not used: the task's name is), without tags, not even the caller's (see the
+            # module's docstring).
+            options = cluster_job.with_options(name=attempt_run_name(job.name, attempt), tags=[])
+            with _SUBMIT_LOCK, TagsContext(current_tags=set()):
+                return str(options.delay().task_run_id)
 
         attempts.append(attempt)
         return self.context.copy().run(submit)
@@ -386,19 +409,19 @@ class TaskWorkerExecutor:
         return outcome
 
     def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:
-        tags: list[str] = []  # the attempts' tags, in the JOBS document
+        attempt_ids: list[str] = []  # the attempts, in the JOBS document
         try:
-            return self._run(job, should_abort, tags)
+            return self._run(job, should_abort, attempt_ids)
         finally:
             with contextlib.suppress(StateStoreError):  # else a late copy finds the lease
                 self._ticket(job, [])
 
     def _run(
-        self, job: ClusterJob, should_abort: Callable[[], bool], tags: list[str]
+        self, job: ClusterJob, should_abort: Callable[[], bool], attempt_ids: list[str]
     ) -> ClusterOutcome:
         run = self.fleet_run
         self.store.delete(ABORTS, run, job.name)  # an earlier run's request of this name
-        attempts = [(self._submit(job, tags), time.time())]
+        attempts = [(self._submit(job, attempt_ids), time.time())]
         answers: dict[str, dict[str, Any]] = {}
         abort_sent = False
         busy_waits = 0
@@ -429,7 +452,7 @@ class TaskWorkerExecutor:
                     busy_waits += 1
                     self.log(f"{job.name}: busy: trying again in {self.lease_ttl_s:.0f} s")
                     wake.wait(self.lease_ttl_s)
-                    attempts.append((self._submit(job, tags), time.time()))
+                    attempts.append((self._submit(job, attempt_ids), time.time()))
                     continue
                 why = self._dead(job, latest, submitted)
                 if why is None:
@@ -441,7 +464,7 @@ class TaskWorkerExecutor:
                 started = self.store.get(STARTS, run, f"{job.name}.{latest}") is not None
                 what = "resumes from its journal" if started else "was not started"
                 self.log(f"{job.name}: {why}: submitting it again (it {what})")
-                attempts.append((self._submit(job, tags), time.time()))
+                attempts.append((self._submit(job, attempt_ids), time.time()))
             except StateStoreError as err:  # the store did not answer: ask again next poll
                 self.log(f"{job.name}: cannot read the state store: {err}; trying again")
 

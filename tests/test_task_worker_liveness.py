@@ -1,6 +1,7 @@
 """How the task-worker executor tells a job that will not finish (``TaskWorkerExecutor._dead``)
 from one that is running or still queued: from what the worker left in the state store when it
-began (host, pid) and the cluster's lease, never from a Prefect task-run state."""
+began (host, pid) and the cluster's lease, never from a Prefect task-run state; and how a
+worker finds which attempt of a job a task run is (from its name: task runs carry no tags)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from amlfs.jobs import ClusterJob
 from amlfs.lease import ClusterLease, holder_alive, process_alive
 from amlfs.models import load_fleet
 from amlfs.store import StateStore
-from flows.taskworkers import OUTCOMES, STARTS, TaskWorkerExecutor
+from flows.taskworkers import OUTCOMES, STARTS, TaskWorkerExecutor, _attempt_of, attempt_run_name
 from tests.conftest import SMALL_FLEET
 from tests.test_fleet import RELEASE
 
@@ -111,3 +112,16 @@ def test_a_store_url_with_a_password_is_refused_without_showing_it() -> None:
     assert FleetParams(
         fleet_file="f", release_file="r", state_dir=url.replace(":hunter2-secret", "")
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "attempt"),
+    [
+        (attempt_run_name("lustre-eus-01", "3f2a1b0c9d8e"), "3f2a1b0c9d8e"),  # no flow run
+        (attempt_run_name("lustre-eus-01", "3f2a1b0c9d8e") + "-12", "3f2a1b0c9d8e"),  # Prefect's -N
+        ("lustre-eus-01-0", None),  # a task run of an earlier version (tags named its attempt)
+        ("lustre-eus-01 #3f2a1b0c9d8e-0 copy", None),
+    ],
+)
+def test_a_job_task_run_is_found_by_the_attempt_in_its_name(name: str, attempt: str | None) -> None:
+    assert _attempt_of(name) == attempt

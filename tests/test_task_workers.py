@@ -4,7 +4,8 @@ too (no state directory shared by the processes). Each cluster is a task run nam
 under the fleet's flow run, its steps under it. A task worker SIGKILLed in the middle of a
 cluster's swap is noticed (its process is gone), the job is submitted again, the surviving
 worker resumes the cluster from its journal, and the emulator's ground truth shows the
-cluster serving on one release with nothing leaked."""
+cluster serving on one release with nothing leaked. A burst of jobs submitted at once is
+started by the workers, each on its first task run."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from amlfs.store import open_store
 from amlfs_sim import Emulator
-from amlfs_sim.spec import SimWorld
+from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
+from amlfs_sim.spec import SimWorld, load_world
 from deployments.scaleout import ScaleOut
 from flows.taskworkers import STARTS
-from tests.conftest import REPO, cli_args, trust
+from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, cli_args, trust
 from tests.stores import postgres_location
 
 pytestmark = pytest.mark.integration
@@ -46,13 +49,22 @@ def wait_for_swap(control: httpx.Client, fleet_run: subprocess.Popen[str]) -> No
         time.sleep(0.05)
 
 
-def prefect_view(url: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Every task run on the (test's own) server, and the flow runs they belong to, by id."""
+def prefect_view(
+    url: str, task_runs: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The task runs on the (test's own) server (every one, or those ``task_runs`` filters),
+    and the flow runs they belong to, by id."""
+    query: dict[str, Any] = {"limit": 200, **({"task_runs": task_runs} if task_runs else {})}
     with httpx.Client(base_url=url, timeout=30) as api:
-        runs = api.post("/task_runs/filter", json={"limit": 200}).json()
+        runs = api.post("/task_runs/filter", json=query).json()
         ids = sorted({r["flow_run_id"] for r in runs if r["flow_run_id"]})
         flows = api.post("/flow_runs/filter", json={"flow_runs": {"id": {"any_": ids}}}).json()
     return runs, {f["id"]: f for f in flows}
+
+
+def cluster_of(task_run: dict[str, Any]) -> str:
+    """The cluster a job's task run is named after ("NAME #ATTEMPT-N"); a step's own name."""
+    return str(task_run["name"]).split(" #", 1)[0]
 
 
 def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
@@ -113,7 +125,7 @@ def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
         # killed one marked Crashed, not left Running), with the steps nested under it.
         by_name: dict[str, list[dict[str, Any]]] = {}
         for run in runs:
-            by_name.setdefault(run["name"].rsplit("-", 1)[0], []).append(run)
+            by_name.setdefault(cluster_of(run), []).append(run)
         victim_runs = by_name[VICTIM]
         assert len(victim_runs) == 2, [r["state"]["type"] for r in victim_runs]
         assert {r["state"]["type"] for r in victim_runs} >= {"CRASHED"}
@@ -139,3 +151,83 @@ def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
     assert truth["data_disk_changes"] == []
     os_disks = [d for d in truth["disks"] if d["os_type"] == "Linux"]
     assert len(os_disks) == len(truth["vms"])
+
+
+BURST = 16
+
+
+def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
+    tmp_path: Path,
+) -> None:
+    """16 clusters admitted at the same instant, two task workers. Each job's first task run
+    is started and the fleet upgrades them all without submitting any job again; in Prefect,
+    one completed run per cluster, named after it, under the fleet's flow run.
+
+    With a tag on each task run naming its attempt, a burst like this deadlocked the workers
+    (prefect 3.x): the job's thread, starting the concurrency-slot service of its tags, held
+    the lock that the worker's event loop takes to emit the next received run's event, and
+    waited for that loop. Nothing more started; every job ended interrupted after 3 task runs.
+    """
+    data = generate_fleet(BURST, 2, regions=("eastus",), waves=("wave1",), seed=5)
+    data["emulator"] = yaml.safe_load(SMALL_FLEET.read_text())["emulator"]
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(dump_fleet_yaml(data))
+    names = sorted(c["name"] for c in data["clusters"])
+    store_url = postgres_location(f"amlfs_twb_{os.getpid()}_{time.monotonic_ns()}")
+    emulator = Emulator(load_world(fleet_file), tmp_path / "sim", time_scale=50, seed=5)
+    endpoint = emulator.start()
+    control = httpx.Client(base_url=endpoint.control_url, verify=trust(endpoint), timeout=30)
+    store = open_store(store_url)
+    burst = str(BURST)
+    try:
+        with ScaleOut(tmp_path / "prefect", workers=0, task_workers=2, store=store_url) as scale:
+            fleet_run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "amlfs.cli",
+                    "run-fleet",
+                    "--fleet",
+                    str(fleet_file),
+                    "--release",
+                    str(RELEASE_FILE),
+                    "--endpoint",
+                    str(tmp_path / "sim" / "endpoint.json"),
+                    *("--max-parallel", burst, "--max-per-subscription", burst),
+                    *("--max-per-region", burst),
+                    *(arg for name in names for arg in ("--cluster", name)),
+                    "--hotfix-reason",
+                    "burst test",
+                    "--state-dir",
+                    store_url,
+                    "--run-name",
+                    "burst",
+                    "--task-workers",
+                ],
+                env=scale.env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=900,
+            )
+            out = fleet_run.stdout
+            jobs, flows = prefect_view(scale.url, {"name": {"like_": " #"}})
+        record = store.get("fleet-runs", "burst")
+        assert record is not None, out[-4000:]
+        results = record["results"]
+        assert {n: r["outcome"] for n, r in results.items()} == dict.fromkeys(names, "upgraded"), (
+            out[-4000:]
+        )
+        assert {n: r.get("follow_ups") for n, r in results.items()} == dict.fromkeys(names, 0)
+        assert fleet_run.returncode == 0, out[-4000:]
+        assert sorted(cluster_of(r) for r in jobs) == names
+        assert {r["state"]["type"] for r in jobs} == {"COMPLETED"}
+        (fleet_flow_run,) = {r["flow_run_id"] for r in jobs}
+        assert flows[fleet_flow_run]["state"]["type"] == "COMPLETED"
+    finally:
+        truth = control.get("/state").json()
+        control.close()
+        emulator.stop()
+    assert all(truth["clusters"][n]["serving"] for n in names)
+    assert truth["leaked_disks"] == []
