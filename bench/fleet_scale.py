@@ -351,6 +351,7 @@ def main() -> None:
             if engine is not None:
                 shard_cpu = engine.worker_cpu_s()
                 engine_cpu = engine.server_cpu_s()
+                engine.report(len(rows))
                 engine.stop()
             load.stop()
             orchestrator_gc = [own_gc.describe(), *(shard_stats.gc if shard_stats else [])]
@@ -538,11 +539,16 @@ def _group_cpu_s(pgid: int) -> float:
 class Engine:
     """Prefect's engine for the bench: a server on the local PostgreSQL, the state store in
     a PostgreSQL table, ``workers`` task-worker processes (``deployments.scaleout.ScaleOut``).
+    ``report`` prints the dispatch latency (a task run's ``.delay()`` to its worker's start
+    mark) and the CPU of the workers and the server while the fleet ran, per cluster.
     """
 
     def __init__(self, tmp: Path, workers: int, max_parallel: int) -> None:
         from deployments.scaleout import ScaleOut
 
+        self.workers = workers
+        self.submitted: dict[str, tuple[str, float]] = {}  # task run: (cluster, time)
+        self.cpu0 = (0.0, 0.0)
         self.table = f"amlfs_bench_{os.getpid()}"
         self.store_url = f"{POSTGRES_URL}?table={self.table}"
         self.scale = ScaleOut(
@@ -565,15 +571,61 @@ class Engine:
             }
         )
         self.store = open_store(self.store_url)
+        self._wait_subscribed()
+        self.cpu0 = (self.worker_cpu_s(), self.server_cpu_s())
         return self.store
+
+    def _wait_subscribed(self, timeout_s: float = 120.0) -> None:
+        """Until the server lists every worker (their start-up CPU is not the fleet's)."""
+        url = f"{self.scale.env['PREFECT_API_URL']}/task_workers/filter"
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            seen = len(httpx.post(url, json={}, timeout=10).json())
+            if seen >= self.workers:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{seen} of {self.workers} task workers subscribed in {timeout_s} s")
 
     def executor(self, endpoint_file: Path) -> Executor:
         import contextvars
 
         from flows.taskworkers import TaskWorkerExecutor
 
+        engine = self
+
+        class Noted(TaskWorkerExecutor):
+            def _submit(self, job: ClusterJob, attempts: list[str]) -> str:
+                at = time.time()
+                run_id = super()._submit(job, attempts)
+                engine.submitted[run_id] = (job.name, at)
+                return run_id
+
         connect = {"emulator_endpoint": str(endpoint_file), "azure_block": "-", "ssh_block": "-"}
-        return TaskWorkerExecutor(self.store, "bench", connect, contextvars.copy_context())
+        return Noted(self.store, "bench", connect, contextvars.copy_context())
+
+    def report(self, jobs: int) -> None:
+        from flows.taskworkers import STARTS
+
+        waits = sorted(
+            float(mark["at"]) - sent
+            for run_id, (cluster, sent) in self.submitted.items()
+            if (mark := self.store.get(STARTS, "bench", f"{cluster}.{run_id}")) is not None
+        )
+        worker_cpu = self.worker_cpu_s() - self.cpu0[0]
+        server_cpu = self.server_cpu_s() - self.cpu0[1]
+
+        def at(q: float) -> float:
+            return waits[min(len(waits) - 1, int(len(waits) * q))] if waits else float("nan")
+
+        print(
+            f"task_workers: jobs={jobs} task_runs={len(self.submitted)} started={len(waits)} "
+            f"dispatch_s_p50={at(0.5):.2f} dispatch_s_p90={at(0.9):.2f} "
+            f"dispatch_s_max={at(1.0):.2f} worker_cpu_s={worker_cpu:.1f} "
+            f"server_cpu_s={server_cpu:.1f} worker_cpu_s_per_cluster={worker_cpu / max(jobs, 1):.2f} "
+            f"server_cpu_s_per_cluster={server_cpu / max(jobs, 1):.2f}",
+            flush=True,
+        )
 
     def worker_cpu_s(self) -> float:
         return sum(_group_cpu_s(w.pid) for w in self.scale.task_workers)
