@@ -52,6 +52,7 @@ __all__ = [
     "RolloutStrategy",
     "Stage",
     "StageView",
+    "awaiting_approval",
     "cluster_gate",
     "compliance",
     "forecast",
@@ -236,6 +237,8 @@ class Rollout(BaseModel):
     skip_soak: bool = False
     skip_approvals: bool = False
     approvals: dict[str, Approval] = {}
+    #: stage -> the Prefect flow run asking an operator for its approval (asked once).
+    approval_requests: dict[str, str] = {}
     clusters: dict[str, ClusterProgress] = {}
     #: Failures an operator's resume forgave: the budget counts the ones after.
     forgiven_failures: int = 0
@@ -432,6 +435,23 @@ def stage_views(rollout: Rollout, now: dt.datetime) -> list[StageView]:
         views.append(view)
         previous, previous_stage = view, stage
     return views
+
+
+def awaiting_approval(rollout: Rollout, now: dt.datetime) -> list[str]:
+    """Stages of an active rollout to ask an operator about now: each needs an approval not
+    given nor asked for yet, and the stage before it finished and met its threshold (the
+    approval may come during the soak)."""
+    if rollout.state != "active" or rollout.skip_approvals:
+        return []
+    stages = {stage.name: stage for stage in rollout.strategy.stages}
+    return [
+        view.name
+        for view in stage_views(rollout, now)
+        if stages[view.name].approval
+        and view.opens_at is not None
+        and view.name not in rollout.approvals
+        and view.name not in rollout.approval_requests
+    ]
 
 
 def cluster_gate(rollout: Rollout, views: Sequence[StageView], cluster: str) -> tuple[bool, str]:

@@ -1,4 +1,4 @@
-"""Serve the three deployments of ``fleet-maintenance`` from this process (one machine).
+"""Serve the deployments of ``fleet-maintenance`` and of rollouts from this process.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m deployments.serve \
         [--fleet examples/fleet-small.yaml] [--release examples/release-2.15.6.yaml] \
@@ -8,7 +8,12 @@
   clusters whose window opens in the tick;
 * ``amlfs-manual``: no schedule; started from the UI with the typed form (dry run by default);
 * ``amlfs-hotfix``: no schedule; started through the REST API
-  (``POST /api/deployments/{id}/create_flow_run``) for named clusters now.
+  (``POST /api/deployments/{id}/create_flow_run``) for named clusters now;
+* ``amlfs-rollout-tick``: every 15 minutes, each active rollout advanced by one scheduled
+  fleet run gated by its stages (the weekly tick leaves a rollout's clusters to it);
+* ``amlfs-rollout-start``: start a rollout from the UI (strategy file or typed strategy);
+* ``amlfs-rollout-approval``: a paused run with a form asking to open a stage (the rollout
+  tick starts one when a stage waits only for its approval).
 
 For several machines use ``deployments/prefect.yaml`` with a process work pool instead.
 """
@@ -22,14 +27,23 @@ from typing import Any
 from prefect import serve
 
 from flows.fleet_maintenance import fleet_maintenance
+from flows.rollouts import rollout_approval, rollout_start, rollout_tick
 
 WEEKLY = "amlfs-weekly-tick"
 MANUAL = "amlfs-manual"
 HOTFIX = "amlfs-hotfix"
+ROLLOUT_TICK = "amlfs-rollout-tick"
+ROLLOUT_START = "amlfs-rollout-start"
+ROLLOUT_APPROVAL = "amlfs-rollout-approval"  # flows.rollouts.APPROVAL_DEPLOYMENT names it
 
 
 def deployments(
-    fleet: str, release: str, endpoint: str | None, state_dir: str, cron: str = "*/15 * * * *"
+    fleet: str,
+    release: str,
+    endpoint: str | None,
+    state_dir: str,
+    cron: str = "*/15 * * * *",
+    strategy: str = "examples/rollout-strategy.yaml",
 ) -> list[Any]:
     base: dict[str, Any] = {
         "fleet_file": fleet,
@@ -61,6 +75,32 @@ def deployments(
             ),
             tags=["amlfs", "hotfix"],
         ),
+        rollout_tick.to_deployment(
+            name=ROLLOUT_TICK,
+            cron=cron,
+            parameters={"params": {"state_dir": state_dir, "emulator_endpoint": endpoint}},
+            description="Every active rollout advanced by one scheduled fleet run.",
+            tags=["amlfs", "rollout", "scheduled"],
+        ),
+        rollout_start.to_deployment(
+            name=ROLLOUT_START,
+            parameters={
+                "params": {
+                    "fleet_file": fleet,
+                    "release_file": release,
+                    "strategy_file": strategy,
+                    "state_dir": state_dir,
+                }
+            },
+            description="Start a release's rollout: stages, soak, approvals, budget, deadline.",
+            tags=["amlfs", "rollout"],
+        ),
+        rollout_approval.to_deployment(
+            name=ROLLOUT_APPROVAL,
+            parameters={"params": {"state_dir": state_dir}},
+            description="Asks an operator to open a stage (a paused run with a form).",
+            tags=["amlfs", "rollout"],
+        ),
     ]
 
 
@@ -71,6 +111,7 @@ def main() -> None:
     parser.add_argument("--endpoint", default=None, help="amlfs-sim endpoint.json")
     parser.add_argument("--state-dir", default=".amlfs-state")
     parser.add_argument("--cron", default="*/15 * * * *")
+    parser.add_argument("--strategy", default="examples/rollout-strategy.yaml")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     serve(
@@ -80,6 +121,7 @@ def main() -> None:
             os.path.abspath(args.endpoint) if args.endpoint else None,
             os.path.abspath(args.state_dir),
             args.cron,
+            os.path.abspath(args.strategy),
         )
     )
 

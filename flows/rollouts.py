@@ -9,10 +9,16 @@ The rollout itself is ``amlfs.rollout``; its record lives in the state store, so
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,8 +30,11 @@ from amlfs.rollout import (
     Rollout,
     RolloutBook,
     RolloutStrategy,
+    approve,
+    awaiting_approval,
     forecast,
     forecast_lines,
+    halt,
     load_strategy,
     new_rollout,
 )
@@ -34,7 +43,19 @@ from amlfs.store import StoreLocation, open_store
 from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance
 from flows.rollout_view import publish_forecast
 
-__all__ = ["RolloutStartParams", "RolloutTickParams", "rollout_start", "rollout_tick"]
+__all__ = [
+    "APPROVAL_DEPLOYMENT",
+    "ApprovalParams",
+    "RolloutStartParams",
+    "RolloutTickParams",
+    "StageApproval",
+    "rollout_approval",
+    "rollout_start",
+    "rollout_tick",
+]
+
+#: The deployment a tick starts when a stage waits for an operator's approval.
+APPROVAL_DEPLOYMENT = "rollout-approval/amlfs-rollout-approval"
 
 
 class RolloutStartParams(BaseModel):
@@ -212,9 +233,121 @@ def rollout_tick(params: RolloutTickParams) -> Any:
         if state.is_failed():
             failed.append(rollout.name)
         logger.info("rollout %s: %s: %s", rollout.name, state.name, state.message)
+        _ask_for_approvals(book, rollout.name, when, params.state_dir, logger)
     message = (
         "; ".join(f"{name}: {o['message']}" for name, o in outcomes.items()) or "no active rollout"
     )
     if failed:
         return Failed(message=f"{', '.join(failed)} failed: {message}", data=outcomes)
     return Completed(message=message, data=outcomes)
+
+
+def _ask_for_approvals(
+    book: RolloutBook, name: str, now: dt.datetime, state_dir: str, logger: Any
+) -> None:
+    """Start one ``rollout-approval`` run (a paused run with a form in the UI) per stage
+    that waits only for its approval; without that deployment, say how to approve."""
+    rollout = book.get(name)
+    for stage in awaiting_approval(rollout, now):
+        try:
+            run = run_deployment(
+                APPROVAL_DEPLOYMENT,
+                parameters={
+                    "params": ApprovalParams(
+                        rollout=name, stage=stage, state_dir=state_dir
+                    ).model_dump(mode="json")
+                },
+                timeout=0,
+                flow_run_name=f"approve-{name}-{stage}",
+            )
+        except ObjectNotFound:
+            logger.warning(
+                "rollout %s: stage %s waits for approval: amlfs rollout approve %s --stage %s "
+                "(or deploy %s for a form in the UI)",
+                name,
+                stage,
+                name,
+                stage,
+                APPROVAL_DEPLOYMENT,
+            )
+            continue
+        assert isinstance(run, FlowRun)
+        book.change(name, _requested(stage, str(run.id)))
+        logger.info("rollout %s: stage %s: approval asked in flow run %s", name, stage, run.id)
+
+
+def _requested(stage: str, run_id: str) -> Callable[[Rollout], Rollout]:
+    def change(rollout: Rollout) -> Rollout:
+        requests = {**rollout.approval_requests, stage: run_id}
+        return rollout.model_copy(update={"approval_requests": requests})
+
+    return change
+
+
+class StageApproval(RunInput):
+    """The operator's answer (the form of the paused run in the Prefect UI)."""
+
+    approve: bool = Field(description="Open the stage; false halts the rollout")
+    by: str = Field(description="Who decides (recorded)")
+    note: str = Field(default="", description="Why (recorded)")
+
+
+class ApprovalParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    rollout: str
+    stage: str
+    state_dir: StoreLocation = ".amlfs-state"
+    timeout_hours: float = Field(default=72.0, gt=0, le=24 * 30)
+    poll_s: int = Field(default=2, ge=1, le=600, description="How often it looks for the answer")
+
+
+@flow(name="rollout-approval", persist_result=False)
+def rollout_approval(params: ApprovalParams) -> Any:
+    """Pause until an operator answers the form: approve opens the stage, a refusal halts
+    the rollout; either is recorded with who and why. Already approved: nothing to ask."""
+    logger = get_run_logger()
+    book = RolloutBook(open_store(params.state_dir))
+    rollout = book.get(params.rollout)
+    if params.stage in rollout.approvals:
+        given = rollout.approvals[params.stage]
+        return Completed(message=f"stage {params.stage} was approved by {given.by}")
+    now = dt.datetime.now(dt.UTC)
+    fleet = load_fleet(rollout.fleet_file)
+    prediction, _ = _prediction(UpgradePolicy())
+    for line in forecast_lines(forecast(rollout, fleet, now, upgrade=prediction.upgrade)):
+        logger.info("%s", line)
+    logger.info(
+        "rollout %s: stage %s waits for approval: answer the form (Resume) in the UI",
+        params.rollout,
+        params.stage,
+    )
+    answer = pause_flow_run(
+        wait_for_input=StageApproval.with_initial_data(
+            description=f"Open stage {params.stage} of rollout {params.rollout}?",
+            approve=True,
+            by="",
+        ),
+        timeout=int(params.timeout_hours * 3600),
+        poll_interval=params.poll_s,
+        key=f"approve-{params.stage}",
+    )
+    when = dt.datetime.now(dt.UTC)
+    if answer.approve:
+        book.change(
+            params.rollout,
+            lambda r: approve(r, params.stage, at=when, by=answer.by, note=answer.note),
+        )
+        message = f"stage {params.stage} approved by {answer.by}"
+    else:
+        book.change(
+            params.rollout,
+            lambda r: halt(
+                r,
+                at=when,
+                by=answer.by,
+                reason=f"stage {params.stage} not approved: {answer.note or 'no reason given'}",
+            ),
+        )
+        message = f"stage {params.stage} refused by {answer.by}: rollout halted"
+    logger.info("rollout %s: %s", params.rollout, message)
+    return Completed(message=message)

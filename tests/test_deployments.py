@@ -1,5 +1,6 @@
-"""The three triggers as deployments served to a real ``prefect server``, runs created through
-its REST API (the hotfix the way an operator's curl does it), judged on the emulator."""
+"""The three triggers and the rollout deployments served to a real ``prefect server``, runs
+created through its REST API (the hotfix the way an operator's curl does it, a stage's
+approval the way the UI's Resume form sends it), judged on the emulator."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim
 
 pytestmark = pytest.mark.integration
 
-NAMES = ("amlfs-weekly-tick", "amlfs-manual", "amlfs-hotfix")
+NAMES = (
+    "amlfs-weekly-tick",
+    "amlfs-manual",
+    "amlfs-hotfix",
+    "amlfs-rollout-tick",
+    "amlfs-rollout-start",
+    "amlfs-rollout-approval",
+)
 IN_EUS_WINDOW = "2026-12-01T02:05:00+00:00"  # Tuesday: lustre-eus-01's window, nobody else's
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -53,7 +61,14 @@ def served(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError((tmp_path / "serve.log").read_text())
             response = httpx.post(f"{prefect_server.url}/deployments/filter", json={}, timeout=10)
-            found = {d["name"]: d for d in response.json() if d["name"] in NAMES}
+            # This process's deployments: an earlier test's serve registered the same names
+            # on this session's server, with its own state directory.
+            found = {
+                d["name"]: d
+                for d in response.json()
+                if d["name"] in NAMES
+                and d["parameters"]["params"].get("state_dir") == str(tmp_path / "state")
+            }
             time.sleep(0.5)
         yield found
     finally:
@@ -138,3 +153,60 @@ def test_three_deployments_and_runs_through_the_api(
     state = sim.state()
     assert state["leaked_disks"] == []
     assert state["data_disk_changes"] == []
+
+
+def paused_approval(server: PrefectServer, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = httpx.post(
+            f"{server.url}/flow_runs/filter",
+            json={"flows": {"name": {"any_": ["rollout-approval"]}}},
+            timeout=10,
+        ).json()
+        paused = [r for r in runs if r["state_type"] == "PAUSED"]
+        if paused:
+            return paused[0]  # type: ignore[no-any-return]
+        time.sleep(0.5)
+    raise AssertionError("the rollout tick asked for no approval")
+
+
+def test_a_rollout_started_ticked_and_approved_through_the_api(
+    sim: Sim, prefect_server: PrefectServer, served: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    import yaml
+
+    from amlfs.rollout import RolloutBook
+    from amlfs.store import StateStore
+
+    strategy = tmp_path / "strategy.yaml"
+    strategy.write_text(
+        yaml.safe_dump({"stages": [{"name": "canary"}, {"name": "wave1", "approval": True}]})
+    )
+    start = trigger(
+        prefect_server,
+        served["amlfs-rollout-start"],
+        {"name": "r-api", "strategy_file": str(strategy), "at": "2026-11-30T00:00:00+00:00"},
+    )
+    assert wait_run(prefect_server, start)["state_type"] == "COMPLETED"
+    # The tick at the canary's window upgrades it, then asks for wave1's approval.
+    tick = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-01T02:00:00Z"})
+    assert wait_run(prefect_server, tick)["state_type"] == "COMPLETED"
+    assert versions(sim, "lustre-eus-01") == {"2.15.6"}
+    book = RolloutBook(StateStore(tmp_path / "state"))
+    assert "wave1" in book.get("r-api").approval_requests
+    approval = paused_approval(prefect_server)
+    response = httpx.post(
+        f"{prefect_server.url}/flow_runs/{approval['id']}/resume",
+        json={"run_input": {"approve": True, "by": "carol", "note": "canary fine"}},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    assert wait_run(prefect_server, approval["id"])["state_type"] == "COMPLETED"
+    assert book.get("r-api").approvals["wave1"].by == "carol"
+    late = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-10T23:45:00Z"})
+    assert wait_run(prefect_server, late)["state_type"] == "COMPLETED"
+    assert versions(sim, "lustre-scus-01") == {"2.15.6"}
+    rollout = book.get("r-api")
+    assert rollout.clusters["lustre-scus-01"].outcome == "upgraded"
+    assert versions(sim, "lustre-weu-01") == {"2.15.5"}  # its window has not opened yet
+    assert sim.state()["leaked_disks"] == []
