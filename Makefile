@@ -33,6 +33,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/downtime.py --runs 8
 	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6 --time-scale 4
 	$(BIN)/python bench/sim_capacity.py
+	$(BIN)/python bench/rollout_forecast.py --clusters 1000
 
 # P4: 1,000 clusters x 8 VMs in one 30-minute window, time scale 1 (see bench/RESULTS.md).
 # Admission at the throughput the window needs (one cluster per 1.3 s), pacers sized for it.
