@@ -531,7 +531,9 @@ def run_fleet(
     state = outcome["state"]
     assert isinstance(state, State)
     console.print(Text(f"fleet run {run_name}: {state.name}: {state.message}"))
-    if not state.is_completed():
+    from tasks.cluster import settled
+
+    if not settled(state):
         raise typer.Exit(1)
 
 

@@ -301,5 +301,7 @@ def tick_command(
     state = rollout_tick(params, return_state=True)
     assert isinstance(state, State)
     _console().print(Text(f"rollout tick: {state.name}: {state.message}"))
-    if state.is_failed():
+    from tasks.cluster import settled
+
+    if not settled(state):
         raise typer.Exit(1)

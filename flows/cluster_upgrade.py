@@ -6,7 +6,7 @@ result as a table artifact. Running it again for the same cluster after a crash 
 interrupted upgrade (the journal is in the state store, the truth in Azure and the nodes).
 
 Its final state tells the cluster's truth (``tasks.cluster.outcome_state``): Completed when
-upgraded, Completed named RolledBack when rolled back, Failed when it needs attention. A
+upgraded, Failed named RolledBack when rolled back (serving), Failed when it needs attention. A
 cancel in Prefect (the run goes to Cancelling, then the runner sends SIGTERM and kills the
 process after its grace period), a SIGTERM, or an abort request from the fleet run that
 dispatched it (``cluster-aborts`` in the state store) is an abort: the cluster rolls back, or

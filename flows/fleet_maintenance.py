@@ -24,7 +24,8 @@ run started again with the same ``run_name`` continues where it stopped.
 
 The run's final state counts the outcomes in its message (``3 upgraded, 1 rolled_back, 0
 failed_needs_attention``): Failed if any cluster needs attention, Cancelled if it was
-cancelled, else Completed; each cluster's task run tells its own outcome
+cancelled, Failed named RolledBack if a cluster rolled back (serving on its old release:
+nobody has to act, but it is not green), else Completed; each cluster's task run tells its own outcome
 (``tasks.cluster.outcome_state``).
 """
 
@@ -82,6 +83,7 @@ from flows.executors import DeploymentExecutor, PrefectTaskExecutor
 from flows.markdown import markdown_text
 from flows.rollout_view import RolloutLink, gate_for_other_rollouts, publish_forecast
 from flows.taskworkers import TaskWorkerExecutor
+from tasks.cluster import ROLLED_BACK
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
 
@@ -542,6 +544,9 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         return Cancelled(message=f"{stop.why or 'cancelled'}: {message}", data=out)
     if counts.get("failed_needs_attention"):
         return Failed(message=message, data=out)
+    if counts.get("rolled_back"):
+        # Red at a glance, named apart from a run that needs a human (tasks.cluster).
+        return Failed(name=ROLLED_BACK, message=message, data=out)
     return Completed(message=message, data=out)
 
 

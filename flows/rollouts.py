@@ -42,6 +42,7 @@ from amlfs.saga import UpgradePolicy
 from amlfs.store import StoreLocation, open_store
 from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance
 from flows.rollout_view import publish_forecast
+from tasks.cluster import ROLLED_BACK, settled
 
 __all__ = [
     "APPROVAL_DEPLOYMENT",
@@ -194,7 +195,8 @@ class RolloutTickParams(BaseModel):
 @flow(name="rollout-tick", persist_result=False)
 def rollout_tick(params: RolloutTickParams) -> Any:
     """Advance each active rollout by one scheduled fleet run (a subflow named after the
-    rollout and the tick). Failed when a rollout's run failed (a cluster needs attention)."""
+    rollout and the tick). Failed when a rollout's run failed (a cluster needs attention),
+    Failed named RolledBack when a cluster rolled back."""
     logger = get_run_logger()
     book = RolloutBook(open_store(params.state_dir))
     when = params.at or dt.datetime.now(dt.UTC)
@@ -204,7 +206,8 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     if not active:
         logger.info("tick %s: no active rollout", tick.isoformat())
     outcomes: dict[str, Any] = {}
-    failed = []
+    failed: list[str] = []
+    rolled_back: list[str] = []
     for rollout in active:
         run = FleetParams(
             fleet_file=rollout.fleet_file,
@@ -230,8 +233,10 @@ def rollout_tick(params: RolloutTickParams) -> Any:
             failed.append(rollout.name)
             continue
         outcomes[rollout.name] = {"state": state.name, "message": state.message}
-        if state.is_failed():
+        if not settled(state):
             failed.append(rollout.name)
+        elif state.is_failed():
+            rolled_back.append(rollout.name)
         logger.info("rollout %s: %s: %s", rollout.name, state.name, state.message)
         _ask_for_approvals(book, rollout.name, when, params.state_dir, logger)
     message = (
@@ -239,6 +244,8 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     )
     if failed:
         return Failed(message=f"{', '.join(failed)} failed: {message}", data=outcomes)
+    if rolled_back:
+        return Failed(name=ROLLED_BACK, message=message, data=outcomes)
     return Completed(message=message, data=outcomes)
 
 

@@ -14,19 +14,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Completed, Failed
 
-__all__ = ["outcome_state", "upgrade_cluster"]
+__all__ = ["ROLLED_BACK", "outcome_state", "settled", "upgrade_cluster"]
+
+#: The name of the state of a cluster (or fleet) run whose upgrade was rolled back, serving.
+ROLLED_BACK = "RolledBack"
+
+
+def settled(state: State[Any]) -> bool:
+    """True when nobody has to act: Completed, or rolled back and serving."""
+    return state.is_completed() or (state.is_failed() and state.name == ROLLED_BACK)
 
 
 def outcome_state(result: dict[str, Any]) -> State[Any]:
     """The Prefect state that says what happened to the cluster, carrying ``result``.
 
     * ``upgraded``, ``already_current``: Completed.
-    * ``rolled_back``: Completed named ``RolledBack``, the reason as its message. Not Failed:
-      the cluster is verified serving on its old release, nobody has to act, and a Failed
-      state is what Prefect retries, notifies and automates on; failing here would page an
-      operator for every cluster a fleet's safety checks rolled back and bury the clusters
-      that do need a human (``failed_needs_attention``) among them. Not plain Completed
-      either: the release is not there, and the UI and API show the state's name.
+    * ``rolled_back``: Failed named ``RolledBack``, the reason as its message: the release is
+      not there, and the UI shows it red at a glance, not green. It pages nobody by itself:
+      Prefect's events are named after the state (``prefect.task-run.RolledBack``), so an
+      automation on ``...Failed`` fires only for the clusters that need a human; nothing
+      retries it (the task has no retries).
     * ``failed_needs_attention``: Failed, with the reason (what is left wrong).
     * ``busy`` (another orchestrator holds the cluster's lease: nothing was touched):
       Completed named ``Busy``; ``interrupted`` (its run was cancelled before it recorded an
@@ -38,7 +45,7 @@ def outcome_state(result: dict[str, Any]) -> State[Any]:
     if outcome in ("upgraded", "already_current"):
         return Completed(message=reason or outcome, data=result)
     if outcome == "rolled_back":
-        return Completed(name="RolledBack", message=reason, data=result)
+        return Failed(name=ROLLED_BACK, message=reason, data=result)
     if outcome == "busy":
         return Completed(name="Busy", message=reason, data=result)
     if outcome == "interrupted":

@@ -112,7 +112,8 @@ def test_fleet_and_task_run_states_tell_each_clusters_outcome(
     assert rolled_back is not None
     assert failed is not None
     assert (upgraded.type.value, upgraded.name) == ("COMPLETED", "Completed")
-    assert (rolled_back.type.value, rolled_back.name) == ("COMPLETED", "RolledBack")
+    # Not green: red, named apart from the one that needs attention.
+    assert (rolled_back.type.value, rolled_back.name) == ("FAILED", "RolledBack")
     assert "Lustre modules do not load" in (rolled_back.message or "")
     assert failed.type.value == "FAILED"
     assert (failed.message or "").startswith("failed_needs_attention: preflight: VM weu01-oss1")
@@ -142,7 +143,7 @@ def cluster_flow_run(client: SyncPrefectClient, state_dir: Path) -> FlowRun:
         (None, ("COMPLETED", "Completed", 0)),
         (
             {"kind": "node.boot", "target": "eus01-oss1", "code": "BadImage"},
-            ("COMPLETED", "RolledBack", 1),
+            ("FAILED", "RolledBack", 1),
         ),
     ],
     ids=["upgraded", "rolled-back"],
