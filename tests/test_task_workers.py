@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from amlfs.store import open_store
 from amlfs_sim import Emulator
@@ -28,7 +30,7 @@ from amlfs_sim.spec import SimWorld, load_world
 from deployments.scaleout import ScaleOut
 from flows.taskworkers import STARTS
 from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, cli_args, trust
-from tests.stores import postgres_location
+from tests.stores import POSTGRES_URL, postgres_location
 
 pytestmark = pytest.mark.integration
 
@@ -154,6 +156,18 @@ def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
 
 
 BURST = 16
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def settled_job_runs(url: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The jobs' task runs once each is in a final state (a worker writes the outcome the
+    fleet reads before it reports the run's state to Prefect), or as they are after 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        jobs, flows = prefect_view(url, {"name": {"like_": " #"}})
+        if all(r["state"]["type"] in FINAL for r in jobs) or time.monotonic() > deadline:
+            return jobs, flows
+        time.sleep(0.5)
 
 
 def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
@@ -173,7 +187,8 @@ def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(dump_fleet_yaml(data))
     names = sorted(c["name"] for c in data["clusters"])
-    store_url = postgres_location(f"amlfs_twb_{os.getpid()}_{time.monotonic_ns()}")
+    table = f"amlfs_twb_{os.getpid()}_{time.monotonic_ns()}"
+    store_url = postgres_location(table)
     emulator = Emulator(load_world(fleet_file), tmp_path / "sim", time_scale=50, seed=5)
     endpoint = emulator.start()
     control = httpx.Client(base_url=endpoint.control_url, verify=trust(endpoint), timeout=30)
@@ -212,7 +227,7 @@ def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
                 timeout=900,
             )
             out = fleet_run.stdout
-            jobs, flows = prefect_view(scale.url, {"name": {"like_": " #"}})
+            jobs, flows = settled_job_runs(scale.url)
         record = store.get("fleet-runs", "burst")
         assert record is not None, out[-4000:]
         results = record["results"]
@@ -229,5 +244,7 @@ def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
         truth = control.get("/state").json()
         control.close()
         emulator.stop()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
     assert all(truth["clusters"][n]["serving"] for n in names)
     assert truth["leaked_disks"] == []
