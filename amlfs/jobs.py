@@ -197,11 +197,15 @@ class InProcessExecutor:
         *,
         log: Callable[[str], None] = lambda message: None,
         runner: StepRunner | None = None,
+        runner_for: Callable[[ClusterJob], StepRunner] | None = None,
     ) -> None:
+        """``runner`` runs every job's steps; ``runner_for(job)``, when given, makes one per
+        job instead (the flows name each step's task run after its cluster)."""
         self.connections = connections
         self.store = store
         self.log = log
         self.runner = runner
+        self.runner_for = runner_for
 
     def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:
         return run_job(
@@ -210,5 +214,5 @@ class InProcessExecutor:
             self.store,
             should_abort=should_abort,
             log=self.log,
-            runner=self.runner,
+            runner=self.runner_for(job) if self.runner_for is not None else self.runner,
         )

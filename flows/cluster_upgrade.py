@@ -365,9 +365,24 @@ def _artifact(result: ClusterOutcome) -> tuple[list[dict[str, Any]], str]:
         }
         for t in result.steps
     ]
+    view = getattr(result, "customer_view", None) or {}
+    override = getattr(result, "override", None)
+    seen = (
+        f", evictions {view.get('evictions', 0)}, data-disk changes "
+        f"{view.get('data_disk_changes', 0)}, leaked disks {len(view.get('leaked_disks') or [])}"
+        if view
+        else ""
+    )
     description = markdown_text(
         f"{result.cluster}: {result.outcome}, {result.release_before} -> "
         f"{result.release_after}, downtime seen {result.downtime_observed_s:.0f} s"
+        + seen
+        + (f"; override: {override}" if override else "")
         + (f"; {result.reason}" if result.reason else "")
     )
     return table, description
+
+
+def cluster_artifact_key(cluster: str) -> str:
+    """The key of a cluster's own artifact (Prefect keys: lowercase letters, digits, dashes)."""
+    return "cluster-" + cluster.lower()

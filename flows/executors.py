@@ -17,11 +17,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
 
 from amlfs.jobs import ClusterJob, ClusterOutcome, Executor
 from amlfs.store import Store
-from flows.cluster_upgrade import ABORTS, ClusterUpgradeParams, customer_view
+from flows.cluster_upgrade import (
+    ABORTS,
+    ClusterUpgradeParams,
+    _artifact,
+    cluster_artifact_key,
+    customer_view,
+)
 
 if TYPE_CHECKING:
     from flows.fleet_maintenance import FleetParams
@@ -52,6 +59,11 @@ class PrefectTaskExecutor:
             outcome = self.inner.run(job, should_abort)
             if self.emulator_endpoint:
                 outcome.customer_view = customer_view(self.emulator_endpoint, job.name)
+            table, description = _artifact(outcome)
+            # On the cluster's own task run: its steps with timings, how it ended, why.
+            create_table_artifact(
+                key=cluster_artifact_key(job.name), table=table, description=description
+            )
             return outcome.record()
 
         state: State[Any] = self.context.copy().run(

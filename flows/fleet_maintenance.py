@@ -47,6 +47,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.client.schemas.objects import State
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, Completed, Failed
@@ -94,7 +95,12 @@ class FleetParams(BaseModel):
     """A fleet maintenance run (rendered as a typed form in the Prefect UI)."""
 
     # hide_input_in_errors: a refused value may be a secret (a URL with a password).
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    # The rules that span fields are in the JSON schema too (RULES), so that the Prefect
+    # server refuses a bad run (the UI's form, the REST API) before it is scheduled, with
+    # the rule's message, instead of a run that fails on its parameters.
+    model_config = ConfigDict(
+        extra="forbid", hide_input_in_errors=True, json_schema_extra=lambda s: _rules(s)
+    )
     fleet_file: str = Field(description="Fleet inventory YAML")
     release_file: str = Field(description="Release YAML")
     mode: Literal["scheduled", "manual", "hotfix"] = "manual"
@@ -177,6 +183,39 @@ class FleetParams(BaseModel):
         return self
 
 
+def _rules(schema: dict[str, Any]) -> None:
+    """The cross-field rules of ``FleetParams._check`` as JSON schema (draft 2020-12)."""
+    schema["allOf"] = [
+        {  # a hotfix names its clusters
+            "if": {"properties": {"mode": {"const": "hotfix"}}, "required": ["mode"]},
+            # Not "required": the hotfix deployment's own defaults (mode only) must pass, and
+            # the UI's form sends the selector; without one the run refuses at its start.
+            "then": {"properties": {"selector": {"properties": {"names": {"minItems": 1}}}}},
+        },
+        {  # an override is a hotfix's, with a reason
+            "if": {
+                "properties": {
+                    "policy": {
+                        "properties": {"override_window": {"const": True}},
+                        "required": ["override_window"],
+                    }
+                },
+                "required": ["policy"],
+            },
+            "then": {
+                "required": ["mode"],
+                "properties": {
+                    "mode": {"const": "hotfix"},
+                    "policy": {
+                        "required": ["reason"],
+                        "properties": {"reason": {"type": "string", "pattern": "\\S"}},
+                    },
+                },
+            },
+        },
+    ]
+
+
 def _prediction(policy: UpgradePolicy) -> tuple[Prediction, float]:
     pred = policy.predictions
     upgrade = 120 + 30 + pred.downtime_s + 60  # prestage + capture + downtime + finalize
@@ -235,6 +274,7 @@ class _Control:
         self.log = log
         self.value: Control = "run"
         self._read_at = -every_s
+        self._seen = False
 
     def __call__(self) -> Control:
         if time.monotonic() - self._read_at >= self.every_s:
@@ -244,7 +284,23 @@ class _Control:
             except Exception as err:
                 self.log(f"cannot read {CONTROL_VARIABLE}: {err}; still {self.value}")
             else:
-                self.value = "halt" if value == "halt" else "abort" if value == "abort" else "run"
+                read: Control = (
+                    "halt" if value == "halt" else "abort" if value == "abort" else "run"
+                )
+                if read != self.value or not self._seen:
+                    if read != "run":
+                        # Visible on the run, and never silently carried into later runs.
+                        self.log(
+                            f"{CONTROL_VARIABLE} says {read}"
+                            + (" (set before this run started)" if not self._seen else "")
+                            + ": admitting no more clusters"
+                            + (", rolling back those in flight" if read == "abort" else "")
+                            + "; `amlfs control run` clears it"
+                        )
+                    elif self._seen:
+                        self.log(f"{CONTROL_VARIABLE} says run again")
+                self.value = read
+                self._seen = True
         return self.value
 
 
@@ -259,10 +315,33 @@ def outcome_message(summary: FleetSummary) -> str:
     return ", ".join(parts)
 
 
+#: The results table's columns: what an operator reads first, then the details.
+RESULT_COLUMNS = (
+    "cluster",
+    "result",
+    "downtime (s)",
+    "reason",
+    "wave",
+    "release before",
+    "release after",
+    "evictions",
+    "data-disk changes",
+    "leaked disks",
+    "override",
+)
+REASON_CHARS = 160  # in a table cell; the cluster's own artifact and logs have all of it
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "\u2026"
+
+
 def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """The rows of a table artifact. The Prefect UI renders every string cell as Markdown, so
-    strings are Markdown text here (``markdown_text``): a reason quotes node output and the
-    operator's words. ``_markdown`` puts these cells into its table as they are."""
+    """The rows of a table artifact (``RESULT_COLUMNS``). The Prefect UI renders every string
+    cell as Markdown, so strings are Markdown text here (``markdown_text``): a reason quotes
+    node output and the operator's words. ``_markdown`` puts these cells into its table as
+    they are. Evictions, data-disk changes and leaked disks are what the emulator's customers
+    saw (empty against Azure, where nothing outside the orchestrator reports them)."""
     rows = []
     for name, result in summary.all_results().items():
         if names is not None and name not in names:
@@ -271,21 +350,29 @@ def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[s
         rows.append(
             {
                 "cluster": name,
-                "wave": result.get("wave", ""),
                 "result": result["outcome"],
-                "release before": result.get("release_before", ""),
-                "release after": result.get("release_after", ""),
                 "downtime (s)": round(
                     view.get("downtime_total", result.get("downtime_observed_s", 0))
                 ),
-                "reason": result.get("reason", ""),
+                "reason": _short(str(result.get("reason", ""))),
+                "wave": result.get("wave", ""),
+                "release before": result.get("release_before", ""),
+                "release after": result.get("release_after", ""),
+                "evictions": view.get("evictions", ""),
+                "data-disk changes": view.get("data_disk_changes", ""),
+                "leaked disks": len(view["leaked_disks"]) if "leaked_disks" in view else "",
+                "override": result.get("override") or "",
             }
         )
     for name, reason in summary.all_not_started().items():
         if names is None or name in names:
-            rows.append({"cluster": name, "result": "not started", "reason": reason})
+            rows.append({"cluster": name, "result": "not started", "reason": _short(reason)})
     return [
-        {column: markdown_text(v) if isinstance(v, str) else v for column, v in row.items()}
+        {
+            column: markdown_text(row[column]) if isinstance(row.get(column), str) else row[column]
+            for column in RESULT_COLUMNS
+            if column in row
+        }
         for row in rows
     ]
 
@@ -305,7 +392,7 @@ def fleet_maintenance(params: FleetParams) -> dict[str, Any]:
 
 
 def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str, Any] | State[Any]:
-    from tasks import run_step
+    from tasks import steps_of
 
     if params.task_workers and not PREFECT_API_URL.value():
         # Else this run talks to a temporary server of its own that no task worker can reach.
@@ -458,7 +545,13 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
             )
             shards.start()
         executor = PrefectTaskExecutor(
-            shards or InProcessExecutor(connections, store, log=logger.info, runner=run_step),
+            shards
+            or InProcessExecutor(
+                connections,
+                store,
+                log=_run_log(logger),
+                runner_for=lambda job: steps_of(job.name),
+            ),
             contextvars.copy_context(),
             emulator_endpoint=params.emulator_endpoint,
         )
@@ -533,11 +626,12 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if link is not None:
         out["rollout"] = {"name": link.name, "state": link.rollout.state}
     message = outcome_message(summary)
+    if summary.stopped:
+        message += f"; stopped: {summary.stopped}"
     logger.info(
-        "fleet run %s done: %s%s",
+        "fleet run %s done: %s",
         run_name,
         message,
-        f"; stopped: {summary.stopped}" if summary.stopped else "",
     )
     if summary.cancelled or stop.event.is_set():
         # From Cancelling, Prefect accepts only Cancelled.
@@ -548,6 +642,20 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
         # Red at a glance, named apart from a run that needs a human (tasks.cluster).
         return Failed(name=ROLLED_BACK, message=message, data=out)
     return Completed(message=message, data=out)
+
+
+def _run_log(fallback: Any) -> Callable[[str], None]:
+    """Log on the Prefect run of the calling thread (a cluster's task run: its lines on its
+    own run), else on ``fallback`` (the fleet run's logger; threads without a run)."""
+
+    def log(message: str) -> None:
+        try:
+            logger = get_run_logger()
+        except MissingContextError:
+            logger = fallback
+        logger.info("%s", message)
+
+    return log
 
 
 def _saw(book: RolloutBook, cluster: str, version: str, at: dt.datetime, logger: Any) -> None:
@@ -600,12 +708,14 @@ def _markdown(
             else ""
         ),
         "",
-        "| cluster | wave | result | before | after | downtime (s) | reason |",
+        "| cluster | result | downtime (s) | reason | wave | before | after |",
         "|---|---|---|---|---|---|---|",
     ]
-    columns = ("cluster", "wave", "result", "release before", "release after", "downtime (s)")
+    columns = (
+        "cluster", "result", "downtime (s)", "reason", "wave", "release before", "release after"
+    )  # fmt: skip
     for row in table:
-        cells = [str(row.get(column, "")) for column in (*columns, "reason")]
+        cells = [str(row.get(column, "")) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
     if summary.stopped:
         lines += ["", f"Stopped admitting: {markdown_text(summary.stopped)}"]

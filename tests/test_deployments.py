@@ -126,6 +126,28 @@ def test_three_deployments_and_runs_through_the_api(
     assert wait_run(prefect_server, refused)["state_type"] == "COMPLETED"
     assert versions(sim, "lustre-weu-01") == {"2.15.5"}
 
+    # Rules that span fields are refused by the server before a run exists (the UI's form
+    # gets the same answer): a hotfix that names no cluster, an override without a reason.
+    hotfix_defaults = served["amlfs-hotfix"]["parameters"]["params"]
+    for params, field in (
+        ({**hotfix_defaults, "selector": {"names": []}}, "names"),
+        (
+            {**hotfix_defaults, "selector": {"names": ["lustre-weu-01"]},
+             "policy": {"override_window": True, "reason": "  "}},
+            "reason",
+        ),
+    ):  # fmt: skip
+        before = httpx.post(f"{prefect_server.url}/flow_runs/count", json={}, timeout=10).json()
+        response = httpx.post(
+            f"{prefect_server.url}/deployments/{served['amlfs-hotfix']['id']}/create_flow_run",
+            json={"parameters": {"params": params}},
+            timeout=10,
+        )
+        assert response.status_code in (409, 422), response.text
+        assert field in response.text, response.text
+        after = httpx.post(f"{prefect_server.url}/flow_runs/count", json={}, timeout=10).json()
+        assert after == before
+
     # Hotfix with the override and a reason: upgraded now.
     hotfix = trigger(
         prefect_server,

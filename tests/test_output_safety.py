@@ -260,19 +260,19 @@ def test_the_fleet_summary_keeps_its_table_whatever_the_values() -> None:
     )
     markdown = _markdown("run [a](b) #1", "2.15.6", params, summary, _table(summary))
     shown = render(markdown)
-    header = ["cluster", "wave", "result", "before", "after", "downtime (s)", "reason"]
+    header = ["cluster", "result", "downtime (s)", "reason", "wave", "before", "after"]
     assert shown.rows == [
         header,
         [
             "lustre-[x](y)-01",
-            "canary",
             "rolled_back",
-            "2.15.5",
-            "2.15.5",
             "61",
             as_shown(HOSTILE),
+            "canary",
+            "2.15.5",
+            "2.15.5",
         ],
-        ["lustre-weu-01", "", "not started", "", "", "", "wave not opened: <b>budget</b> | spent"],
+        ["lustre-weu-01", "not started", "", "wave not opened: <b>budget</b> | spent", "", "", ""],
     ]
     # Only the summary's own formatting: a heading, its two bold words, paragraphs, the table.
     assert set(shown.tags) == {"h1", "p", "strong", "table", "thead", "tbody", "tr", "th", "td"}
