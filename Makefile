@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The browser test drives Debian's chromium (never a browser download by Playwright).
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: install demo test lint bench bench-quick bench-p4 scaleout-demo clean
 
@@ -17,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m flows.demo
 
-test: $(STAMP)
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium \
+		|| (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -q \
+		&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -198,7 +198,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
                 f"{PREFECT_DSN.replace('postgresql://', 'postgresql+asyncpg://')}/{database}"
             ),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "false",
+            # The UI too: tests/test_prefect_ui.py reads it in a real browser.
+            "PREFECT_UI_ENABLED": "true",
+            "PREFECT_UI_API_URL": url,
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
     )
