@@ -32,15 +32,18 @@ from amlfs.rollout import (
     RolloutStrategy,
     approve,
     awaiting_approval,
+    cluster_gate,
     forecast,
     forecast_lines,
     halt,
     load_strategy,
     new_rollout,
+    stage_views,
 )
 from amlfs.saga import UpgradePolicy
+from amlfs.schedule import windows_opening_in
 from amlfs.store import StoreLocation, open_store
-from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance
+from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance, with_journal
 from flows.rollout_view import publish_forecast
 from tasks.cluster import ROLLED_BACK, settled
 
@@ -209,6 +212,27 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     failed: list[str] = []
     rolled_back: list[str] = []
     for rollout in active:
+        try:
+            idle = _idle(book, rollout, tick, when, params.tick_minutes)
+        except InventoryError as err:  # its fleet file changed or went away: say so, go on
+            logger.error("rollout %s: %s", rollout.name, err)
+            failed.append(rollout.name)
+            continue
+        if idle is not None:
+            # No fleet run: it would start nothing, and its artifacts would hide the last
+            # real results. The forecast may still have moved (a soak ended).
+            logger.info("rollout %s: %s", rollout.name, idle)
+            outcomes[rollout.name] = {"state": "Skipped", "message": idle}
+            prediction, _ = _prediction(params.upgrade)
+            publish_forecast(
+                book,
+                book.get(rollout.name),
+                load_fleet(rollout.fleet_file),
+                when,
+                upgrade=prediction.upgrade,
+                state_dir=params.state_dir,
+            )
+            continue
         run = FleetParams(
             fleet_file=rollout.fleet_file,
             release_file=rollout.release_file,
@@ -247,6 +271,27 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     if rolled_back:
         return Failed(name=ROLLED_BACK, message=message, data=outcomes)
     return Completed(message=message, data=outcomes)
+
+
+def _idle(
+    book: RolloutBook, rollout: Rollout, tick: dt.datetime, when: dt.datetime, minutes: int
+) -> str | None:
+    """Why this tick starts nothing for ``rollout`` (no member's window opens in an open
+    stage, and no member was left half-way), or None when it has work."""
+    fleet = load_fleet(rollout.fleet_file)
+    if any(n in rollout.members for n in with_journal(fleet, book.store)):
+        return None
+    opening = [
+        o.cluster
+        for o in windows_opening_in(fleet, tick, tick + dt.timedelta(minutes=minutes))
+        if o.cluster in rollout.members
+    ]
+    views = stage_views(rollout, when)
+    if any(cluster_gate(rollout, views, cluster)[0] for cluster in opening):
+        return None
+    if not opening:
+        return "no window of its clusters opens in this tick"
+    return f"nothing to start: {len(opening)} windows open, their stages closed"
 
 
 def _ask_for_approvals(

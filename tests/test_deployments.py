@@ -30,10 +30,18 @@ IN_EUS_WINDOW = "2026-12-01T02:05:00+00:00"  # Tuesday: lustre-eus-01's window, 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def served_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The served deployments' own directory (their state store is ``state`` in it)."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
 def served(
-    sim: Sim, prefect_server: PrefectServer, tmp_path: Path
+    _session_sim: Sim, prefect_server: PrefectServer, served_root: Path
 ) -> Iterator[dict[str, dict[str, Any]]]:
+    """One ``deployments.serve`` process for the module (each test resets the emulator)."""
+    sim, tmp_path = _session_sim, served_root
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
         [
@@ -193,42 +201,50 @@ def paused_approval(server: PrefectServer, timeout_s: float = 120) -> dict[str, 
 
 
 def test_a_rollout_started_ticked_and_approved_through_the_api(
-    sim: Sim, prefect_server: PrefectServer, served: dict[str, dict[str, Any]], tmp_path: Path
+    sim: Sim,
+    prefect_server: PrefectServer,
+    served: dict[str, dict[str, Any]],
+    served_root: Path,
+    tmp_path: Path,
 ) -> None:
     import yaml
 
-    from amlfs.rollout import RolloutBook
+    from amlfs.rollout import RolloutBook, abort
     from amlfs.store import StateStore
 
     strategy = tmp_path / "strategy.yaml"
     strategy.write_text(
         yaml.safe_dump({"stages": [{"name": "canary"}, {"name": "wave1", "approval": True}]})
     )
-    start = trigger(
-        prefect_server,
-        served["amlfs-rollout-start"],
-        {"name": "r-api", "strategy_file": str(strategy), "at": "2026-11-30T00:00:00+00:00"},
-    )
-    assert wait_run(prefect_server, start)["state_type"] == "COMPLETED"
-    # The tick at the canary's window upgrades it, then asks for wave1's approval.
-    tick = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-01T02:00:00Z"})
-    assert wait_run(prefect_server, tick)["state_type"] == "COMPLETED"
-    assert versions(sim, "lustre-eus-01") == {"2.15.6"}
-    book = RolloutBook(StateStore(tmp_path / "state"))
-    assert "wave1" in book.get("r-api").approval_requests
-    approval = paused_approval(prefect_server)
-    response = httpx.post(
-        f"{prefect_server.url}/flow_runs/{approval['id']}/resume",
-        json={"run_input": {"approve": True, "by": "carol", "note": "canary fine"}},
-        timeout=10,
-    )
-    assert response.status_code == 201, response.text
-    assert wait_run(prefect_server, approval["id"])["state_type"] == "COMPLETED"
-    assert book.get("r-api").approvals["wave1"].by == "carol"
-    late = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-10T23:45:00Z"})
-    assert wait_run(prefect_server, late)["state_type"] == "COMPLETED"
-    assert versions(sim, "lustre-scus-01") == {"2.15.6"}
-    rollout = book.get("r-api")
-    assert rollout.clusters["lustre-scus-01"].outcome == "upgraded"
-    assert versions(sim, "lustre-weu-01") == {"2.15.5"}  # its window has not opened yet
-    assert sim.state()["leaked_disks"] == []
+    book = RolloutBook(StateStore(served_root / "state"))
+    try:
+        start = trigger(
+            prefect_server,
+            served["amlfs-rollout-start"],
+            {"name": "r-api", "strategy_file": str(strategy), "at": "2026-11-30T00:00:00+00:00"},
+        )
+        assert wait_run(prefect_server, start)["state_type"] == "COMPLETED"
+        # The tick at the canary's window upgrades it, then asks for wave1's approval.
+        tick = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-01T02:00:00Z"})
+        assert wait_run(prefect_server, tick)["state_type"] == "COMPLETED"
+        assert versions(sim, "lustre-eus-01") == {"2.15.6"}
+        assert "wave1" in book.get("r-api").approval_requests
+        approval = paused_approval(prefect_server)
+        response = httpx.post(
+            f"{prefect_server.url}/flow_runs/{approval['id']}/resume",
+            json={"run_input": {"approve": True, "by": "carol", "note": "canary fine"}},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        assert wait_run(prefect_server, approval["id"])["state_type"] == "COMPLETED"
+        assert book.get("r-api").approvals["wave1"].by == "carol"
+        late = trigger(prefect_server, served["amlfs-rollout-tick"], {"at": "2026-12-10T23:45:00Z"})
+        assert wait_run(prefect_server, late)["state_type"] == "COMPLETED"
+        assert versions(sim, "lustre-scus-01") == {"2.15.6"}
+        rollout = book.get("r-api")
+        assert rollout.clusters["lustre-scus-01"].outcome == "upgraded"
+        assert versions(sim, "lustre-weu-01") == {"2.15.5"}  # its window has not opened yet
+        assert sim.state()["leaked_disks"] == []
+    finally:  # the served deployments' store is the module's: leave no active rollout in it
+        if "r-api" in book.names():
+            book.change("r-api", lambda r: abort(r, at=r.created_at, by="test", reason="done"))

@@ -140,7 +140,14 @@ def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
         }
         assert {"preflight", "swap-os-disks", "validate"} <= steps, steps
         (fleet_flow_run,) = {r["flow_run_id"] for r in [*victim_runs, *by_name[OTHER]]}
-        assert flows[fleet_flow_run]["state"]["type"] == "COMPLETED", flows[fleet_flow_run]
+        # Not green when the victim rolled back (red, named RolledBack: tasks.cluster).
+        expected = (
+            ("FAILED", "RolledBack")
+            if result["outcome"] == "rolled_back"
+            else ("COMPLETED", "Completed")
+        )
+        state = flows[fleet_flow_run]["state"]
+        assert (state["type"], state["name"]) == expected, flows[fleet_flow_run]
     finally:
         truth = control.get("/state").json()
         control.close()
