@@ -36,6 +36,11 @@ from amlfs_sim import Emulator, EndpointInfo
 from amlfs_sim.spec import SimWorld, load_world
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Served deployments and workers look for new runs every second, not every 10 s (Prefect's
+# defaults): a test waits for the run it created, not for the next poll. Child processes
+# (the served deployments, the work-pool workers of deployments.scaleout) inherit these.
+os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL_FLEET = REPO / "examples" / "fleet-small.yaml"
