@@ -46,6 +46,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from amlfs.azure.gateway import ComputeGateway, DiskInfo, VmInfo
@@ -141,7 +142,9 @@ class UpgradePolicy(BaseModel):
     parallelism: int = Field(default=16, ge=1)
     predictions: Predictions = Predictions()
     suspend: SuspendPolicy = SuspendPolicy()
-    naive_order: bool = Field(
+    # Not the operator's: out of the UI's form and the parameter schema (bench/downtime.py
+    # sets it from Python).
+    naive_order: SkipJsonSchema[bool] = Field(
         default=False,
         description="Benchmark baseline only: disks created inside the downtime, one VM at a time",
     )

@@ -110,7 +110,8 @@ class DeploymentExecutor:
             anchor=job.anchor,
             override_reason=job.override_reason,
             wave=job.wave,
-        ).model_dump(mode="json")
+            # naive_order is not in the deployment's parameter schema (a benchmark's knob).
+        ).model_dump(mode="json", exclude={"policy": {"naive_order"}})
         out = self.context.copy().run(
             run_on_workers,
             self.deployment,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled, Completed, Failed
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from amlfs.errors import AmlfsError, InventoryError, StateStoreError
 from amlfs.fleet import (
@@ -101,32 +103,41 @@ class FleetParams(BaseModel):
     model_config = ConfigDict(
         extra="forbid", hide_input_in_errors=True, json_schema_extra=lambda s: _rules(s)
     )
+    # The operator's fields first: the UI's form shows them in this order.
     fleet_file: str = Field(description="Fleet inventory YAML")
     release_file: str = Field(description="Release YAML")
     mode: Literal["scheduled", "manual", "hotfix"] = "manual"
     selector: ClusterSelector = ClusterSelector()
-    policy: FleetPolicy = FleetPolicy()
-    upgrade: UpgradePolicy = UpgradePolicy()
     dry_run: bool = Field(default=False, description="Plan only: nothing changes in Azure")
-    tick_minutes: int = Field(default=15, ge=1, le=1440, description="Scheduled mode's tick")
     at: dt.datetime | None = Field(
         default=None, description="Evaluate windows as of this UTC instant (rehearsals)"
     )
     run_name: str | None = Field(default=None, description="Same name: resume that run")
-    dead_run_after_s: float = Field(
-        default=30.0,
+    rollout: str | None = Field(
+        default=None,
+        description="Advance this rollout (amlfs rollout start): only clusters of its open "
+        "stages run; outcomes are recorded in it",
+    )
+    policy: FleetPolicy = FleetPolicy()
+    upgrade: UpgradePolicy = UpgradePolicy()
+    tick_minutes: int = Field(default=15, ge=1, le=1440, description="Scheduled mode's tick")
+    # Scale-out is the platform's choice, not the operator's: out of the form and the
+    # parameter schema (SkipJsonSchema), set from Python (CLI, benchmarks) or, for a
+    # deployment, from its environment (job_variables.env: AMLFS_PROCESSES, ...).
+    dead_run_after_s: SkipJsonSchema[float] = Field(
+        default_factory=lambda: float(os.environ.get("AMLFS_DEAD_RUN_AFTER_S", "30")),
         gt=0,
         description="Scale-out: real seconds without a heartbeat before a cluster run is dead",
     )
-    cluster_deployment: str | None = Field(
-        default=None,
+    cluster_deployment: SkipJsonSchema[str | None] = Field(
+        default_factory=lambda: os.environ.get("AMLFS_CLUSTER_DEPLOYMENT") or None,
         description=(
             "Scale-out: run each cluster as a flow run of this deployment "
             "(e.g. cluster-upgrade/amlfs-cluster-upgrade) on a work pool; empty: in this process"
         ),
     )
-    processes: int = Field(
-        default=1,
+    processes: SkipJsonSchema[int] = Field(
+        default_factory=lambda: int(os.environ.get("AMLFS_PROCESSES", "1")),
         ge=1,
         le=64,
         description=(
@@ -135,17 +146,12 @@ class FleetParams(BaseModel):
             "1: in this process, each step a Prefect task"
         ),
     )
-    task_workers: bool = Field(
-        default=False,
+    task_workers: SkipJsonSchema[bool] = Field(
+        default_factory=lambda: os.environ.get("AMLFS_TASK_WORKERS", "") in ("1", "true"),
         description=(
             "Scale-out: run each cluster as a task run served by `amlfs task-worker` processes "
             "(this machine or others) sharing state_dir (a postgresql:// URL across machines)"
         ),
-    )
-    rollout: str | None = Field(
-        default=None,
-        description="Advance this rollout (amlfs rollout start): only clusters of its open "
-        "stages run; outcomes are recorded in it",
     )
     state_dir: StoreLocation = Field(
         default=".amlfs-state",

@@ -124,6 +124,13 @@ def test_three_deployments_and_runs_through_the_api(
     ).json()
     assert [s["schedule"]["cron"] for s in schedules] == ["*/15 * * * *"]
     assert served["amlfs-manual"]["parameter_openapi_schema"]["properties"]["params"]
+    # The form: the operator's fields first; scale-out and benchmark knobs not in it.
+    definitions = served["amlfs-manual"]["parameter_openapi_schema"]["definitions"]
+    fields = list(definitions["FleetParams"]["properties"])
+    assert fields[:5] == ["fleet_file", "release_file", "mode", "selector", "dry_run"], fields
+    hidden = {"processes", "task_workers", "cluster_deployment", "dead_run_after_s"}
+    assert not hidden & set(fields), fields
+    assert "naive_order" not in definitions["UpgradePolicy"]["properties"]
 
     # Hotfix outside the window without an override: planned, refused, nothing changes.
     refused = trigger(
@@ -248,3 +255,16 @@ def test_a_rollout_started_ticked_and_approved_through_the_api(
     finally:  # the served deployments' store is the module's: leave no active rollout in it
         if "r-api" in book.names():
             book.change("r-api", lambda r: abort(r, at=r.created_at, by="test", reason="done"))
+
+
+def test_scale_out_comes_from_the_deployments_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.fleet_maintenance import FleetParams
+
+    assert FleetParams(fleet_file="f", release_file="r").processes == 1
+    monkeypatch.setenv("AMLFS_PROCESSES", "4")
+    monkeypatch.setenv("AMLFS_DEAD_RUN_AFTER_S", "45")
+    params = FleetParams(fleet_file="f", release_file="r")
+    assert (params.processes, params.dead_run_after_s, params.task_workers) == (4, 45.0, False)
+    assert FleetParams(fleet_file="f", release_file="r", processes=2).processes == 2
