@@ -190,7 +190,11 @@ class FleetParams(BaseModel):
 
 
 def _rules(schema: dict[str, Any]) -> None:
-    """The cross-field rules of ``FleetParams._check`` as JSON schema (draft 2020-12)."""
+    """The cross-field rules of ``FleetParams._check`` as JSON schema (draft 2020-12), and
+    each field's ``position`` (Prefect's form order: the server keeps schemas in JSONB, which
+    does not keep the properties' order)."""
+    for position, field in enumerate(schema.get("properties", {}).values()):
+        field["position"] = position
     schema["allOf"] = [
         {  # a hotfix names its clusters
             "if": {"properties": {"mode": {"const": "hotfix"}}, "required": ["mode"]},

@@ -126,7 +126,8 @@ def test_three_deployments_and_runs_through_the_api(
     assert served["amlfs-manual"]["parameter_openapi_schema"]["properties"]["params"]
     # The form: the operator's fields first; scale-out and benchmark knobs not in it.
     definitions = served["amlfs-manual"]["parameter_openapi_schema"]["definitions"]
-    fields = list(definitions["FleetParams"]["properties"])
+    properties = definitions["FleetParams"]["properties"]
+    fields = sorted(properties, key=lambda name: properties[name]["position"])
     assert fields[:5] == ["fleet_file", "release_file", "mode", "selector", "dry_run"], fields
     hidden = {"processes", "task_workers", "cluster_deployment", "dead_run_after_s"}
     assert not hidden & set(fields), fields
