@@ -572,9 +572,12 @@ class NodeShell:
                     f"{self.name}: {what} timed out after {timeout_s:.0f} s", node=self.name
                 ) from err
             except (paramiko.SSHException, OSError, EOFError) as err:
+                # The same drop as a channel closed without a status (below), seen a moment
+                # earlier (while reading): one message for both, whichever paramiko saw.
                 self._drop()
                 raise _SessionFailed(
-                    f"{self.name}: session failed running {what}: {err or type(err).__name__}",
+                    f"{self.name}: session dropped running {what} "
+                    f"(no exit status: {err or type(err).__name__})",
                     node=self.name,
                     sent=True,
                 ) from err
