@@ -213,7 +213,8 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     rolled_back: list[str] = []
     for rollout in active:
         try:
-            idle = _idle(book, rollout, tick, when, params.tick_minutes)
+            fleet = load_fleet(rollout.fleet_file)
+            idle = _idle(book, rollout, fleet, tick, when, params.tick_minutes)
         except InventoryError as err:  # its fleet file changed or went away: say so, go on
             logger.error("rollout %s: %s", rollout.name, err)
             failed.append(rollout.name)
@@ -227,7 +228,7 @@ def rollout_tick(params: RolloutTickParams) -> Any:
             publish_forecast(
                 book,
                 book.get(rollout.name),
-                load_fleet(rollout.fleet_file),
+                fleet,
                 when,
                 upgrade=prediction.upgrade,
                 state_dir=params.state_dir,
@@ -274,11 +275,15 @@ def rollout_tick(params: RolloutTickParams) -> Any:
 
 
 def _idle(
-    book: RolloutBook, rollout: Rollout, tick: dt.datetime, when: dt.datetime, minutes: int
+    book: RolloutBook,
+    rollout: Rollout,
+    fleet: Fleet,
+    tick: dt.datetime,
+    when: dt.datetime,
+    minutes: int,
 ) -> str | None:
     """Why this tick starts nothing for ``rollout`` (no member's window opens in an open
     stage, and no member was left half-way), or None when it has work."""
-    fleet = load_fleet(rollout.fleet_file)
     if any(n in rollout.members for n in with_journal(fleet, book.store)):
         return None
     opening = [
