@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from amlfs.errors import InventoryError, StateStoreError
+from amlfs.errors import InventoryError, StateStoreError, validation_problems
 from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
 from amlfs.rollout_cli import rollout_app
@@ -34,11 +34,7 @@ def _describe(err: BaseException) -> str:
     each input value; here each problem is ``field: message`` on one line, joined by ``; ``."""
     if not isinstance(err, ValidationError):
         return str(err)
-    problems = [
-        f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: "
-        + str(problem["msg"]).removeprefix("Value error, ")
-        for problem in err.errors(include_url=False, include_input=False)
-    ]
+    problems = validation_problems(err)
     return f"invalid {err.title}: " + "; ".join(problems)
 
 

@@ -21,6 +21,8 @@ so callers catch one tree. Messages never carry secrets.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AmlfsError",
     "AzureError",
@@ -36,6 +38,8 @@ __all__ = [
     "PermanentAzureError",
     "RetryableAzureError",
     "StateStoreError",
+    "validation_problem",
+    "validation_problems",
 ]
 
 
@@ -110,3 +114,18 @@ class DeadlineError(AmlfsError):
 
 class StateStoreError(AmlfsError):
     """The durable state store cannot be read or written."""
+
+
+def validation_problem(problem: Any) -> str:
+    """One pydantic error's message as the operator reads it (without pydantic's prefix)."""
+    return str(problem["msg"]).removeprefix("Value error, ")
+
+
+def validation_problems(err: Any, *, located: bool = True) -> list[str]:
+    """A pydantic ``ValidationError`` as ``field.path: message`` lines (or messages alone),
+    never quoting the refused input (it may be a secret)."""
+    return [
+        (f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: " if located else "")
+        + validation_problem(problem)
+        for problem in err.errors(include_url=False, include_input=False)
+    ]

@@ -32,7 +32,7 @@ from pydantic import (
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 
-from amlfs.errors import InventoryError
+from amlfs.errors import InventoryError, validation_problem
 from amlfs.ids import parse_resource_id, vm_id
 
 __all__ = [
@@ -190,8 +190,8 @@ def _blackout(value: Any) -> dt.date | DateRange:
         except ValidationError as err:
             problems = "; ".join(
                 ("{}: ".format(".".join(map(str, e["loc"]))) if e["loc"] else "")
-                + str(e["msg"]).removeprefix("Value error, ")
-                for e in err.errors(include_url=False)
+                + validation_problem(e)
+                for e in err.errors(include_url=False, include_input=False)
             )
             raise ValueError(f"blackout range: {problems}") from None
     if isinstance(value, str):
@@ -665,7 +665,7 @@ def _describe_location(data: Any, loc: tuple[int | str, ...]) -> str:
 def _invalid(kind: str, source: str, data: Any, err: ValidationError) -> InventoryError:
     lines = []
     for problem in err.errors(include_url=False, include_input=False):
-        message = str(problem["msg"]).removeprefix("Value error, ")
+        message = validation_problem(problem)
         lines.append(f"{source}: {_describe_location(data, tuple(problem['loc']))}: {message}")
     unique = list(dict.fromkeys(lines))
     shown = unique[:MAX_PROBLEMS_SHOWN]

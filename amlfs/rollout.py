@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from amlfs.errors import InventoryError
+from amlfs.errors import InventoryError, validation_problems
 from amlfs.models import Cluster, Fleet, Text, read_yaml
 from amlfs.schedule import ErrorBudget, next_window_opening
 
@@ -180,11 +180,7 @@ def load_strategy(path: str | Path) -> RolloutStrategy:
     try:
         return RolloutStrategy.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
-            + str(e["msg"]).removeprefix("Value error, ")
-            for e in err.errors(include_url=False, include_input=False)
-        )
+        problems = "; ".join(validation_problems(err))
         raise InventoryError(f"{path}: invalid rollout strategy: {problems}") from None
 
 
@@ -320,11 +316,7 @@ def new_rollout(
         )
     except ValidationError as err:
         raise InventoryError(
-            f"rollout {name}: "
-            + "; ".join(
-                str(e["msg"]).removeprefix("Value error, ")
-                for e in err.errors(include_url=False, include_input=False)
-            )
+            f"rollout {name}: " + "; ".join(validation_problems(err, located=False))
         ) from None
     what = f"started: {release_version} to {len(members)} clusters in {len(strategy.stages)} stages"
     return rollout.event(now, what, by=by, reason=rollout.hotfix_reason or "")
