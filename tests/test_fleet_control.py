@@ -80,6 +80,23 @@ def run_fleet(
     )
 
 
+def hold_in_flight(http: httpx.Client) -> None:
+    """Keep the first cluster in flight long enough for the operator's command to land on a
+    loaded machine: `amlfs control` is a Python process of its own (seconds to start), and a
+    cluster without a stuck operation finishes in ~15 real s. One VM start of the first
+    cluster stays in progress for 400 sim s (20 real s) after its swap began."""
+    http.post(
+        "/faults",
+        json={
+            "kind": "vm.start",
+            "target": "eus01-oss0",
+            "mode": "hang",
+            "hang_s": 400,
+            "count": 1,
+        },
+    ).raise_for_status()
+
+
 def wait_for_swap(http: httpx.Client, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 120
     while not any(
@@ -103,6 +120,7 @@ def test_halt_from_another_process_stops_admitting_and_lets_the_cluster_in_fligh
     sim20: httpx.Client, small_world: SimWorld, prefect_server: PrefectServer, tmp_path: Path
 ) -> None:
     control(prefect_server, "run")
+    hold_in_flight(sim20)
     proc = run_fleet(prefect_server, tmp_path, "halted")
     wait_for_swap(sim20, proc)
     control(prefect_server, "halt")
@@ -126,20 +144,9 @@ def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
     processes: int,
 ) -> None:
     # With processes=2 the cluster runs in a child of the flow's process (amlfs.shards): the
-    # abort travels Variable -> fleet flow -> that child. Its steps are not Prefect tasks, so
-    # the cluster runs faster than the operator's command takes to land: one VM start hangs
-    # for 200 sim s (10 real s) to keep the swap in flight.
+    # abort travels Variable -> fleet flow -> that child.
     control(prefect_server, "run")
-    sim20.post(
-        "/faults",
-        json={
-            "kind": "vm.start",
-            "target": "eus01-oss0",
-            "mode": "hang",
-            "hang_s": 200,
-            "count": 1,
-        },
-    ).raise_for_status()
+    hold_in_flight(sim20)
     proc = run_fleet(prefect_server, tmp_path, "aborted", processes)
     wait_for_swap(sim20, proc)
     control(prefect_server, "abort")
