@@ -533,11 +533,15 @@ class FleetRunner:
                 stop = self._stop_reason()
                 if stop is not None and resuming and not self.summary.cancelled:
                     stop = None  # see run(): only a cancel keeps interrupted clusters waiting
-                if stop is not None and queue:
-                    self.summary.stopped = stop
+                if stop is not None and (queue or not self.summary.stopped):
+                    # Recorded when read, even with this wave's queue empty (a canary wave in
+                    # flight): `amlfs status` shows the stop now, not when the wave ends, and
+                    # the later waves are not opened.
+                    self.summary.stopped = self.summary.stopped or stop
                     for row in queue:
                         self.summary.not_started[row.cluster] = stop
                     queue = []
+                    self._save()
                 admitted = True
                 while (
                     queue

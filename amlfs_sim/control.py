@@ -242,6 +242,11 @@ def create_control_router(backend: ArmBackend, times: SimTime) -> APIRouter:
             backend.faults.clear()
         return json_response(204)
 
+    @router.post("/faults/release")
+    async def release_hung(target: str = "*") -> Response:
+        released = backend.release_hung(target)
+        return json_response(200, {"released": released})
+
     @router.post("/data-disks/{name}/write")
     async def write_data_disk(name: str) -> Response:
         with backend.lock:

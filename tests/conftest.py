@@ -324,3 +324,39 @@ def run_cluster(
     """``run_job`` of one cluster's job; ``options``: its keywords (should_abort, log, runner)."""
     job = ClusterJob(cluster=cluster, release=release, policy=policy or UpgradePolicy())
     return run_job(job, connections, store, **options)
+
+
+# A handshake instead of a timing margin: an operation held until the test lets it go.
+
+
+def hold(http: httpx.Client, kind: str, target: str) -> None:
+    """The next ``kind`` operation on ``target`` stays in progress until ``release``."""
+    spec = {"kind": kind, "target": target, "mode": "hang", "count": 1}
+    http.post("/faults", json=spec).raise_for_status()
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], object],
+    proc: Any = None,
+    timeout_s: float = 120,
+) -> None:
+    """Poll ``check`` until it is truthy; fail naming ``what`` (with ``proc``'s output if the
+    process it waits on has ended)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first:\n{proc.communicate()[0]}")
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def held(http: httpx.Client) -> bool:
+    """Whether an operation held by ``hold`` is in progress."""
+    operations = http.get("/timeline").json()["operations"]
+    return any(op["hang"] and op["status"] == "InProgress" for op in operations)
+
+
+def release(http: httpx.Client) -> None:
+    released = http.post("/faults/release").raise_for_status().json()["released"]
+    assert released, "nothing was held"

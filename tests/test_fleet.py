@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,45 @@ def test_halt_then_resume_continues_without_redoing_finished_clusters(
     assert calls == ["lustre-eus-01", "lustre-weu-01", "lustre-scus-01"]
     assert resumed.results["lustre-eus-01"]["resumed_from_record"] is True
     assert resumed.counts() == {"upgraded": 3}
+
+
+def test_a_halt_read_while_the_last_of_a_wave_is_in_flight_is_recorded_at_once(
+    sim: Sim, conns: Connections, tmp_path: Path
+) -> None:
+    """The canary wave's only cluster is in flight when the operator halts: `amlfs status`
+    shows the halt before that cluster finishes, and the later waves are not opened."""
+    policy = FleetPolicy(override_window=True, reason="test", error_budget=3)
+    rows = plan(sim, conns, policy, IN_EUS_WINDOW)
+    assert [r.wave for r in rows].count("canary") == 1
+    store = StateStore(tmp_path)
+    upgrade = upgrader(conns, store)
+    started = threading.Event()
+    seen: list[Any] = []
+
+    def halt_seen_first(cluster: Cluster, should_abort: Callable[[], bool]) -> dict[str, Any]:
+        started.set()
+        # A handshake, not a margin: this cluster finishes only once the record says halted.
+        for _ in range(600):
+            saved = store.get("fleet-runs", "halted-canary") or {}
+            if saved.get("stopped"):
+                break
+            threading.Event().wait(0.05)
+        seen.append(saved.get("stopped"))
+        return upgrade(cluster, should_abort)
+
+    summary = fleet_runner(
+        sim.world.fleet,
+        rows,
+        policy,
+        halt_seen_first,
+        store,
+        "halted-canary",
+        control=lambda: "halt" if started.is_set() else "run",
+    ).run()
+    assert seen == ["halted by operator"]
+    assert summary.counts() == {"upgraded": 1}, summary.as_dict()
+    assert set(summary.not_started.values()) == {"halted by operator"}
+    assert len(summary.not_started) == len(rows) - 1
 
 
 def test_abort_rolls_back_in_flight_clusters(sim: Sim, conns: Connections, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,18 @@ import pytest
 
 from amlfs_sim import Emulator
 from amlfs_sim.spec import SimWorld
-from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, cli_args, trust
+from tests.conftest import (
+    RELEASE_FILE,
+    REPO,
+    SMALL_FLEET,
+    PrefectServer,
+    cli_args,
+    held,
+    hold,
+    release,
+    trust,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +42,8 @@ SECOND = "lustre-weu-01"
 
 @pytest.fixture
 def slow_sim(small_world: SimWorld, tmp_path: Path) -> Iterator[httpx.Client]:
-    # Its own emulator at 20 sim s per real second: a cluster takes ~15 real seconds, and a
-    # VM's swap that hangs 200 sim s keeps the cluster in flight for 10 real seconds, long
-    # enough for a cancel to land; clients are evicted only after 90 real seconds blocked.
+    # Its own emulator at 20 sim s per real second: a cluster takes ~15 real seconds, and
+    # clients are evicted only after 90 real seconds blocked.
     emulator = Emulator(small_world, tmp_path / "sim", time_scale=20, seed=13)
     endpoint = emulator.start()
     http = httpx.Client(base_url=endpoint.control_url, verify=trust(endpoint), timeout=30)
@@ -45,29 +54,17 @@ def slow_sim(small_world: SimWorld, tmp_path: Path) -> Iterator[httpx.Client]:
         emulator.stop()
 
 
-def hang_a_swap(http: httpx.Client, vm: str = "eus01-oss0") -> None:
-    http.post(
-        "/faults",
-        json={"kind": "vm.put", "target": vm, "mode": "hang", "hang_s": 200, "count": 1},
-    ).raise_for_status()
-
-
-def wait_for_swap(http: httpx.Client, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while not any(
-        e["type"] == "vm.os_disk_swapped" for e in http.get("/timeline").json()["events"]
-    ):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no swap started"
-        time.sleep(0.05)
+def hold_a_swap(http: httpx.Client, vm: str = "eus01-oss0") -> None:
+    """The first cluster stays in flight until the test has seen the product take the cancel
+    (a handshake, not a margin): one VM's swap PUT stays in progress until ``release``."""
+    hold(http, "vm.put", vm)
 
 
 def settle(http: httpx.Client) -> None:
-    """Wait until the emulator has no operation in flight (a killed run's hung swap ends)."""
-    deadline = time.monotonic() + 120
-    while http.get("/state").json()["operations_in_flight"]:
-        assert time.monotonic() < deadline, "operations still in flight"
-        time.sleep(0.2)
+    """Wait until the emulator has no operation in flight (a killed run's held swap ends)."""
+    wait_until(
+        "no operation in flight", lambda: not http.get("/state").json()["operations_in_flight"]
+    )
 
 
 def run_fleet(
@@ -137,6 +134,11 @@ def record(tmp_path: Path, run_name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
 
 
+def outcome(tmp_path: Path, run_name: str) -> str | None:
+    """The first cluster's outcome in the fleet run's record, if any."""
+    return record(tmp_path, run_name).get("results", {}).get(FIRST, {}).get("outcome")  # type: ignore[no-any-return]
+
+
 def assert_serving_on(http: httpx.Client, cluster: str, version: str) -> None:
     state = http.get("/state", params={"cluster": cluster}).json()
     customer = state["clusters"][cluster]
@@ -154,12 +156,14 @@ def assert_serving_on(http: httpx.Client, cluster: str, version: str) -> None:
 def test_a_prefect_cancel_of_a_fleet_run_rolls_back_the_cluster_in_flight(
     slow_sim: httpx.Client, prefect_server: PrefectServer, tmp_path: Path
 ) -> None:
-    hang_a_swap(slow_sim)
+    hold_a_swap(slow_sim)
     run_name = f"cancelled-{uuid.uuid4().hex[:8]}"
     proc = run_fleet(prefect_server, tmp_path, run_name, FIRST, SECOND)
-    wait_for_swap(slow_sim, proc)
+    wait_until("the swap held", lambda: held(slow_sim), proc)
     run_id = fleet_flow_run_id(prefect_server, run_name)
     cancel(prefect_server, run_id)
+    wait_until("the cancel taken", lambda: outcome(tmp_path, run_name) == "interrupted", proc)
+    release(slow_sim)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
     done = record(tmp_path, run_name)
@@ -178,23 +182,18 @@ def test_sigterm_then_a_kill_records_the_cluster_interrupted_and_a_resume_finish
 ) -> None:
     # Prefect's runner cancels a run with SIGTERM, then SIGKILL once its grace period is
     # over: here the kill lands while the cluster is still in flight (its swap hangs).
-    hang_a_swap(slow_sim)
+    hold_a_swap(slow_sim)
     run_name = f"killed-{uuid.uuid4().hex[:8]}"
     first = run_fleet(prefect_server, tmp_path, run_name, FIRST, SECOND)
-    wait_for_swap(slow_sim, first)
+    wait_until("the swap held", lambda: held(slow_sim), first)
     first.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 60
-    while record(tmp_path, run_name).get("results", {}).get(FIRST, {}).get("outcome") != (
-        "interrupted"
-    ):
-        assert first.poll() is None, first.communicate()[0]
-        assert time.monotonic() < deadline, record(tmp_path, run_name)
-        time.sleep(0.05)
+    wait_until("the SIGTERM taken", lambda: outcome(tmp_path, run_name) == "interrupted", first)
     first.send_signal(signal.SIGKILL)
     out, _ = first.communicate(timeout=30)
     killed = record(tmp_path, run_name)
     assert killed["results"][FIRST]["outcome"] == "interrupted", out
     assert "run again with the same run_name" in killed["results"][FIRST]["reason"]
+    release(slow_sim)  # Azure finishes the swap the dead run started
     settle(slow_sim)
 
     second = run_fleet(prefect_server, tmp_path, run_name, FIRST, SECOND)
@@ -212,7 +211,7 @@ def test_sigterm_then_a_kill_records_the_cluster_interrupted_and_a_resume_finish
 def test_a_prefect_cancel_of_a_cluster_upgrade_flow_run_rolls_it_back(
     slow_sim: httpx.Client, prefect_server: PrefectServer, tmp_path: Path
 ) -> None:
-    hang_a_swap(slow_sim)
+    hold_a_swap(slow_sim)
     state_dir = tmp_path / "state"
     proc = subprocess.Popen(
         [
@@ -237,9 +236,10 @@ def test_a_prefect_cancel_of_a_cluster_upgrade_flow_run_rolls_it_back(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    wait_for_swap(slow_sim, proc)
+    wait_until("the swap held", lambda: held(slow_sim), proc)
     (beat,) = (state_dir / "cluster-runs").glob("*.json")  # the flow run's liveness record
-    cancel(prefect_server, beat.stem)
+    cancel(prefect_server, beat.stem)  # in Prefect once this returns: the run reads it
+    release(slow_sim)  # at its next step, the boot wait after this swap (>= 30 sim s)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
     result = json.loads((state_dir / "cluster-results" / beat.name).read_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from amlfs_sim import Emulator
 from amlfs_sim.spec import SimWorld
-from tests.conftest import REPO, PrefectServer, cli_args, trust
+from tests.conftest import REPO, PrefectServer, cli_args, held, hold, release, trust, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,30 +80,20 @@ def run_fleet(
 
 
 def hold_in_flight(http: httpx.Client) -> None:
-    """Keep the first cluster in flight long enough for the operator's command to land on a
-    loaded machine: `amlfs control` is a Python process of its own (seconds to start), and a
-    cluster without a stuck operation finishes in ~15 real s. One VM start of the first
-    cluster stays in progress for 400 sim s (20 real s) after its swap began."""
-    http.post(
-        "/faults",
-        json={
-            "kind": "vm.start",
-            "target": "eus01-oss0",
-            "mode": "hang",
-            "hang_s": 400,
-            "count": 1,
-        },
-    ).raise_for_status()
+    """Keep the first cluster in flight until the product has shown that it read the
+    operator's command (a handshake, not a margin: `amlfs control` is a Python process of its
+    own, seconds to start on a loaded machine): its first swap PUT stays in progress until
+    ``release``."""
+    hold(http, "vm.put", "eus01-mds0")
 
 
-def wait_for_swap(http: httpx.Client, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while not any(
-        e["type"] == "vm.os_disk_swapped" for e in http.get("/timeline").json()["events"]
-    ):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no swap started"
-        time.sleep(0.05)
+def swapped(http: httpx.Client) -> bool:
+    return any(e["type"] == "vm.os_disk_swapped" for e in http.get("/timeline").json()["events"])
+
+
+def record(tmp_path: Path, run_name: str) -> dict[str, Any]:
+    path = tmp_path / "state" / "fleet-runs" / f"{run_name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
 
 
 def touched_clusters(http: httpx.Client, world: SimWorld) -> set[str]:
@@ -122,13 +111,19 @@ def test_halt_from_another_process_stops_admitting_and_lets_the_cluster_in_fligh
     control(prefect_server, "run")
     hold_in_flight(sim20)
     proc = run_fleet(prefect_server, tmp_path, "halted")
-    wait_for_swap(sim20, proc)
+    wait_until("the first swap held", lambda: held(sim20), proc)
     control(prefect_server, "halt")
+    wait_until(
+        "the halt recorded",
+        lambda: record(tmp_path, "halted").get("stopped") == "halted by operator",
+        proc,
+    )
+    release(sim20)
     out, _ = proc.communicate(timeout=300)
-    record = json.loads((tmp_path / "state" / "fleet-runs" / "halted.json").read_text())
-    assert record["results"][FIRST]["outcome"] == "upgraded", out
-    assert set(record["not_started"]) == OTHERS, out
-    assert set(record["not_started"].values()) == {"halted by operator"}
+    done = record(tmp_path, "halted")
+    assert done["results"][FIRST]["outcome"] == "upgraded", out
+    assert set(done["not_started"]) == OTHERS, out
+    assert set(done["not_started"].values()) == {"halted by operator"}
     assert touched_clusters(sim20, small_world) == {FIRST}
     customer = sim20.get("/state", params={"cluster": FIRST}).json()["clusters"][FIRST]
     assert customer["serving"] is True
@@ -146,14 +141,20 @@ def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
     # With processes=2 the cluster runs in a child of the flow's process (amlfs.shards): the
     # abort travels Variable -> fleet flow -> that child.
     control(prefect_server, "run")
-    hold_in_flight(sim20)
+    # The first cluster cannot finish before the abort reaches it, however late: one
+    # server's recovery never completes after its swap, and the wait for it asks for an
+    # abort at every poll (without one it would fail the health check after 600 sim s).
+    sim20.post(
+        "/faults", json={"kind": "node.recovery", "target": "eus01-oss0", "mode": "hang"}
+    ).raise_for_status()
     proc = run_fleet(prefect_server, tmp_path, "aborted", processes)
-    wait_for_swap(sim20, proc)
+    wait_until("the first swap", lambda: swapped(sim20), proc)
     control(prefect_server, "abort")
     out, _ = proc.communicate(timeout=300)
-    record = json.loads((tmp_path / "state" / "fleet-runs" / "aborted.json").read_text())
-    assert record["results"][FIRST]["outcome"] == "rolled_back", out
-    assert set(record["not_started"]) == OTHERS, out
+    done = record(tmp_path, "aborted")
+    assert done["results"][FIRST]["outcome"] == "rolled_back", out
+    assert "abort" in done["results"][FIRST]["reason"], done["results"][FIRST]
+    assert set(done["not_started"]) == OTHERS, out
     assert touched_clusters(sim20, small_world) == {FIRST}
     state = sim20.get("/state", params={"cluster": FIRST}).json()
     customer = state["clusters"][FIRST]
@@ -163,4 +164,4 @@ def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
     assert state["leaked_disks"] == []
     if processes > 1:
         # Only a cluster run in an orchestrator process of its own carries its pid.
-        assert record["results"][FIRST]["orchestrator_pid"] not in (proc.pid, None)
+        assert done["results"][FIRST]["orchestrator_pid"] not in (proc.pid, None)

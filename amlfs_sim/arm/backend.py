@@ -9,6 +9,7 @@ first. One lock guards all state: the work under it is small and in memory.
 from __future__ import annotations
 
 import collections
+import fnmatch
 import hashlib
 import heapq
 import itertools
@@ -404,6 +405,25 @@ class ArmBackend:
 
     def add_fault(self, spec: FaultSpec) -> int:
         return self.faults.add(spec)
+
+    def release_hung(self, target: str = "*") -> list[str]:
+        """Let every operation held by a ``hang`` rule without ``hang_s`` (on a resource
+        whose name matches the glob ``target``) go on: its current phase starts again now and
+        runs its normal length. A test's handshake: hold a cluster in flight until the
+        product has shown it read an operator's command, then let it go. Returns the ids."""
+        with self.lock:
+            now = self.clock.now()
+            released = []
+            for op in self.operations.values():
+                if not (op.hang and op.status is OpStatus.IN_PROGRESS):
+                    continue
+                if not fnmatch.fnmatchcase(op.target.lower(), target.lower()):
+                    continue
+                op.hang = False
+                phase = op.phases[op.phase_index]
+                heapq.heappush(self._heap, (now + phase.duration, next(self._seq), op.id))
+                released.append(op.id)
+            return released
 
     # ----------------------------------------------------------------- VMs
 
