@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import time
@@ -360,3 +361,9 @@ def held(http: httpx.Client) -> bool:
 def release(http: httpx.Client) -> None:
     released = http.post("/faults/release").raise_for_status().json()["released"]
     assert released, "nothing was held"
+
+
+def fleet_record(tmp_path: Path, run_name: str) -> dict[str, Any]:
+    """The record of fleet run ``run_name`` in ``tmp_path/state`` as saved so far ({} if none)."""
+    path = tmp_path / "state" / "fleet-runs" / f"{run_name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]

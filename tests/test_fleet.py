@@ -19,7 +19,7 @@ from amlfs.runtime import Connections
 from amlfs.schedule import Prediction
 from amlfs.store import StateStore
 from flows.fleet_maintenance import FleetParams, _current_release, read_fleet
-from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args, fleet_runner, run_cluster
+from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args, fleet_runner, run_cluster, wait_until
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
 PREDICTION = Prediction(dt.timedelta(minutes=10), dt.timedelta(minutes=6))
@@ -196,15 +196,14 @@ def test_a_halt_read_while_the_last_of_a_wave_is_in_flight_is_recorded_at_once(
     started = threading.Event()
     seen: list[Any] = []
 
+    def saved_stop() -> Any:
+        return (store.get("fleet-runs", "halted-canary") or {}).get("stopped")
+
     def halt_seen_first(cluster: Cluster, should_abort: Callable[[], bool]) -> dict[str, Any]:
         started.set()
         # A handshake, not a margin: this cluster finishes only once the record says halted.
-        for _ in range(600):
-            saved = store.get("fleet-runs", "halted-canary") or {}
-            if saved.get("stopped"):
-                break
-            threading.Event().wait(0.05)
-        seen.append(saved.get("stopped"))
+        wait_until("the halt recorded", saved_stop, timeout_s=30)
+        seen.append(saved_stop())
         return upgrade(cluster, should_abort)
 
     summary = fleet_runner(

@@ -27,6 +27,7 @@ from tests.conftest import (
     SMALL_FLEET,
     PrefectServer,
     cli_args,
+    fleet_record,
     held,
     hold,
     release,
@@ -129,14 +130,9 @@ def cancel(server: PrefectServer, run_id: str) -> None:
     assert response.json()["status"] == "ACCEPT", response.text
 
 
-def record(tmp_path: Path, run_name: str) -> dict[str, Any]:
-    path = tmp_path / "state" / "fleet-runs" / f"{run_name}.json"
-    return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
-
-
 def outcome(tmp_path: Path, run_name: str) -> str | None:
     """The first cluster's outcome in the fleet run's record, if any."""
-    return record(tmp_path, run_name).get("results", {}).get(FIRST, {}).get("outcome")  # type: ignore[no-any-return]
+    return fleet_record(tmp_path, run_name).get("results", {}).get(FIRST, {}).get("outcome")  # type: ignore[no-any-return]
 
 
 def assert_serving_on(http: httpx.Client, cluster: str, version: str) -> None:
@@ -166,7 +162,7 @@ def test_a_prefect_cancel_of_a_fleet_run_rolls_back_the_cluster_in_flight(
     release(slow_sim)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
-    done = record(tmp_path, run_name)
+    done = fleet_record(tmp_path, run_name)
     assert done["results"][FIRST]["outcome"] == "rolled_back", out
     assert set(done["not_started"]) == {SECOND}, out
     assert done["not_started"][SECOND].startswith("cancelled")
@@ -190,7 +186,7 @@ def test_sigterm_then_a_kill_records_the_cluster_interrupted_and_a_resume_finish
     wait_until("the SIGTERM taken", lambda: outcome(tmp_path, run_name) == "interrupted", first)
     first.send_signal(signal.SIGKILL)
     out, _ = first.communicate(timeout=30)
-    killed = record(tmp_path, run_name)
+    killed = fleet_record(tmp_path, run_name)
     assert killed["results"][FIRST]["outcome"] == "interrupted", out
     assert "run again with the same run_name" in killed["results"][FIRST]["reason"]
     release(slow_sim)  # Azure finishes the swap the dead run started
@@ -199,7 +195,7 @@ def test_sigterm_then_a_kill_records_the_cluster_interrupted_and_a_resume_finish
     second = run_fleet(prefect_server, tmp_path, run_name, FIRST, SECOND)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
-    done = record(tmp_path, run_name)
+    done = fleet_record(tmp_path, run_name)
     assert done["results"][FIRST]["outcome"] == "rolled_back", out
     assert done["results"][FIRST]["resumed"] is True
     assert done["results"][SECOND]["outcome"] == "upgraded", out

@@ -4,7 +4,6 @@ between admissions and that its clusters' upgrades read at step boundaries."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,17 @@ import pytest
 
 from amlfs_sim import Emulator
 from amlfs_sim.spec import SimWorld
-from tests.conftest import REPO, PrefectServer, cli_args, held, hold, release, trust, wait_until
+from tests.conftest import (
+    REPO,
+    PrefectServer,
+    cli_args,
+    fleet_record,
+    held,
+    hold,
+    release,
+    trust,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -91,11 +100,6 @@ def swapped(http: httpx.Client) -> bool:
     return any(e["type"] == "vm.os_disk_swapped" for e in http.get("/timeline").json()["events"])
 
 
-def record(tmp_path: Path, run_name: str) -> dict[str, Any]:
-    path = tmp_path / "state" / "fleet-runs" / f"{run_name}.json"
-    return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
-
-
 def touched_clusters(http: httpx.Client, world: SimWorld) -> set[str]:
     """Clusters any of whose VMs or OS disks (named after their VM) an operation ran on."""
     vms = {node.name: cluster.name for cluster, node in world.fleet.iter_nodes()}
@@ -115,12 +119,12 @@ def test_halt_from_another_process_stops_admitting_and_lets_the_cluster_in_fligh
     control(prefect_server, "halt")
     wait_until(
         "the halt recorded",
-        lambda: record(tmp_path, "halted").get("stopped") == "halted by operator",
+        lambda: fleet_record(tmp_path, "halted").get("stopped") == "halted by operator",
         proc,
     )
     release(sim20)
     out, _ = proc.communicate(timeout=300)
-    done = record(tmp_path, "halted")
+    done = fleet_record(tmp_path, "halted")
     assert done["results"][FIRST]["outcome"] == "upgraded", out
     assert set(done["not_started"]) == OTHERS, out
     assert set(done["not_started"].values()) == {"halted by operator"}
@@ -151,7 +155,7 @@ def test_abort_from_another_process_rolls_back_the_cluster_in_flight(
     wait_until("the first swap", lambda: swapped(sim20), proc)
     control(prefect_server, "abort")
     out, _ = proc.communicate(timeout=300)
-    done = record(tmp_path, "aborted")
+    done = fleet_record(tmp_path, "aborted")
     assert done["results"][FIRST]["outcome"] == "rolled_back", out
     assert "abort" in done["results"][FIRST]["reason"], done["results"][FIRST]
     assert set(done["not_started"]) == OTHERS, out
