@@ -192,26 +192,33 @@ class FleetParams(BaseModel):
 def _rules(schema: dict[str, Any]) -> None:
     """The cross-field rules of ``FleetParams._check`` as JSON schema (draft 2020-12), and
     each field's ``position`` (Prefect's form order: the server keeps schemas in JSONB, which
-    does not keep the properties' order)."""
+    does not keep the properties' order).
+
+    The rules sit under ``dependentSchemas`` (objects all the way down), not ``allOf`` (a
+    list): Prefect 3.9.1 checks a deployment's own defaults with every ``required`` removed
+    (``remove_nested_keys``, which does not descend into lists), and a run of it with them.
+    So the hotfix deployment, whose defaults name no cluster, can be created, and a run of it
+    that names none is refused before it exists. The conditions do not use ``required``
+    either (``not``/``not const`` says "present and equal"), so that removing it at
+    deployment time cannot turn a condition on."""
     for position, field in enumerate(schema.get("properties", {}).values()):
         field["position"] = position
-    schema["allOf"] = [
-        {  # a hotfix names its clusters
-            "if": {"properties": {"mode": {"const": "hotfix"}}, "required": ["mode"]},
-            # Not "required": the hotfix deployment's own defaults (mode only) must pass, and
-            # the UI's form sends the selector; without one the run refuses at its start.
-            "then": {"properties": {"selector": {"properties": {"names": {"minItems": 1}}}}},
-        },
-        {  # an override is a hotfix's, with a reason
-            "if": {
+
+    def present_and(name: str, value: Any) -> dict[str, Any]:
+        return {"not": {"properties": {name: {"not": {"const": value}}}}}
+
+    schema["dependentSchemas"] = {
+        "mode": {  # a hotfix names its clusters
+            "if": present_and("mode", "hotfix"),
+            "then": {
+                "required": ["selector"],
                 "properties": {
-                    "policy": {
-                        "properties": {"override_window": {"const": True}},
-                        "required": ["override_window"],
-                    }
+                    "selector": {"required": ["names"], "properties": {"names": {"minItems": 1}}}
                 },
-                "required": ["policy"],
             },
+        },
+        "policy": {  # an override is a hotfix's, with a reason
+            "if": {"properties": {"policy": present_and("override_window", True)}},
             "then": {
                 "required": ["mode"],
                 "properties": {
@@ -223,7 +230,7 @@ def _rules(schema: dict[str, Any]) -> None:
                 },
             },
         },
-    ]
+    }
 
 
 def _prediction(policy: UpgradePolicy) -> tuple[Prediction, float]:

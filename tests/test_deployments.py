@@ -147,6 +147,8 @@ def test_three_deployments_and_runs_through_the_api(
     hotfix_defaults = served["amlfs-hotfix"]["parameters"]["params"]
     for params, field in (
         ({**hotfix_defaults, "selector": {"names": []}}, "names"),
+        (hotfix_defaults, "selector"),  # the deployment's defaults alone name no cluster
+        ({**hotfix_defaults, "selector": {"waves": ["canary"]}}, "names"),
         (
             {**hotfix_defaults, "selector": {"names": ["lustre-weu-01"]},
              "policy": {"override_window": True, "reason": "  "}},
