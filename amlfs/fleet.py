@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from amlfs.errors import InventoryError
 from amlfs.fanout import run_all
+from amlfs.forms import declared_order
 from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, Executor
 from amlfs.models import Cluster, Fleet, Release
 from amlfs.saga import UpgradePolicy
@@ -96,7 +97,7 @@ RESUME_WAVE = "interrupted"
 class ClusterSelector(BaseModel):
     """Which clusters a run considers; empty lists select everything."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
     names: list[str] = Field(default=[], description="Cluster names")
     regions: list[str] = []
     waves: list[str] = []
@@ -114,7 +115,7 @@ class ClusterSelector(BaseModel):
 class FleetPolicy(BaseModel):
     """Waves, caps and the error budget of a fleet run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
     waves: list[str] = Field(default=["canary", "wave1", "wave2", "wave3"])
     max_parallel: int = Field(default=10, ge=1, description="Clusters in flight, overall")
     max_per_subscription: int = Field(default=5, ge=1)

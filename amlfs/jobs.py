@@ -160,11 +160,12 @@ def run_job(
     should_abort: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = lambda message: None,
     runner: StepRunner | None = None,
+    saga: type[ClusterUpgrade] = ClusterUpgrade,
 ) -> ClusterOutcome:
     """Run ``job``'s saga here (or resume it from its journal) with ``connections``; the
     cluster's SSH sessions are closed at the end. ``runner`` runs each step (default: a
-    plain call)."""
-    upgrade = ClusterUpgrade(
+    plain call); ``saga``: the saga's class (a benchmark's baseline order subclasses it)."""
+    upgrade = saga(
         job.cluster,
         job.release,
         gateway=connections.gateway(job.cluster.subscription_id),

@@ -46,7 +46,6 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from amlfs.azure.gateway import ComputeGateway, DiskInfo, VmInfo
@@ -59,6 +58,7 @@ from amlfs.errors import (
     RetryableAzureError,
 )
 from amlfs.fanout import run_all
+from amlfs.forms import declared_order
 from amlfs.ids import KEEP_TAG, TAG_RELEASE, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldError, LeaseLostError
 from amlfs.lustre.procedures import AGENT_ROLES, LustreOps, NodeRef, ShellSource, SuspendPolicy
@@ -112,7 +112,7 @@ class Outcome(StrEnum):
 class Predictions(BaseModel):
     """Expected durations (sim seconds), used to decide whether a step still fits."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
     suspend_s: float = 30
     swap_s: float = 180  # the PUT that stops, swaps and boots one VM (all VMs in parallel)
     restore_s: float = 90
@@ -131,7 +131,7 @@ class Predictions(BaseModel):
 class UpgradePolicy(BaseModel):
     """How one cluster is upgraded. Every field has a safe default."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
     downtime_budget_s: float = Field(default=1800, gt=0, description="Customer downtime cap")
     keep_old_disks_days: int = Field(default=0, ge=0, description="0: delete old OS disks")
     boot_timeout_s: float = Field(default=600, gt=0)
@@ -142,12 +142,6 @@ class UpgradePolicy(BaseModel):
     parallelism: int = Field(default=16, ge=1)
     predictions: Predictions = Predictions()
     suspend: SuspendPolicy = SuspendPolicy()
-    # Not the operator's: out of the UI's form and the parameter schema (bench/downtime.py
-    # sets it from Python).
-    naive_order: SkipJsonSchema[bool] = Field(
-        default=False,
-        description="Benchmark baseline only: disks created inside the downtime, one VM at a time",
-    )
     lease_ttl_s: float = Field(
         default=60.0,
         gt=0,
@@ -439,15 +433,7 @@ class ClusterUpgrade:
         if self.already_current:
             return self._already_current()
         try:
-            if self.policy.naive_order:  # the baseline bench/downtime.py compares against
-                self._step("capture", self.capture)
-                self._step("suspend", self.suspend)
-                self._step("prestage", self.prestage)
-            else:
-                self._step("prestage", self.prestage)
-                self._step("capture", self.capture)
-                self._check_room("suspend", self.policy.predictions.downtime_s)
-                self._step("suspend", self.suspend)
+            self._prepare()
             self._check_room(
                 "swap", self.policy.predictions.downtime_s - self.policy.predictions.suspend_s
             )
@@ -734,12 +720,21 @@ class ClusterUpgrade:
                 if plan.node.role is Role.MDS:
                     mds_done.set()
 
-        if self.policy.naive_order:
-            for plan in self.plans.values():
-                self._swap_vm(plan, plan.new_disk, plan.new_disk_id, deadline)
-        else:
-            self._each(one)
+        self._swap_vms(one, deadline)
         self._journal("swapped")
+
+    def _prepare(self) -> None:
+        """Up to the downtime: the new disks first (prestage), then the capture, and the
+        suspend only once both are done and the downtime still fits the window."""
+        self._step("prestage", self.prestage)
+        self._step("capture", self.capture)
+        self._check_room("suspend", self.policy.predictions.downtime_s)
+        self._step("suspend", self.suspend)
+
+    def _swap_vms(self, one: Callable[[_VmPlan], None], deadline: float | None) -> None:
+        """Every VM through ``one`` (swap, then its node restored as soon as it booted), in
+        parallel. ``deadline``: the swap's own, for an order that does not use ``one``."""
+        self._each(one)
 
     def _swap_vm(self, plan: _VmPlan, disk_name: str, disk_id: str, deadline: float | None) -> None:
         """``plan``'s VM on ``disk_id`` and running.

@@ -110,8 +110,7 @@ class DeploymentExecutor:
             anchor=job.anchor,
             override_reason=job.override_reason,
             wave=job.wave,
-            # naive_order is not in the deployment's parameter schema (a benchmark's knob).
-        ).model_dump(mode="json", exclude={"policy": {"naive_order"}})
+        ).model_dump(mode="json")
         out = self.context.copy().run(
             run_on_workers,
             self.deployment,

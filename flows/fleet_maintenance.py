@@ -68,6 +68,7 @@ from amlfs.fleet import (
     plan_fleet,
     read_all,
 )
+from amlfs.forms import declared_order
 from amlfs.jobs import ClockAnchor, Executor, InProcessExecutor
 from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
 from amlfs.reconcile import ClusterReading, read_cluster
@@ -201,8 +202,7 @@ def _rules(schema: dict[str, Any]) -> None:
     that names none is refused before it exists. The conditions do not use ``required``
     either (``not``/``not const`` says "present and equal"), so that removing it at
     deployment time cannot turn a condition on."""
-    for position, field in enumerate(schema.get("properties", {}).values()):
-        field["position"] = position
+    declared_order(schema)
 
     def present_and(name: str, value: Any) -> dict[str, Any]:
         return {"not": {"properties": {name: {"not": {"const": value}}}}}

@@ -131,7 +131,6 @@ def test_three_deployments_and_runs_through_the_api(
     assert fields[:5] == ["fleet_file", "release_file", "mode", "selector", "dry_run"], fields
     hidden = {"processes", "task_workers", "cluster_deployment", "dead_run_after_s"}
     assert not hidden & set(fields), fields
-    assert "naive_order" not in definitions["UpgradePolicy"]["properties"]
 
     # Hotfix outside the window without an override: planned, refused, nothing changes.
     refused = trigger(

@@ -45,6 +45,7 @@ from amlfs.errors import (
     NodeUnreachableError,
 )
 from amlfs.fanout import run_all
+from amlfs.forms import declared_order
 from amlfs.lustre.parsers import (
     all_up,
     parse_devices,
@@ -110,7 +111,7 @@ class RecoveryDeadlineError(HealthCheckError):
 class SuspendPolicy(BaseModel):
     """Tunables raised while a cluster is suspended, and how long to wait for things."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
     timeout_s: int = Field(
         default=1200,
         ge=100,
