@@ -185,19 +185,20 @@ def test_a_good_release_reaches_every_cluster_on_the_forecasts_dates(
     assert all(s.is_completed() for s in states), [(s.name, s.message) for s in states]
     rollout = book.get("good")
     assert rollout.state == "completed", rollout.state_reason
-    # Each cluster upgraded in the very window the forecast named on the first day.
+    # Each cluster upgraded in the very window the forecast named on the first day: by the
+    # fleet run of the tick that opened it (the run's name carries the tick). Its finish time
+    # on the time-scaled clock is not compared: at 200x a loaded CI machine's few seconds
+    # are tens of simulated minutes, and the forecast's promise is the window, not the minute.
     for name, progress in rollout.clusters.items():
         assert progress.outcome == "upgraded", (name, progress)
         window = windows[name]
         assert window is not None
-        assert window <= progress.at < window + dt.timedelta(minutes=30), (
-            name,
-            window,
-            progress.at,
-        )
+        assert progress.run_name == f"good-{window:%Y%m%dT%H%M}", (name, window, progress)
+        assert progress.at >= window, (name, window, progress.at)
+    # The projected completion is the last named window plus the predicted upgrade time.
     assert predicted.projected_done is not None
-    last = max(p.at for p in rollout.clusters.values())
-    assert last <= predicted.projected_done + dt.timedelta(minutes=15)
+    last_window = max(w for w in windows.values() if w is not None)
+    assert last_window < predicted.projected_done <= last_window + dt.timedelta(minutes=30)
     # Stage order held: no wave1 cluster started before the canary stage soaked a day.
     by_stage: dict[str, list[dt.datetime]] = {}
     for name, progress in rollout.clusters.items():
