@@ -247,9 +247,11 @@ def test_raised_timeout_before_a_long_outage_avoids_evictions(sim: Sim) -> None:
     customer = sim.customer()
     assert customer["evictions"] == 0
     assert customer["serving"] is True
-    assert 590 <= customer["downtime_total"] <= 700
+    # From the 600 s asleep up to, not past, the raised timeout: at 200x the SSH round trips
+    # around the sleep count a loaded machine's real seconds 200 times over; 3 of them would reach it.
+    assert 590 <= customer["downtime_total"] < 1200
     assert customer["lock_callbacks_to_blocked"] == 0
-    assert 590 <= customer["blocked_while_up_s"] <= 700
+    assert 590 <= customer["blocked_while_up_s"] < 1200
 
 
 def test_the_ping_evictor_counts_from_each_clients_last_ping(sim: Sim) -> None:
