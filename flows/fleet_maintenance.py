@@ -25,8 +25,9 @@ run started again with the same ``run_name`` continues where it stopped.
 The run's final state counts the outcomes in its message (``3 upgraded, 1 rolled_back, 0
 failed_needs_attention``): Failed if any cluster needs attention, Cancelled if it was
 cancelled, Failed named RolledBack if a cluster rolled back (serving on its old release:
-nobody has to act, but it is not green), else Completed; each cluster's task run tells its own outcome
-(``tasks.cluster.outcome_state``).
+nobody has to act, but it is not green), Completed named Stopped if a halt, an abort or a
+wave gate left planned clusters unstarted, else Completed; each cluster's task run tells its
+own outcome (``tasks.cluster.outcome_state``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ from flows.markdown import markdown_text
 from flows.rollout_view import RolloutLink, gate_for_other_rollouts, publish_forecast
 from flows.taskworkers import TaskWorkerExecutor
 from tasks.cluster import ROLLED_BACK
+
+#: A run's final state when it stopped (halt, abort, a wave gate) with clusters it had
+#: planned left unstarted and none broken: Completed, named so that it is not read as done.
+STOPPED = "Stopped"
 
 __all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
 
@@ -633,18 +638,18 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     table = _table(summary)
     create_table_artifact(key="fleet-results", table=table, description=f"{run_name}: fleet")
     counts = summary.counts()
+    message = outcome_message(summary)
+    if summary.stopped:
+        message += f"; stopped: {summary.stopped}"
     create_markdown_artifact(
         key="fleet-summary",
         markdown=_markdown(run_name, release.version, params, summary, table),
-        description=f"{run_name}: {dict(counts)}",
+        description=markdown_text(f"{run_name}: {message}"),
     )
     out = summary.as_dict()
     out["plan"] = [r.as_dict() for r in rows]
     if link is not None:
         out["rollout"] = {"name": link.name, "state": link.rollout.state}
-    message = outcome_message(summary)
-    if summary.stopped:
-        message += f"; stopped: {summary.stopped}"
     logger.info(
         "fleet run %s done: %s",
         run_name,
@@ -658,6 +663,9 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if counts.get("rolled_back"):
         # Red at a glance, named apart from a run that needs a human (tasks.cluster).
         return Failed(name=ROLLED_BACK, message=message, data=out)
+    if summary.stopped and summary.not_started:
+        # Nothing is broken, but the run left clusters it planned: not a plain Completed.
+        return Completed(name=STOPPED, message=message, data=out)
     return Completed(message=message, data=out)
 
 

@@ -5,7 +5,10 @@ emulator: one cluster upgraded, one rolled back (its release does not boot on a 
 * the fleet run's and the rolled-back cluster's states are not green: red ``RolledBack``;
 * each cluster is a task run named after it, its steps named after it too;
 * the results table leads with cluster, result, downtime, reason and carries evictions,
-  data-disk changes, leaked disks and the override; each cluster has its own artifact.
+  data-disk changes, leaked disks and the override; each cluster has its own artifact;
+* a run stopped by a halt left set from an earlier night is not a green Completed but
+  ``Stopped``, its page's log says why and how to clear it, and nothing in the world moved;
+  a scheduled tick in which no window opens publishes nothing, so the last results stay.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import Any
 import httpx
 import pytest
 
+from flows.fleet_maintenance import FleetParams
 from flows.markdown import markdown_text
-from tests.conftest import REPO, PrefectServer, Sim, cli_args
+from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim, cli_args
 
 pytestmark = pytest.mark.integration
 
+IN_EUS_WINDOW = "2026-12-01T02:05:00+00:00"  # Tuesday: lustre-eus-01's window
 CHROMIUM = os.environ.get("AMLFS_TEST_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -152,5 +157,120 @@ def test_the_ui_tells_each_clusters_truth_at_a_glance(
         body = page.inner_text("body")
         assert "lustre-scus-01" in body
         assert "rolled_back" in body
+    finally:
+        page.close()
+
+
+def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
+    """A fleet run in its own process against ``server``, the way a served deployment runs
+    it; returns its flow run as the REST API reports it."""
+    run_name = str(params["run_name"])
+    code = (
+        "import sys\n"
+        "from flows.fleet_maintenance import FleetParams, fleet_maintenance\n"
+        "fleet_maintenance(FleetParams.model_validate_json(sys.argv[1]), return_state=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, FleetParams.model_validate(params).model_dump_json()],
+        env=server.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = [
+        r
+        for r in api(
+            server, "/flow_runs/filter", {"flows": {"name": {"any_": ["fleet-maintenance"]}}}
+        )
+        if r["parameters"]["params"].get("run_name") == run_name
+    ]
+    return run  # type: ignore[no-any-return]
+
+
+def control(server: PrefectServer, action: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "amlfs.cli", "control", action],
+        env=server.env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def artifacts_of(server: PrefectServer, run_id: str) -> list[dict[str, Any]]:
+    return api(  # type: ignore[no-any-return]
+        server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    )
+
+
+def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
+    sim: Sim, prefect_server: PrefectServer, browser: Any, tmp_path: Path
+) -> None:
+    common = {
+        "fleet_file": str(SMALL_FLEET),
+        "release_file": str(RELEASE_FILE),
+        "emulator_endpoint": str(sim.emulator.state_dir / "endpoint.json"),
+        "state_dir": str(tmp_path / "state"),
+    }
+    halted_name = f"halted-{uuid.uuid4().hex[:8]}"
+    control(prefect_server, "halt")  # an operator's halt, left set from an earlier night
+    try:
+        halted = run_flow(
+            prefect_server,
+            **common,
+            mode="manual",
+            at=IN_EUS_WINDOW,
+            selector={"names": ["lustre-eus-01"]},
+            run_name=halted_name,
+        )
+    finally:
+        control(prefect_server, "run")  # the Variable outlives this test on the shared server
+    # The world: nothing was touched.
+    assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state("lustre-eus-01")["vms"]} == {
+        "2.15.5"
+    }
+    assert (halted["state"]["type"], halted["state"]["name"]) == ("COMPLETED", "Stopped")
+    message = halted["state"]["message"] or ""
+    assert "stopped: halted by operator" in message, message
+    assert "1 not started" in message, message
+    summary = next(
+        a for a in artifacts_of(prefect_server, halted["id"]) if a["key"] == "fleet-summary"
+    )
+    assert "1 not started" in summary["description"], summary
+
+    results_before = [
+        a for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key") == "fleet-results"
+    ]
+    # A scheduled tick on a Saturday noon: no window of the fleet opens.
+    noop = run_flow(
+        prefect_server,
+        **common,
+        mode="scheduled",
+        at="2026-12-05T12:00:00+00:00",
+        run_name=f"noop-{uuid.uuid4().hex[:8]}",
+    )
+    assert noop["state"]["type"] == "COMPLETED"
+    assert noop["state"]["message"] == "no window opens in this tick"
+    assert artifacts_of(prefect_server, noop["id"]) == []
+    results_after = [
+        a for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key") == "fleet-results"
+    ]
+    assert len(results_after) == len(results_before)
+
+    page = browser.new_page()
+    try:
+        page.goto(ui(prefect_server, f"/runs/flow-run/{halted['id']}"))
+        badge = page.locator(".state-badge").first
+        badge.wait_for(timeout=60_000)
+        # Not a green "Completed": the run stopped with a planned cluster left unstarted.
+        assert badge.inner_text() == "Stopped"
+        assert "state--completed" in (badge.get_attribute("class") or "")  # nothing broken
+        # Its log says why, on the run's own page: the halt, and how to clear it.
+        page.get_by_text("says halt (set before this run started)").first.wait_for(timeout=60_000)
+        assert "amlfs control run" in page.inner_text("body")
     finally:
         page.close()
