@@ -26,7 +26,15 @@ import pytest
 
 from flows.fleet_maintenance import FleetParams
 from flows.markdown import markdown_text
-from tests.conftest import RELEASE_FILE, REPO, SMALL_FLEET, PrefectServer, Sim, cli_args
+from tests.conftest import (
+    RELEASE_FILE,
+    REPO,
+    SMALL_FLEET,
+    PrefectServer,
+    Sim,
+    cli_args,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +60,7 @@ def browser() -> Iterator[Any]:
 
 def api(server: PrefectServer, path: str, body: dict[str, Any] | None = None) -> Any:
     response = httpx.post(f"{server.url}{path}", json=body or {}, timeout=10)
-    response.raise_for_status()
+    assert response.is_success, (path, response.status_code, response.text)
     return response.json()
 
 
@@ -274,3 +282,90 @@ def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
         assert "amlfs control run" in page.inner_text("body")
     finally:
         page.close()
+
+
+def schema_labels(schema: dict[str, Any], node: dict[str, Any] | None = None) -> list[str]:
+    """Every property of ``schema``, depth first in the order of each model's ``position``:
+    the order in which the run form lists its fields."""
+    node = schema if node is None else node
+    if "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+    names: list[str] = []
+    properties = node.get("properties", {})
+    for name in sorted(properties, key=lambda n: properties[n].get("position", 0)):
+        names.append(name)
+        names += schema_labels(schema, properties[name])
+    return names
+
+
+def test_the_run_form_lists_fields_in_order_and_refuses_a_hotfix_naming_no_cluster(
+    prefect_server: PrefectServer, browser: Any
+) -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.fleet_maintenance import fleet_maintenance
+
+    schema = parameter_schema(fleet_maintenance.fn).model_dump_for_openapi()
+    flow_id = api(prefect_server, "/flows/", {"name": "fleet-maintenance"})["id"]
+    deployment = api(
+        prefect_server,
+        "/deployments/",
+        {
+            "name": f"form-{uuid.uuid4().hex[:8]}",
+            "flow_id": flow_id,
+            "enforce_parameter_schema": True,
+            "parameter_openapi_schema": schema,
+            "parameters": {
+                "params": {
+                    "fleet_file": str(SMALL_FLEET),
+                    "release_file": str(RELEASE_FILE),
+                    "mode": "hotfix",
+                }
+            },
+        },
+    )
+
+    def runs() -> list[dict[str, Any]]:
+        return api(  # type: ignore[no-any-return]
+            prefect_server,
+            "/flow_runs/filter",
+            {"deployments": {"id": {"any_": [deployment["id"]]}}},
+        )
+
+    page = browser.new_page()
+    try:
+        page.goto(ui(prefect_server, f"/deployments/deployment/{deployment['id']}/run"))
+        labels = page.locator(".schema-form-property__label")
+        labels.first.wait_for(timeout=60_000)
+        shown = [
+            label.removesuffix(" (Optional)").lower().replace(" ", "_")
+            for label in labels.all_inner_texts()
+        ]
+        # Every field in its model's declared order, nested ones under their parent; none of
+        # the fields kept out of the form (process layout, test hooks, the saga's baseline).
+        assert shown == schema_labels(schema), shown
+        hidden = {"processes", "task_workers", "cluster_deployment", "dead_run_after_s"}
+        assert not (hidden | {"naive_order"}) & set(shown), shown
+
+        # The hotfix deployment's defaults name no cluster: the server refuses the run.
+        page.get_by_role("button", name="Submit").click()
+        page.get_by_text("Validation failed for field 'params.selector.names'").first.wait_for(
+            timeout=30_000
+        )
+        assert runs() == []
+
+        # Naming one cluster in the form is enough.
+        names = page.locator(
+            ".schema-form-property", has=page.get_by_text("Names (Optional)", exact=True)
+        ).last
+        names.get_by_role("button", name="Add item").click()
+        names.locator("textarea, input").first.fill("lustre-eus-01")
+        page.get_by_role("button", name="Submit").click()
+        wait_until("the run created from the form", lambda: len(runs()) == 1)
+        (run,) = runs()
+        params = FleetParams.model_validate(run["parameters"]["params"])
+        assert (params.mode, params.selector.names) == ("hotfix", ["lustre-eus-01"])
+    finally:
+        page.close()
+        for run in runs():
+            httpx.delete(f"{prefect_server.url}/flow_runs/{run['id']}", timeout=10)
