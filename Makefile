@@ -36,12 +36,13 @@ lint: $(STAMP)
 # P1-P4 with their targets (40-50 minutes: P4 alone is a 30-minute window at time scale 1).
 bench: bench-quick bench-p4
 
-# P1-P3 and the emulator's capacity (about 15 minutes).
+# P1-P3, the emulator's capacity and the rollout benchmarks (about 20 minutes).
 bench-quick: $(STAMP)
 	$(BIN)/python bench/downtime.py --runs 8
 	$(BIN)/python bench/fleet_scale.py --clusters 100 --nodes 6 --time-scale 4
 	$(BIN)/python bench/sim_capacity.py
 	$(BIN)/python bench/rollout_forecast.py --clusters 1000
+	$(BIN)/python bench/rollout_tick.py --clusters 1000
 
 # P4: 1,000 clusters x 8 VMs in one 30-minute window, time scale 1 (see bench/RESULTS.md).
 # Admission at the throughput the window needs (one cluster per 1.3 s), pacers sized for it.

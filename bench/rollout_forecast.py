@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -51,10 +52,14 @@ START = dt.datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
 def make_fleet(clusters: int, seed: int) -> Fleet:
+    return parse_fleet(make_fleet_doc(clusters, seed))
+
+
+def make_fleet_doc(clusters: int, seed: int, nodes: int = 2) -> dict[str, Any]:
     """Random weekly windows (15-minute slots), ~3% of clusters with a blackout date in the
     first three weeks, a fleet-wide blackout day; waves canary (2%), wave1, wave2."""
     rng = random.Random(seed)
-    doc = generate_fleet(clusters, 2, seed=seed)
+    doc = generate_fleet(clusters, nodes, seed=seed)
     days = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
     for cluster in doc["clusters"]:
         slot = rng.randrange(96)
@@ -66,7 +71,7 @@ def make_fleet(clusters: int, seed: int) -> Fleet:
         if rng.random() < 0.03:
             cluster["blackout_dates"] = [(START + dt.timedelta(days=rng.randrange(21))).date()]
     doc["blackout_dates"] = [dt.date(2026, 12, 25)]
-    return parse_fleet(doc)
+    return doc
 
 
 def lower_bound(
