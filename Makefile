@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# P1-P4 with their targets (40-50 minutes: P4 alone is a 30-minute window at time scale 1).
+# P1-P4 with their targets (45-55 minutes: P4 alone is a 30-minute window at time scale 1).
 bench: bench-quick bench-p4
 
 # P1-P3, the emulator's capacity and the rollout benchmarks (about 20 minutes).

@@ -18,11 +18,13 @@ Not a test: prints a table and a final ``key=value`` line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -160,9 +162,7 @@ def main() -> int:
         f"{sum(1 for _, c in ticks if c)} canary ticks, {sum(1 for _, c in ticks if not c)} "
         f"idle ticks sampled; starting the emulator and a Prefect server on PostgreSQL"
     )
-    world = start_world(fleet_file, root, time_scale=args.time_scale, seed=args.seed, timeout_s=600)
     database = f"amlfs_bench_tick_{os.getpid()}"
-    create_database(database, DSN)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = child_env(
@@ -176,9 +176,15 @@ def main() -> int:
     )
     log_path = root / "server.log"
     samples: list[Sample] = []
-    with log_path.open("wb") as log:
-        server = start_prefect_server(port, env, log, log_path)
+    world: Any = None
+    server: Any = None
+    create_database(database, DSN)
     try:
+        world = start_world(
+            fleet_file, root, time_scale=args.time_scale, seed=args.seed, timeout_s=600
+        )
+        with log_path.open("wb") as log:
+            server = start_prefect_server(port, env, log, log_path)
         state_dir = root / "state"
         with temporary_settings(updates={PREFECT_API_URL: url}):
             start_rollout(
@@ -243,9 +249,17 @@ def main() -> int:
         record_kib = record.stat().st_size / 1024 if record.exists() else 0.0
         final = RolloutBook(StateStore(state_dir)).get("bench")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        world.stop()
+        # Whatever failed, leave no server, emulator or database behind.
+        if server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=30)
+        if world is not None:
+            world.stop()
         drop_database(database, DSN)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

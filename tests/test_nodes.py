@@ -248,7 +248,7 @@ def test_raised_timeout_before_a_long_outage_avoids_evictions(sim: Sim) -> None:
     assert customer["evictions"] == 0
     assert customer["serving"] is True
     # From the 600 s asleep up to, not past, the raised timeout: at 200x the SSH round trips
-    # around the sleep count a loaded machine's real seconds 200 times over; 3 of them would reach it.
+    # around the sleep count a loaded machine's real seconds 200 times over (3 would reach it).
     assert 590 <= customer["downtime_total"] < 1200
     assert customer["lock_callbacks_to_blocked"] == 0
     assert 590 <= customer["blocked_while_up_s"] < 1200

@@ -191,7 +191,13 @@ def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
     (run,) = [
         r
         for r in api(
-            server, "/flow_runs/filter", {"flows": {"name": {"any_": ["fleet-maintenance"]}}}
+            server,
+            "/flow_runs/filter",
+            {
+                "flows": {"name": {"any_": ["fleet-maintenance"]}},
+                "sort": "EXPECTED_START_TIME_DESC",
+                "limit": 50,
+            },
         )
         if r["parameters"]["params"].get("run_name") == run_name
     ]
@@ -213,6 +219,18 @@ def artifacts_of(server: PrefectServer, run_id: str) -> list[dict[str, Any]]:
     return api(  # type: ignore[no-any-return]
         server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
     )
+
+
+def fleet_results(server: PrefectServer) -> list[str]:
+    """Ids of every version of the fleet-results artifact, newest first."""
+    return [
+        a["id"]
+        for a in api(
+            server,
+            "/artifacts/filter",
+            {"artifacts": {"key": {"any_": ["fleet-results"]}}, "sort": "CREATED_DESC"},
+        )
+    ]
 
 
 def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
@@ -250,9 +268,7 @@ def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
     )
     assert "1 not started" in summary["description"], summary
 
-    results_before = [
-        a for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key") == "fleet-results"
-    ]
+    results_before = fleet_results(prefect_server)
     # A scheduled tick on a Saturday noon: no window of the fleet opens.
     noop = run_flow(
         prefect_server,
@@ -264,10 +280,7 @@ def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
     assert noop["state"]["type"] == "COMPLETED"
     assert noop["state"]["message"] == "no window opens in this tick"
     assert artifacts_of(prefect_server, noop["id"]) == []
-    results_after = [
-        a for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key") == "fleet-results"
-    ]
-    assert len(results_after) == len(results_before)
+    assert fleet_results(prefect_server) == results_before
 
     page = browser.new_page()
     try:
