@@ -49,6 +49,17 @@ from amlfs_sim.genfleet import generate_fleet
 UTC = dt.UTC
 TICK = dt.timedelta(minutes=15)
 START = dt.datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+#: The rollout both rollout benchmarks drive (this one and bench/rollout_tick.py).
+STRATEGY = RolloutStrategy.model_validate(
+    {
+        "stages": [
+            {"name": "canary", "soak_hours": 24},
+            {"name": "wave1", "soak_hours": 72, "success_threshold": 0.98},
+            {"name": "wave2"},
+        ],
+        "error_budget": "2%",
+    }
+)
 
 
 def make_fleet(clusters: int, seed: int) -> Fleet:
@@ -103,16 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     upgrade = dt.timedelta(minutes=args.upgrade_min)
     fleet = make_fleet(args.clusters, args.seed)
-    strategy = RolloutStrategy.model_validate(
-        {
-            "stages": [
-                {"name": "canary", "soak_hours": 24},
-                {"name": "wave1", "soak_hours": 72, "success_threshold": 0.98},
-                {"name": "wave2"},
-            ],
-            "error_budget": "2%",
-        }
-    )
+    strategy = STRATEGY
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as root:
         book = RolloutBook(StateStore(Path(root)))
         rollout = new_rollout(

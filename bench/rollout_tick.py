@@ -42,12 +42,12 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from amlfs.models import load_fleet  # noqa: E402
-from amlfs.rollout import RolloutBook, RolloutStrategy  # noqa: E402
+from amlfs.rollout import RolloutBook  # noqa: E402
 from amlfs.schedule import windows_opening_in  # noqa: E402
 from amlfs.store import StateStore  # noqa: E402
 from amlfs_sim.genfleet import dump_fleet_yaml  # noqa: E402
 from bench.chaos import child_env, start_world  # noqa: E402
-from bench.rollout_forecast import START, make_fleet_doc  # noqa: E402
+from bench.rollout_forecast import START, STRATEGY, make_fleet_doc  # noqa: E402
 from deployments.scaleout import (  # noqa: E402
     create_database,
     drop_database,
@@ -192,16 +192,7 @@ def main() -> int:
                     name="bench",
                     fleet_file=str(fleet_file),
                     release_file=str(REPO / "examples" / "release-2.15.6.yaml"),
-                    strategy=RolloutStrategy.model_validate(
-                        {
-                            "stages": [
-                                {"name": "canary", "soak_hours": 24},
-                                {"name": "wave1", "soak_hours": 72, "success_threshold": 0.98},
-                                {"name": "wave2"},
-                            ],
-                            "error_budget": "2%",
-                        }
-                    ),
+                    strategy=STRATEGY,
                     started_by="bench",
                     at=START,
                     state_dir=str(state_dir),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -367,3 +369,15 @@ def fleet_record(tmp_path: Path, run_name: str) -> dict[str, Any]:
     """The record of fleet run ``run_name`` in ``tmp_path/state`` as saved so far ({} if none)."""
     path = tmp_path / "state" / "fleet-runs" / f"{run_name}.json"
     return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
+
+
+def control(server: PrefectServer, action: str) -> None:
+    """``amlfs control ACTION`` in its own process against ``server``, as an operator runs it."""
+    subprocess.run(
+        [sys.executable, "-m", "amlfs.cli", "control", action],
+        env=server.env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )

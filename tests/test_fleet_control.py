@@ -19,6 +19,7 @@ from tests.conftest import (
     REPO,
     PrefectServer,
     cli_args,
+    control,
     fleet_record,
     held,
     hold,
@@ -31,17 +32,6 @@ pytestmark = pytest.mark.integration
 
 FIRST = "lustre-eus-01"  # the canary wave: the first cluster admitted
 OTHERS = {"lustre-weu-01", "lustre-scus-01"}
-
-
-def control(server: PrefectServer, action: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "control", action],
-        env=server.env,
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture

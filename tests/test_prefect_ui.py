@@ -33,6 +33,7 @@ from tests.conftest import (
     PrefectServer,
     Sim,
     cli_args,
+    control,
     wait_until,
 )
 
@@ -68,6 +69,14 @@ def ui(server: PrefectServer, path: str) -> str:
     return server.url.removesuffix("/api") + path
 
 
+def state_badge(page: Any, server: PrefectServer, path: str, timeout_ms: int = 60_000) -> Any:
+    """Open a run's page and return its state badge once the UI has drawn it."""
+    page.goto(ui(server, path))
+    badge = page.locator(".state-badge").first
+    badge.wait_for(timeout=timeout_ms)
+    return badge
+
+
 def test_the_ui_tells_each_clusters_truth_at_a_glance(
     sim: Sim, prefect_server: PrefectServer, browser: Any, tmp_path: Path
 ) -> None:
@@ -98,20 +107,10 @@ def test_the_ui_tells_each_clusters_truth_at_a_glance(
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr  # rolled back, serving: settled
-    (fleet_run,) = [
-        r
-        for r in api(
-            prefect_server,
-            "/flow_runs/filter",
-            {"flows": {"name": {"any_": ["fleet-maintenance"]}}},
-        )
-        if r["parameters"]["params"].get("run_name") == run_name
-    ]
+    fleet_run = fleet_flow_run(prefect_server, run_name)
     page = browser.new_page()
     try:
-        page.goto(ui(prefect_server, f"/runs/flow-run/{fleet_run['id']}"))
-        header = page.locator(".state-badge").first
-        header.wait_for(timeout=60_000)
+        header = state_badge(page, prefect_server, f"/runs/flow-run/{fleet_run['id']}")
         assert header.inner_text() == "RolledBack"
         assert "state--failed" in (header.get_attribute("class") or "")  # red, not green
 
@@ -136,9 +135,9 @@ def test_the_ui_tells_each_clusters_truth_at_a_glance(
         rolled = next(t for t in tasks if t["name"].startswith("upgrade-lustre-scus-01"))
         assert (rolled["state"]["type"], rolled["state"]["name"]) == ("FAILED", "RolledBack")
 
-        page.goto(ui(prefect_server, f"/runs/task-run/{rolled['id']}"))
-        badge = page.locator(".state-badge").first
-        badge.wait_for(timeout=30_000)
+        badge = state_badge(
+            page, prefect_server, f"/runs/task-run/{rolled['id']}", timeout_ms=30_000
+        )
         assert badge.inner_text() == "RolledBack"
         assert "state--failed" in (badge.get_attribute("class") or "")
 
@@ -188,6 +187,11 @@ def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return fleet_flow_run(server, run_name)
+
+
+def fleet_flow_run(server: PrefectServer, run_name: str) -> dict[str, Any]:
+    """The one fleet-maintenance flow run (among the newest 50) with ``run_name``."""
     (run,) = [
         r
         for r in api(
@@ -202,17 +206,6 @@ def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
         if r["parameters"]["params"].get("run_name") == run_name
     ]
     return run  # type: ignore[no-any-return]
-
-
-def control(server: PrefectServer, action: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "control", action],
-        env=server.env,
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def artifacts_of(server: PrefectServer, run_id: str) -> list[dict[str, Any]]:
@@ -284,9 +277,7 @@ def test_a_halted_run_says_so_and_a_no_op_tick_hides_nothing(
 
     page = browser.new_page()
     try:
-        page.goto(ui(prefect_server, f"/runs/flow-run/{halted['id']}"))
-        badge = page.locator(".state-badge").first
-        badge.wait_for(timeout=60_000)
+        badge = state_badge(page, prefect_server, f"/runs/flow-run/{halted['id']}")
         # Not a green "Completed": the run stopped with a planned cluster left unstarted.
         assert badge.inner_text() == "Stopped"
         assert "state--completed" in (badge.get_attribute("class") or "")  # nothing broken
