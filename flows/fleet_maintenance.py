@@ -663,7 +663,7 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
     if counts.get("rolled_back"):
         # Red at a glance, named apart from a run that needs a human (tasks.cluster).
         return Failed(name=ROLLED_BACK, message=message, data=out)
-    if summary.stopped and summary.not_started:
+    if summary.stopped and summary.all_not_started():
         # Nothing is broken, but the run left clusters it planned: not a plain Completed.
         return Completed(name=STOPPED, message=message, data=out)
     return Completed(message=message, data=out)
