@@ -31,7 +31,7 @@ import json
 import re
 import shlex
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,6 +53,7 @@ __all__ = [
     "Stage",
     "StageView",
     "awaiting_approval",
+    "census_due",
     "cluster_gate",
     "compliance",
     "forecast",
@@ -859,6 +860,31 @@ def compliance(
         )
         rows.append(ComplianceRow(cluster.name, release, seen_at, behind))
     return counts, rows
+
+
+def census_due(
+    fleet: Fleet,
+    releases: Mapping[str, Mapping[str, Any]],
+    now: dt.datetime,
+    *,
+    batch: int,
+    fresh_for: dt.timedelta,
+) -> list[str]:
+    """The clusters whose release a tick reads for the compliance view: at most ``batch``,
+    those never read first (in fleet order), then those read longest ago; none read within
+    ``fresh_for`` of ``now``. A fleet of N clusters is known after N / ``batch`` ticks
+    (1,000 at 50 a tick: 5 hours of 15-minute ticks), and stays fresh within ``fresh_for``
+    plus that."""
+    now = _aware(now, "now")
+    due: list[tuple[bool, dt.datetime, int, str]] = []
+    for index, cluster in enumerate(fleet.clusters):
+        seen = (releases.get(cluster.name) or {}).get("seen_at")
+        when = dt.datetime.fromisoformat(seen) if seen else None
+        if when is not None and now - when < fresh_for:
+            continue
+        due.append((when is not None, when or now, index, cluster.name))
+    due.sort()
+    return [name for *_, name in due[: max(0, batch)]]
 
 
 # ------------------------------------------------------------------------ the store

@@ -94,7 +94,7 @@ from tasks.cluster import ROLLED_BACK
 #: planned left unstarted and none broken: Completed, named so that it is not read as done.
 STOPPED = "Stopped"
 
-__all__ = ["CONTROL_VARIABLE", "FleetParams", "fleet_maintenance"]
+__all__ = ["CONTROL_VARIABLE", "FleetParams", "current_release", "fleet_maintenance"]
 
 CONTROL_VARIABLE = "amlfs-fleet-control"
 
@@ -247,7 +247,7 @@ def _prediction(policy: UpgradePolicy) -> tuple[Prediction, float]:
     )
 
 
-def _current_release(connections: Connections, cluster: Cluster) -> str | None:
+def current_release(connections: Connections, cluster: Cluster) -> str | None:
     """The gallery version the MDS's OS disk was made from (an ARM read, no change)."""
     gateway = connections.gateway(cluster.subscription_id)
     try:

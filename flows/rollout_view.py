@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -158,11 +159,13 @@ def publish_forecast(
     """Publish the rollout's forecast (and the fleet's compliance) as the artifact
     ``rollout-NAME`` when it says something new; True when it did."""
     result = forecast(rollout, fleet, now, upgrade=upgrade, state_dir=state_dir)
-    digest = result.digest()
-    if digest == rollout.published:
-        return False
     latest, since = book.latest()
     counts, rows = compliance(fleet, book.releases(), latest, since)
+    # What the operator reads: the forecast and the fleet's release counts (a census that
+    # learnt a cluster's release is news; a re-read that found the same is not).
+    digest = hashlib.sha256(f"{result.digest()} {sorted(counts.items())}".encode()).hexdigest()[:16]
+    if digest == rollout.published:
+        return False
     lines = [f"# Rollout {markdown_text(rollout.name)}", ""]
     lines += [markdown_text(line.strip()) + "  " for line in forecast_lines(result)]
     lines += [

@@ -22,9 +22,9 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from amlfs.errors import InventoryError
-from amlfs.fleet import ClusterSelector, FleetPolicy
-from amlfs.models import Fleet, load_fleet, load_release
+from amlfs.errors import AmlfsError, InventoryError, StateStoreError
+from amlfs.fleet import ClusterSelector, FleetPolicy, read_all
+from amlfs.models import Cluster, Fleet, load_fleet, load_release
 from amlfs.rollout import (
     Forecast,
     Rollout,
@@ -32,6 +32,7 @@ from amlfs.rollout import (
     RolloutStrategy,
     approve,
     awaiting_approval,
+    census_due,
     cluster_gate,
     forecast,
     forecast_lines,
@@ -40,10 +41,19 @@ from amlfs.rollout import (
     new_rollout,
     stage_views,
 )
+from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import windows_opening_in
 from amlfs.store import StoreLocation, open_store
-from flows.fleet_maintenance import FleetParams, _prediction, fleet_maintenance, with_journal
+from flows.cluster_upgrade import connection_settings
+from flows.fleet_maintenance import (
+    STOPPED,
+    FleetParams,
+    _prediction,
+    current_release,
+    fleet_maintenance,
+    with_journal,
+)
 from flows.rollout_view import publish_forecast
 from tasks.cluster import ROLLED_BACK, settled
 
@@ -182,6 +192,13 @@ class RolloutTickParams(BaseModel):
         default=".amlfs-state",
         description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
     )
+    census_per_tick: int = Field(
+        default=50,
+        ge=0,
+        le=1000,
+        description="Clusters whose release each tick reads for the compliance view (never "
+        "read first, then the oldest reading; two ARM GETs each; 0: none)",
+    )
     emulator_endpoint: str | None = None
     azure_block: str = "amlfs-azure"
     ssh_block: str = "amlfs-ssh"
@@ -199,18 +216,32 @@ class RolloutTickParams(BaseModel):
 def rollout_tick(params: RolloutTickParams) -> Any:
     """Advance each active rollout by one scheduled fleet run (a subflow named after the
     rollout and the tick). Failed when a rollout's run failed (a cluster needs attention),
-    Failed named RolledBack when a cluster rolled back."""
+    Failed named RolledBack when a cluster rolled back, Completed named Stopped when a
+    rollout is halted or its run stopped before starting what it planned."""
     logger = get_run_logger()
     book = RolloutBook(open_store(params.state_dir))
     when = params.at or dt.datetime.now(dt.UTC)
     tick = when.replace(second=0, microsecond=0)
     tick -= dt.timedelta(minutes=tick.minute % params.tick_minutes)
-    active = book.active()
+    everything = book.all()
+    active = [r for r in everything if r.state == "active"]
+    _census(book, everything, params, when, logger)
     if not active:
         logger.info("tick %s: no active rollout", tick.isoformat())
     outcomes: dict[str, Any] = {}
     failed: list[str] = []
     rolled_back: list[str] = []
+    # A halted rollout advances no more, every tick, until resumed: each tick says so in its
+    # message and state (Stopped), so a halt left behind is seen and not silently kept.
+    stopped = [r.name for r in everything if r.state == "halted"]
+    for rollout in everything:
+        if rollout.state == "halted":
+            why = rollout.state_reason or "halted"
+            outcomes[rollout.name] = {
+                "state": STOPPED,
+                "message": f"halted ({why}); `amlfs rollout resume {rollout.name}` resumes it",
+            }
+            logger.warning("rollout %s: %s", rollout.name, outcomes[rollout.name]["message"])
     for rollout in active:
         try:
             fleet = load_fleet(rollout.fleet_file)
@@ -262,6 +293,8 @@ def rollout_tick(params: RolloutTickParams) -> Any:
             failed.append(rollout.name)
         elif state.is_failed():
             rolled_back.append(rollout.name)
+        elif state.name == STOPPED:
+            stopped.append(rollout.name)
         logger.info("rollout %s: %s: %s", rollout.name, state.name, state.message)
         _ask_for_approvals(book, rollout.name, when, params.state_dir, logger)
     message = (
@@ -271,7 +304,65 @@ def rollout_tick(params: RolloutTickParams) -> Any:
         return Failed(message=f"{', '.join(failed)} failed: {message}", data=outcomes)
     if rolled_back:
         return Failed(name=ROLLED_BACK, message=message, data=outcomes)
+    if stopped:
+        return Completed(name=STOPPED, message=message, data=outcomes)
     return Completed(message=message, data=outcomes)
+
+
+#: A cluster's release read within this long is not read again by the census.
+CENSUS_FRESH_FOR = dt.timedelta(hours=24)
+
+
+def _census(
+    book: RolloutBook,
+    rollouts: list[Rollout],
+    params: RolloutTickParams,
+    when: dt.datetime,
+    logger: Any,
+) -> None:
+    """Read the release of a few clusters of the rollouts' fleets (``census_per_tick``:
+    never read first, then the oldest reading), so that compliance counts every cluster,
+    not only those a run has read. ARM reads only; a view, so it never fails the tick."""
+    if params.census_per_tick == 0 or not rollouts:
+        return
+    try:
+        fleets = {r.fleet_file: load_fleet(r.fleet_file) for r in rollouts if r.state != "aborted"}
+        releases = book.releases()
+        due: list[Cluster] = []
+        for fleet in fleets.values():
+            names = census_due(
+                fleet,
+                releases,
+                when,
+                batch=params.census_per_tick - len(due),
+                fresh_for=CENSUS_FRESH_FOR,
+            )
+            due += [fleet.cluster(n) for n in names if n not in {c.name for c in due}]
+        if not due:
+            return
+        connections = Connections.create(
+            *connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
+        )
+    except (InventoryError, AmlfsError, StateStoreError) as err:
+        logger.warning("census: cannot read the fleet's releases: %s", err)
+        return
+    try:
+        found = read_all(due, lambda c: current_release(connections, c), workers=8)
+    finally:
+        connections.close()
+    for name, release in found.items():
+        if release is None:
+            continue
+        try:
+            book.saw(name, release, when)
+        except StateStoreError as err:
+            logger.warning("census: %s: cannot record its release: %s", name, err)
+    unread = sorted(n for n, r in found.items() if r is None)
+    logger.info(
+        "census: read the release of %d clusters%s",
+        len(found) - len(unread),
+        f" ({len(unread)} could not be read: {', '.join(unread[:5])})" if unread else "",
+    )
 
 
 def _idle(

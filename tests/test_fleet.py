@@ -18,7 +18,7 @@ from amlfs.models import Cluster, load_release
 from amlfs.runtime import Connections
 from amlfs.schedule import Prediction
 from amlfs.store import StateStore
-from flows.fleet_maintenance import FleetParams, _current_release, read_fleet
+from flows.fleet_maintenance import FleetParams, current_release, read_fleet
 from tests.conftest import REPO, SMALL_FLEET, Sim, cli_args, fleet_runner, run_cluster, wait_until
 
 RELEASE = load_release(REPO / "examples" / "release-2.15.6.yaml")
@@ -38,7 +38,7 @@ def plan(
         now,
         PREDICTION,
         390.0,
-        current_release=lambda c: _current_release(conns, c),
+        current_release=lambda c: current_release(conns, c),
     )
 
 

@@ -283,3 +283,23 @@ def test_strategy_files_are_checked_with_the_field_named(tmp_path: Path) -> None
     naive.write_text("stages: [{name: a}]\ndeadline: 2026-12-18T00:00:00\n")
     with pytest.raises(InventoryError, match="deadline must carry a timezone"):
         ro.load_strategy(naive)
+
+
+def test_the_census_reads_unknown_clusters_first_then_the_oldest_and_skips_fresh_ones() -> None:
+    now = at("2026-12-08 12:00")
+    seen = {
+        "can-a": {"release": "2.15.5", "seen_at": (now - 30 * HOUR).isoformat()},
+        "can-b": {"release": "2.15.5", "seen_at": (now - 2 * HOUR).isoformat()},  # fresh
+        "w1-a": {"release": "2.15.5", "seen_at": (now - 50 * HOUR).isoformat()},
+    }
+    due = ro.census_due(fleet(), seen, now, batch=10, fresh_for=24 * HOUR)
+    # Never read (fleet order), then the oldest reading first; can-b was read 2 hours ago.
+    assert due == ["w1-b", "w2-a", "w2-b", "w1-a", "can-a"]
+    assert ro.census_due(fleet(), seen, now, batch=2, fresh_for=24 * HOUR) == ["w1-b", "w2-a"]
+    assert ro.census_due(fleet(), seen, now, batch=0, fresh_for=24 * HOUR) == []
+    # Once every cluster was read within the freshness, a tick reads none.
+    every = {c.name: {"release": "2.15.5", "seen_at": now.isoformat()} for c in fleet().clusters}
+    assert ro.census_due(fleet(), every, now + HOUR, batch=10, fresh_for=24 * HOUR) == []
+    counts, rows = ro.compliance(fleet(), seen, "2.15.6", START)
+    assert counts == {"2.15.5": 3, "unknown": 3}
+    assert {r.cluster for r in rows if r.behind_since == START} == {"can-a", "can-b", "w1-a"}

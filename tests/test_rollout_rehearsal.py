@@ -230,8 +230,13 @@ def test_a_release_that_fails_on_a_canary_halts_before_any_later_stage_is_touche
     assert "canary" in rollout.state_reason or "failed upgrades" in rollout.state_reason
     assert {rollout.members[n] for n in rollout.clusters} == {"canary"}
     assert all(p.outcome == "rolled_back" for p in rollout.clusters.values())
-    # Once halted, later ticks advance nothing.
-    assert any("no active rollout" in (s.message or "") for s in states)
+    # Once halted, later ticks advance nothing, and each says so at a glance: Stopped, with
+    # the reason and the command that resumes it (a halt is not silently kept).
+    halted = [s for s in states if s.name == "Stopped"]
+    assert halted, [(s.name, s.message) for s in states]
+    assert all("bad: halted (" in (s.message or "") for s in halted), halted[0].message
+    assert "`amlfs rollout resume bad`" in (halted[-1].message or "")
+    assert states[-1].name == "Stopped", (states[-1].name, states[-1].message)
     state = rehearsal.control.state()
     operations = rehearsal.control._get("/timeline")["operations"]
     touched = {
@@ -307,3 +312,15 @@ def test_a_tick_with_no_window_opening_publishes_nothing(
     # The first tick published the rollout's forecast; the second had nothing new to say.
     assert len(artifacts) == 1
     assert book.get("quiet").published
+    # The first tick's census read every cluster's release through ARM (no run had read any):
+    # compliance counts the fleet's real release, not "unknown"; the second read none again.
+    images = {vm["name"]: vm["os_image"] for vm in rehearsal.control.state()["vms"]}
+    truth = {
+        c.name: images[c.mds.name].rsplit("/", 1)[-1]
+        for c in load_fleet(rehearsal.fleet_file).clusters
+    }
+    known = book.releases()
+    assert sorted(known) == sorted(truth)
+    assert {n: r["release"] for n, r in known.items()} == truth
+    assert {r["seen_at"] for r in known.values()} == {quiet.isoformat()}
+    assert "| unknown |" not in (artifacts[0].data or "")
