@@ -284,6 +284,25 @@ def test_hostile_yaml_is_one_clear_line(tmp_path: Path, extra: str, expected: st
         assert "\n" not in message
 
 
+def test_libyaml_and_the_pure_python_loader_read_the_same_documents() -> None:
+    """The fast path (libyaml, checked events) gives what the pure-Python loader gives, on
+    every example and a generated 200-cluster fleet; hostile documents above fall back to
+    the pure-Python loader, whose messages they check."""
+    from amlfs import models
+    from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
+
+    assert models._CSafeLoader is not None, "PyYAML without libyaml: the fast path is untested"
+    texts = [p.read_text() for p in sorted((REPO / "examples").glob("*.yaml"))]
+    texts.append(dump_fleet_yaml(generate_fleet(200, 4, seed=2)))
+    for text in texts:
+        slow = models._InventoryLoader(text)
+        try:
+            expected = slow.get_single_data()
+        finally:
+            slow.dispose()
+        assert models._load(text) == expected
+
+
 def test_duplicate_key_names_the_key_and_both_lines(tmp_path: Path) -> None:
     path = tmp_path / "release.yaml"
     path.write_text(f"image_id: {RELEASE_ID}\nversion: 2.15.6\ntunables:\n  at_max: '700'\n")
