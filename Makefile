@@ -25,8 +25,9 @@ $(CHROMIUM):
 		|| (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -q \
 		&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium)
 
+# Two processes (pytest-xdist), each test file whole in one of them: see README.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
