@@ -40,7 +40,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from amlfs.errors import InventoryError, validation_problems
 from amlfs.models import Cluster, Fleet, Text, read_yaml
-from amlfs.schedule import ErrorBudget, next_window_opening
+from amlfs.schedule import ErrorBudget, next_window_opening, windows_opening_in
 
 __all__ = [
     "Approval",
@@ -52,6 +52,7 @@ __all__ = [
     "RolloutStrategy",
     "Stage",
     "StageView",
+    "Upcoming",
     "awaiting_approval",
     "census_due",
     "cluster_gate",
@@ -93,6 +94,10 @@ def _aware(value: dt.datetime, what: str) -> dt.datetime:
 
 def _fmt(when: dt.datetime | None) -> str:
     return when.strftime("%a %Y-%m-%d %H:%M UTC") if when else "never"
+
+
+def windows(count: int) -> str:
+    return f"{count} window" + ("" if count == 1 else "s")
 
 
 def _hours(delta: dt.timedelta) -> str:
@@ -658,6 +663,49 @@ class StageForecast:
 
 
 @dataclass(frozen=True)
+class Upcoming:
+    """A member's window that opens soon, and whether that tick starts the cluster."""
+
+    cluster: str
+    stage: str
+    window: dt.datetime
+    runs: bool
+    why: str
+
+
+#: How far ahead the forecast says what will run ("tonight"), and how many lines of it the
+#: text form shows (the artifact shows all).
+UPCOMING = dt.timedelta(hours=24)
+UPCOMING_SHOWN = 10
+
+
+def upcoming(
+    rollout: Rollout, fleet: Fleet, now: dt.datetime, horizon: dt.timedelta = UPCOMING
+) -> tuple[Upcoming, ...]:
+    """The windows of members not yet on the release that open within ``horizon`` of
+    ``now``, each with the gate its tick would apply as things stand now (a soak that ends
+    before the window counts as ended; outcomes still to come are not guessed)."""
+    now = _aware(now, "now")
+    views_at: dict[dt.datetime, list[StageView]] = {}
+    found = []
+    for occurrence in windows_opening_in(fleet, now, now + horizon):
+        name = occurrence.cluster
+        if name not in rollout.members or _member_state(rollout, name) == "succeeded":
+            continue
+        if rollout.state != "active":
+            runs = False
+            why = f"rollout {rollout.name} is {rollout.state}" + (
+                f": {rollout.state_reason}" if rollout.state_reason else ""
+            )
+        else:
+            if occurrence.start not in views_at:
+                views_at[occurrence.start] = stage_views(rollout, occurrence.start)
+            runs, why = cluster_gate(rollout, views_at[occurrence.start], name)
+        found.append(Upcoming(name, rollout.members[name], occurrence.start, runs, why))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
 class Forecast:
     """Projected dates of a rollout, from its record, the windows and the blackouts."""
 
@@ -671,6 +719,7 @@ class Forecast:
     deadline: dt.datetime | None
     late: tuple[str, ...]  # clusters that cannot make the deadline
     hotfix_command: str | None  # what would put the late ones on the release now
+    upcoming: tuple[Upcoming, ...] = ()  # what the next UPCOMING's ticks start, and why
 
     def digest(self) -> str:
         """Of what an operator reads (not of ``at``): equal digests, nothing new to publish."""
@@ -798,11 +847,13 @@ def forecast(
         deadline=deadline,
         late=late,
         hotfix_command=command,
+        upcoming=upcoming(rollout, fleet, now),
     )
 
 
-def forecast_lines(result: Forecast) -> list[str]:
-    """The forecast as the operator reads it (plain text lines)."""
+def forecast_lines(result: Forecast, *, upcoming: bool = True) -> list[str]:
+    """The forecast as the operator reads it (plain text lines); ``upcoming``: with the
+    first UPCOMING_SHOWN of the windows to come (else only their count)."""
     lines = [
         f"rollout {result.rollout}: {result.state}"
         + (f" ({result.state_reason})" if result.state_reason else "")
@@ -814,6 +865,16 @@ def forecast_lines(result: Forecast) -> list[str]:
             + f"; opens {_fmt(stage.opens)}; done {_fmt(stage.projected_done)}; {stage.reason}"
         )
     lines.append(f"  projected completion: {_fmt(result.projected_done)}")
+    runs = sum(1 for u in result.upcoming if u.runs)
+    lines.append(
+        f"  next {_hours(UPCOMING)}: {windows(len(result.upcoming))}, {runs} to start"
+        + ("" if result.upcoming else " (no member's window opens)")
+    )
+    for u in result.upcoming[: UPCOMING_SHOWN if upcoming else 0]:
+        verdict = "starts" if u.runs else "held"
+        lines.append(f"    {_fmt(u.window)} {u.cluster} ({u.stage}): {verdict}: {u.why}")
+    if upcoming and len(result.upcoming) > UPCOMING_SHOWN:
+        lines.append(f"    ... and {len(result.upcoming) - UPCOMING_SHOWN} more")
     if result.deadline is not None:
         lines.append(f"  deadline: {_fmt(result.deadline)}")
         if result.late:

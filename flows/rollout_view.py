@@ -29,6 +29,7 @@ from amlfs.rollout import (
     forecast_lines,
     record_outcome,
     stage_views,
+    windows,
 )
 from flows.markdown import markdown_text
 
@@ -167,7 +168,19 @@ def publish_forecast(
     if digest == rollout.published:
         return False
     lines = [f"# Rollout {markdown_text(rollout.name)}", ""]
-    lines += [markdown_text(line.strip()) + "  " for line in forecast_lines(result)]
+    lines += [markdown_text(line.strip()) + "  " for line in forecast_lines(result, upcoming=False)]
+    if result.upcoming:
+        lines += [
+            "",
+            f"## Next 24 hours from {result.at:%Y-%m-%d %H:%M} UTC: "
+            f"{windows(len(result.upcoming))}, {sum(u.runs for u in result.upcoming)} to start",
+            "",
+            "| window | cluster | stage | starts | why |",
+            "|---|---|---|---|---|",
+        ]
+        for u in result.upcoming:
+            cells = [u.window.isoformat(), u.cluster, u.stage, "yes" if u.runs else "held", u.why]
+            lines.append("| " + " | ".join(markdown_text(v) for v in cells) + " |")
     lines += [
         "",
         "| cluster | stage | status | next window | projected done | late |",

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from flows.fleet_maintenance import FleetParams
 from flows.markdown import markdown_text
@@ -373,3 +374,102 @@ def test_the_run_form_lists_fields_in_order_and_refuses_a_hotfix_naming_no_clust
         page.close()
         for run in runs():
             httpx.delete(f"{prefect_server.url}/flow_runs/{run['id']}", timeout=10)
+
+
+def test_the_rollout_artifact_says_what_runs_tonight_why_the_rest_wait_and_when_it_is_done(
+    sim: Sim, prefect_server: PrefectServer, browser: Any, tmp_path: Path
+) -> None:
+    """A rollout of the small fleet (canary lustre-eus-01 on Tuesday 02:00; wave1 on
+    Wednesday and Thursday), ticked on Tuesday 01:45, when no window opens yet: the tick
+    starts nothing, reads the fleet's releases through ARM and publishes the forecast. Its
+    artifact page says what the next 24 hours start and why the rest wait, when each stage
+    and the rollout are projected done, and how many clusters run each release."""
+    from flows.rollout_view import artifact_key
+    from flows.rollouts import RolloutStartParams, RolloutTickParams, start_rollout
+
+    name = f"ui-rollout-{uuid.uuid4().hex[:8]}"
+    state_dir = str(tmp_path / "state")
+    # The small fleet without lustre-weu-01's blackout on Wednesday the 2nd, so that its
+    # window falls in the 24 hours after the tick: held, its stage not open.
+    doc = yaml.safe_load(SMALL_FLEET.read_text())
+    for cluster in doc["clusters"]:
+        cluster.pop("blackout_dates", None)
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(yaml.safe_dump(doc))
+    start_rollout(
+        RolloutStartParams(
+            name=name,
+            fleet_file=str(fleet_file),
+            release_file=str(RELEASE_FILE),
+            strategy={"stages": [{"name": "canary", "soak_hours": 24}, {"name": "wave1"}]},
+            started_by="ui test",
+            at="2026-11-30T12:00:00+00:00",
+            state_dir=state_dir,
+        )
+    )
+    tick = RolloutTickParams(
+        at="2026-12-01T01:45:00+00:00",
+        state_dir=state_dir,
+        emulator_endpoint=str(sim.emulator.state_dir / "endpoint.json"),
+    )
+    code = (
+        "import sys\n"
+        "from flows.rollouts import RolloutTickParams, rollout_tick\n"
+        "state = rollout_tick(RolloutTickParams.model_validate_json(sys.argv[1]), "
+        "return_state=True)\n"
+        "print(state.type.value, state.message)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, tick.model_dump_json()],
+        env=prefect_server.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"COMPLETED {name}: no window of its clusters opens in this tick" in done.stdout, (
+        done.stdout + done.stderr
+    )
+    # Nothing in the world moved: the tick only read.
+    assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state()["vms"]} == {"2.15.5"}
+    (artifact,) = api(
+        prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": [artifact_key(name)]}}}
+    )
+    page = browser.new_page()
+    try:
+        page.goto(ui(prefect_server, f"/artifacts/artifact/{artifact['id']}"))
+        page.get_by_text("Next 24 hours from 2026-12-01 01:45 UTC").first.wait_for(timeout=30_000)
+        body = page.inner_text("body")
+        assert "2 windows, 1 to start" in body, body
+        rows = {
+            cells[1]: cells
+            for cells in (
+                [c.strip() for c in row.locator("td").all_inner_texts()]
+                for row in page.locator("tr").all()
+            )
+            if len(cells) == 5
+        }
+        assert rows["lustre-eus-01"][:4] == [
+            "2026-12-01T02:00:00+00:00",
+            "lustre-eus-01",
+            "canary",
+            "yes",
+        ], rows
+        held = rows["lustre-weu-01"]
+        assert held[:4] == ["2026-12-02T01:30:00+00:00", "lustre-weu-01", "wave1", "held"], rows
+        assert "waits for stage canary to finish" in held[4], held
+        # When: the canary Tuesday 02:10; wave1 opens after the 24 h soak, so Wednesday's
+        # window is missed: lustre-weu-01 goes the Wednesday after, the last of the rollout.
+        assert "stage canary: 0/1 upgraded" in body, body
+        assert "projected completion: Wed 2026-12-09 01:40 UTC" in body, body
+        # The fleet's releases, read by the tick's census (no run had read any cluster).
+        assert "Fleet releases" in body
+        releases = [
+            [c.strip() for c in row.locator("td").all_inner_texts()]
+            for row in page.locator("tr").all()
+        ]
+        assert ["2.15.5", "3"] in releases, releases
+    finally:
+        page.close()

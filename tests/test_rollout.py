@@ -303,3 +303,29 @@ def test_the_census_reads_unknown_clusters_first_then_the_oldest_and_skips_fresh
     counts, rows = ro.compliance(fleet(), seen, "2.15.6", START)
     assert counts == {"2.15.5": 3, "unknown": 3}
     assert {r.cluster for r in rows if r.behind_since == START} == {"can-a", "can-b", "w1-a"}
+
+
+def test_the_forecast_says_what_the_next_24_hours_start_and_why_the_rest_wait() -> None:
+    rollout = start()
+    result = ro.forecast(rollout, fleet(), START, upgrade=UPGRADE)  # Sunday 12:00
+    # Monday's windows: can-a at 02:00 starts; w1-a at 03:00 and w2-a at 04:00 are held by
+    # their stages. Tuesday's can-b is more than 24 hours away.
+    assert [(u.cluster, u.window, u.runs) for u in result.upcoming] == [
+        ("can-a", at("2026-12-07 02:00"), True),
+        ("w1-a", at("2026-12-07 03:00"), False),
+        ("w2-a", at("2026-12-07 04:00"), False),
+    ]
+    assert "waits for stage canary to finish" in result.upcoming[1].why
+    text = "\n".join(ro.forecast_lines(result))
+    assert "next 24.0 h: 3 windows, 1 to start" in text
+    assert "Mon 2026-12-07 02:00 UTC can-a (canary): starts" in text
+    assert "Mon 2026-12-07 03:00 UTC w1-a (wave1): held: rollout r1, stage wave1:" in text
+    # Done clusters drop out; a soak that ends before a window counts as ended at it.
+    rollout = ro.record_outcome(rollout, "can-a", "upgraded", at=at("2026-12-07 02:12"))
+    rollout = ro.record_outcome(rollout, "can-b", "upgraded", at=at("2026-12-08 02:12"))
+    wednesday = ro.forecast(rollout, fleet(), at("2026-12-09 12:00"), upgrade=UPGRADE)
+    assert [(u.cluster, u.runs) for u in wednesday.upcoming] == [("w1-b", True)]
+    # A halted rollout starts nothing, and says why.
+    halted = ro.halt(rollout, at=at("2026-12-09 12:00"), by="bob", reason="escalation")
+    (held,) = ro.forecast(halted, fleet(), at("2026-12-09 12:00"), upgrade=UPGRADE).upcoming
+    assert (held.runs, held.why) == (False, "rollout r1 is halted: escalation")
