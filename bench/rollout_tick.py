@@ -13,6 +13,7 @@ else should run), and of the emulator (it stands for Azure and the nodes: not th
 Not a test: prints a table and a final ``key=value`` line.
 
     .venv/bin/python bench/rollout_tick.py [--clusters 1000] [--idle-every 12] [--seed 5]
+        [--stage wave2 --work-ticks 24]   # a later stage's week: many of its windows a day
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from amlfs.models import load_fleet  # noqa: E402
-from amlfs.rollout import RolloutBook  # noqa: E402
+from amlfs.rollout import RolloutBook, record_outcome  # noqa: E402
 from amlfs.schedule import windows_opening_in  # noqa: E402
 from amlfs.store import StateStore  # noqa: E402
 from amlfs_sim.genfleet import dump_fleet_yaml  # noqa: E402
@@ -112,18 +113,19 @@ class Sample:
 
 
 def sampled_ticks(
-    fleet_file: Path, canary: set[str], idle_every: int
+    fleet_file: Path, stage: set[str], idle_every: int, limit: int
 ) -> list[tuple[dt.datetime, bool]]:
-    """Ticks of the first week: each with a canary window opening, and every
-    ``idle_every``-th of the others in which some window opens."""
+    """Ticks of the first week: each with a window of ``stage``'s clusters opening (the
+    first ``limit`` of them), and every ``idle_every``-th of the others in which some
+    window opens."""
     fleet = load_fleet(fleet_file)
     ticks: list[tuple[dt.datetime, bool]] = []
     others = 0
     tick = START.replace(minute=0)
     end = START + dt.timedelta(days=7)
-    while tick < end:
+    while tick < end and sum(1 for _, work in ticks if work) < limit:
         opening = {o.cluster for o in windows_opening_in(fleet, tick, tick + TICK)}
-        if opening & canary:
+        if opening & stage:
             ticks.append((tick, True))
         elif opening:
             others += 1
@@ -133,6 +135,16 @@ def sampled_ticks(
     return ticks
 
 
+def earlier_stages_done(rollout: Any, stage: str, at: dt.datetime) -> Any:
+    """The rollout with every member of the stages before ``stage`` upgraded ``at``."""
+    names = [s.name for s in rollout.strategy.stages]
+    earlier = set(names[: names.index(stage)])
+    for cluster, of in rollout.members.items():
+        if of in earlier:
+            rollout = record_outcome(rollout, cluster, "upgraded", at=at, run_name="earlier")
+    return rollout
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clusters", type=int, default=1000)
@@ -140,6 +152,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--time-scale", type=float, default=100.0)
     parser.add_argument("--idle-every", type=int, default=12)
+    parser.add_argument(
+        "--stage",
+        default="canary",
+        choices=[s.name for s in STRATEGY.stages],
+        help="Tick the week of this stage: the stages before it are recorded done and soaked",
+    )
+    parser.add_argument(
+        "--work-ticks", type=int, default=1000, help="At most this many ticks upgrading"
+    )
     parser.add_argument("--keep", action="store_true", help="Keep the work directory")
     args = parser.parse_args()
 
@@ -155,13 +176,17 @@ def main() -> int:
     ]
     fleet_file = root / "fleet.yaml"
     fleet_file.write_text(dump_fleet_yaml(doc))
-    canary = {c["name"] for c in doc["clusters"] if c.get("wave") == "canary"}
-    ticks = sampled_ticks(fleet_file, canary, args.idle_every)
+    stage = {c["name"] for c in doc["clusters"] if c.get("wave") == args.stage}
+    ticks = sampled_ticks(fleet_file, stage, args.idle_every, args.work_ticks)
     console.print(
-        f"{args.clusters} clusters x {args.nodes} VMs, {len(canary)} canary; "
-        f"{sum(1 for _, c in ticks if c)} canary ticks, {sum(1 for _, c in ticks if not c)} "
-        f"idle ticks sampled; starting the emulator and a Prefect server on PostgreSQL"
+        f"{args.clusters} clusters x {args.nodes} VMs, {len(stage)} in stage {args.stage}; "
+        f"{sum(1 for _, c in ticks if c)} ticks of its windows, "
+        f"{sum(1 for _, c in ticks if not c)} idle ticks sampled; "
+        "starting the emulator and a Prefect server on PostgreSQL"
     )
+    # A later stage's week: the rollout started 10 days earlier, its earlier stages finished
+    # 9 days earlier (their soak is over), so this week's ticks admit the stage's clusters.
+    started = START if args.stage == "canary" else START - dt.timedelta(days=10)
     database = f"amlfs_bench_tick_{os.getpid()}"
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -194,11 +219,16 @@ def main() -> int:
                     release_file=str(REPO / "examples" / "release-2.15.6.yaml"),
                     strategy=STRATEGY,
                     started_by="bench",
-                    at=START,
+                    at=started,
                     state_dir=str(state_dir),
                 )
             )
             book = RolloutBook(StateStore(state_dir))
+            if args.stage != "canary":
+                book.change(
+                    "bench",
+                    lambda r: earlier_stages_done(r, args.stage, started + dt.timedelta(days=1)),
+                )
             for tick, _ in ticks:
                 before = len(book.get("bench").clusters)
                 marks = (
@@ -289,7 +319,8 @@ def report(
     for s in bad:
         console.print(f"[red]tick {s.tick:%a %H:%M}: {s.state}: {s.message}[/red]")
     print(
-        f"clusters={args.clusters} ticks_upgrading={len(busy)} ticks_admitting_none={len(idle)} "
+        f"clusters={args.clusters} stage={args.stage} ticks_upgrading={len(busy)} "
+        f"ticks_admitting_none={len(idle)} "
         f"upgrading_wall_s={med([s.wall_s for s in busy])} "
         f"upgrading_orchestrator_cpu_s={med([s.flow_cpu_s + s.server_cpu_s for s in busy])} "
         f"idle_wall_s={med([s.wall_s for s in idle])} "
