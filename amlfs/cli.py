@@ -179,7 +179,7 @@ def upgrade_cluster(
                 downtime_budget_s=budget_min * 60, keep_old_disks_days=keep_old_disks_days
             ),
             state_dir=state_dir,
-            emulator_endpoint=str(endpoint) if endpoint else None,
+            emulator_endpoint=str(endpoint) if endpoint else "",
         )
     except (InventoryError, ValueError, KeyError) as err:
         _error("error", err)
@@ -464,7 +464,7 @@ def run_fleet(
             at=dt.datetime.fromisoformat(at) if at else None,
             run_name=run_name,
             state_dir=state_dir,
-            emulator_endpoint=str(endpoint) if endpoint else None,
+            emulator_endpoint=str(endpoint) if endpoint else "",
             cluster_deployment=cluster_deployment,
             dead_run_after_s=dead_run_after,
             processes=processes,

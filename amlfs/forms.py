@@ -7,9 +7,20 @@ reorders keys (PostgreSQL JSONB): the declaration order alone does not.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-__all__ = ["declared_order"]
+from pydantic import BeforeValidator, Field
+
+__all__ = ["EmulatorEndpoint", "declared_order"]
+
+#: The emulator's endpoint file, or "" for the saved Blocks. A plain string, not
+#: ``str | None``: the Prefect UI draws an optional string as a type picker ("Property is type
+#: None"); a null from an older caller or deployment still means "none".
+EmulatorEndpoint = Annotated[
+    str,
+    BeforeValidator(lambda value: "" if value is None else value),
+    Field(description="amlfs-sim endpoint.json (tests, demo); empty: the Blocks below"),
+]
 
 
 def declared_order(schema: dict[str, Any]) -> None:

@@ -292,7 +292,7 @@ def tick_command(
         params = RolloutTickParams(
             at=_when(at) if at else None,
             state_dir=without_password(state_dir),
-            emulator_endpoint=str(endpoint) if endpoint else None,
+            emulator_endpoint=str(endpoint) if endpoint else "",
         )
     except ValueError as err:
         raise _fail(err) from err

@@ -36,6 +36,7 @@ from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from amlfs.errors import AmlfsError
+from amlfs.forms import EmulatorEndpoint
 from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, run_job
 from amlfs.models import load_fleet, load_release
 from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
@@ -70,9 +71,7 @@ class ClusterUpgradeParams(BaseModel):
         default=".amlfs-state",
         description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
     )
-    emulator_endpoint: str | None = Field(
-        default=None, description="amlfs-sim endpoint.json; empty: use the Blocks below"
-    )
+    emulator_endpoint: EmulatorEndpoint = ""
     azure_block: str = "amlfs-azure"
     ssh_block: str = "amlfs-ssh"
     run_id: str | None = None

@@ -69,7 +69,7 @@ from amlfs.fleet import (
     plan_fleet,
     read_all,
 )
-from amlfs.forms import declared_order
+from amlfs.forms import EmulatorEndpoint, declared_order
 from amlfs.jobs import ClockAnchor, Executor, InProcessExecutor
 from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
 from amlfs.reconcile import ClusterReading, read_cluster
@@ -163,7 +163,7 @@ class FleetParams(BaseModel):
         default=".amlfs-state",
         description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
     )
-    emulator_endpoint: str | None = None
+    emulator_endpoint: EmulatorEndpoint = ""
     azure_block: str = "amlfs-azure"
     ssh_block: str = "amlfs-ssh"
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amlfs.errors import AmlfsError, InventoryError, StateStoreError
 from amlfs.fleet import ClusterSelector, FleetPolicy, read_all
+from amlfs.forms import EmulatorEndpoint
 from amlfs.models import Cluster, Fleet, load_fleet, load_release
 from amlfs.rollout import (
     Forecast,
@@ -199,7 +200,7 @@ class RolloutTickParams(BaseModel):
         description="Clusters whose release each tick reads for the compliance view (never "
         "read first, then the oldest reading; two ARM GETs each; 0: none)",
     )
-    emulator_endpoint: str | None = None
+    emulator_endpoint: EmulatorEndpoint = ""
     azure_block: str = "amlfs-azure"
     ssh_block: str = "amlfs-ssh"
 

@@ -351,6 +351,12 @@ def test_the_run_form_lists_fields_in_order_and_refuses_a_hotfix_naming_no_clust
         assert shown == schema_labels(schema), shown
         hidden = {"processes", "task_workers", "cluster_deployment", "dead_run_after_s"}
         assert not (hidden | {"naive_order"}) & set(shown), shown
+        # The emulator's endpoint is a plain text field with its description (as `str |
+        # None` it was a type picker reading 'Property is type "None"').
+        form = page.inner_text("body")
+        endpoint = form[form.index("Emulator Endpoint") : form.index("Azure Block")]
+        assert "empty: the Blocks below" in endpoint, endpoint
+        assert "Property is type" not in endpoint, endpoint
 
         # The hotfix deployment's defaults name no cluster: the server refuses the run.
         page.get_by_role("button", name="Submit").click()
