@@ -98,7 +98,7 @@ class ClusterSelector(BaseModel):
     """Which clusters a run considers; empty lists select everything."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=declared_order)
-    names: list[str] = Field(default=[], description="Cluster names")
+    names: list[str] = Field(default=[], description="Cluster names (a hotfix names at least one)")
     regions: list[str] = []
     waves: list[str] = []
     tags: dict[str, str] = Field(default={}, description="Every tag must match")

@@ -8,7 +8,9 @@ errors that name the field, because nothing may change in Azure on the strength 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from enum import StrEnum
 from ipaddress import IPv4Address
@@ -789,10 +791,7 @@ def _cut(value: object, limit: int = SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:
-    """Read one YAML document of at most ``max_bytes`` UTF-8 bytes; InventoryError (one line,
-    naming the file and the line) for anything that is not plain, bounded YAML."""
-    path = Path(path)
+def _read_bounded(path: Path, *, kind: str, max_bytes: int) -> bytes:
     try:
         with path.open("rb") as stream:
             raw = stream.read(max_bytes + 1)
@@ -800,6 +799,10 @@ def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:
         raise InventoryError(f"cannot read {kind} {path}: {err.strerror or err}") from err
     if len(raw) > max_bytes:
         raise InventoryError(f"{kind} {path} is larger than the {_size(max_bytes)} limit")
+    return raw
+
+
+def _parse_yaml(raw: bytes, path: Path, *, kind: str) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -816,6 +819,13 @@ def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:
         raise InventoryError(f"{kind} {path} is not valid YAML{where}: {problem}") from err
 
 
+def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:
+    """Read one YAML document of at most ``max_bytes`` UTF-8 bytes; InventoryError (one line,
+    naming the file and the line) for anything that is not plain, bounded YAML."""
+    path = Path(path)
+    return _parse_yaml(_read_bounded(path, kind=kind, max_bytes=max_bytes), path, kind=kind)
+
+
 def parse_fleet(data: object, *, source: str = "<fleet>") -> Fleet:
     """Validate an already-loaded fleet document; raise InventoryError naming each bad field."""
     if not isinstance(data, dict):
@@ -828,10 +838,28 @@ def parse_fleet(data: object, *, source: str = "<fleet>") -> Fleet:
         raise _invalid("fleet file", source, inventory, err) from None
 
 
+#: Fleets parsed in this process, by the SHA-256 of their file's bytes (a tick reads its
+#: fleet file in the rollout tick, the census and the fleet run: parsed once). Keyed by
+#: content, not by path and mtime, so that a file rewritten in place is read afresh.
+_FLEETS: dict[bytes, Fleet] = {}
+_FLEETS_KEPT = 8
+_FLEETS_LOCK = threading.Lock()
+
+
 def load_fleet(path: str | Path) -> Fleet:
     path = Path(path)
-    data = read_yaml(path, kind="fleet file", max_bytes=FLEET_MAX_BYTES)
-    return parse_fleet(data, source=str(path))
+    raw = _read_bounded(path, kind="fleet file", max_bytes=FLEET_MAX_BYTES)
+    key = hashlib.sha256(raw).digest()
+    with _FLEETS_LOCK:
+        known = _FLEETS.get(key)
+    if known is not None:
+        return known
+    fleet = parse_fleet(_parse_yaml(raw, path, kind="fleet file"), source=str(path))
+    with _FLEETS_LOCK:
+        while len(_FLEETS) >= _FLEETS_KEPT:
+            del _FLEETS[next(iter(_FLEETS))]
+        _FLEETS[key] = fleet
+    return fleet
 
 
 def parse_release(data: object, *, source: str = "<release>") -> Release:

@@ -238,9 +238,10 @@ def main() -> int:
                     postgres_cpu(),
                     session_cpu(world.proc.pid),
                 )
+                at = tick + dt.timedelta(minutes=1)
                 state = rollout_tick(
                     RolloutTickParams(
-                        at=tick + dt.timedelta(minutes=1),
+                        at=at,
                         state_dir=str(state_dir),
                         emulator_endpoint=str(world.endpoint_file),
                     ),
@@ -257,11 +258,20 @@ def main() -> int:
                         session_cpu(world.proc.pid) - marks[4],
                         state.name,
                         state.message or "",
+                        # Releases the tick's census read (recorded as of the tick's instant).
+                        {
+                            "census": sum(
+                                1
+                                for seen in book.releases().values()
+                                if seen.get("seen_at") == at.isoformat()
+                            )
+                        },
                     )
                 )
                 last = samples[-1]
                 console.print(
                     f"{tick:%a %H:%M} {last.state:<10} upgraded {last.upgraded} "
+                    f"census {last.extra['census']:3d} "
                     f"wall {last.wall_s:5.1f} s  flows {last.flow_cpu_s:5.2f}  "
                     f"server {last.server_cpu_s:5.2f}  postgres {last.postgres_cpu_s:5.2f}  "
                     f"emulator {last.emulator_cpu_s:5.2f} CPU-s"
@@ -293,6 +303,8 @@ def report(
 ) -> int:
     busy = [s for s in samples if s.upgraded]
     idle = [s for s in samples if not s.upgraded]
+    reading = [s for s in idle if s.extra.get("census")]
+    quiet = [s for s in idle if not s.extra.get("census")]
     bad = [s for s in samples if s.state not in ("Completed",)]
 
     def med(values: list[float]) -> str:
@@ -301,7 +313,12 @@ def report(
     table = Table(
         "ticks", "n", "wall s", "flows CPU-s", "server CPU-s", "postgres CPU-s", "emulator CPU-s"
     )
-    for label, group in (("upgrading a cluster", busy), ("admitting none", idle)):
+    for label, group in (
+        ("upgrading a cluster", busy),
+        ("admitting none", idle),
+        ("  of which the census read releases", reading),
+        ("  of which the census read none", quiet),
+    ):
         table.add_row(
             label,
             str(len(group)),
@@ -325,6 +342,8 @@ def report(
         f"upgrading_orchestrator_cpu_s={med([s.flow_cpu_s + s.server_cpu_s for s in busy])} "
         f"idle_wall_s={med([s.wall_s for s in idle])} "
         f"idle_orchestrator_cpu_s={med([s.flow_cpu_s + s.server_cpu_s for s in idle])} "
+        f"idle_census_ticks={len(reading)} "
+        f"idle_no_census_orchestrator_cpu_s={med([s.flow_cpu_s + s.server_cpu_s for s in quiet])} "
         f"not_completed={len(bad)}"
     )
     return 1 if bad else 0

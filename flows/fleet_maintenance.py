@@ -112,7 +112,12 @@ class FleetParams(BaseModel):
     # The operator's fields first: the UI's form shows them in this order.
     fleet_file: str = Field(description="Fleet inventory YAML")
     release_file: str = Field(description="Release YAML")
-    mode: Literal["scheduled", "manual", "hotfix"] = "manual"
+    mode: Literal["scheduled", "manual", "hotfix"] = Field(
+        default="manual",
+        description="scheduled: the clusters whose window opens in this tick; manual: the "
+        "selected ones whose window is open now (or at `at`); hotfix: the clusters named in "
+        "selector.names (policy.override_window, with a reason, runs them outside their window)",
+    )
     selector: ClusterSelector = ClusterSelector()
     dry_run: bool = Field(default=False, description="Plan only: nothing changes in Azure")
     at: dt.datetime | None = Field(

@@ -470,3 +470,20 @@ def test_emulator_state_dirs_are_private(small_world: SimWorld, tmp_path: Path) 
             "work/sim": "0o700",
             str(leaf.relative_to(tmp_path)): "0o700",
         }
+
+
+def test_a_fleet_file_rewritten_in_place_is_read_afresh(tmp_path: Path) -> None:
+    """load_fleet parses a file's bytes once per process (a tick reads its fleet three
+    times), keyed by their content: the same bytes give the same fleet, a rewrite of the
+    same size in the same instant is not served from the earlier parse."""
+    path = tmp_path / "fleet.yaml"
+    text = SMALL_FLEET.read_text()
+    path.write_text(text)
+    first = load_fleet(path)
+    assert load_fleet(path) is first
+    changed = text.replace("lustre-eus-01", "lustre-eus-09", 1)
+    assert len(changed) == len(text)
+    path.write_text(changed)
+    assert [c.name for c in load_fleet(path).clusters][0] == "lustre-eus-09"
+    path.write_text(text)
+    assert load_fleet(path) == first

@@ -364,6 +364,9 @@ def test_the_run_form_lists_fields_in_order_and_refuses_a_hotfix_naming_no_clust
             timeout=30_000
         )
         assert runs() == []
+        # The field the refusal names says the rule in its own words (JSON schema has no
+        # custom messages: the server's reason is the validator's, "[] should be non-empty").
+        assert "a hotfix names at least one" in page.inner_text("body")
 
         # Naming one cluster in the form is enough.
         names = page.locator(
