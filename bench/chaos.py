@@ -309,7 +309,7 @@ class Orchestrator:
             log.write(f"\n=== {self.label}: {' '.join(self.argv)}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "amlfs.cli", *self.argv],
+                [sys.executable, "-m", "amlfs_cli", *self.argv],
                 cwd=REPO,
                 env=self.env,
                 stdout=log,

@@ -200,7 +200,7 @@ class ScaleOut:
             [
                 sys.executable,
                 "-m",
-                "amlfs.cli",
+                "amlfs_cli",
                 "task-worker",
                 "--state-dir",
                 self.store,

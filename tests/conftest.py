@@ -264,6 +264,20 @@ def os_disk_body(
     )
 
 
+def long_windows(path: Path, minutes: int = 90) -> Path:
+    """The small fleet written to ``path`` with each window ``minutes`` long (same starts,
+    same days). At 200 simulated seconds per real one a 30-minute window is 9 real seconds:
+    a test that runs a cluster in its window from the window's start, and asserts it was
+    upgraded, would depend on the machine's load. The emulator's world is the same."""
+    import yaml
+
+    doc = yaml.safe_load(SMALL_FLEET.read_text())
+    for cluster in doc["clusters"]:
+        cluster["window"]["duration_min"] = minutes
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 def cli_args(command: str, endpoint: Path, *options: str) -> list[str]:
     """``amlfs COMMAND`` on the small fleet, release 2.15.6 and the emulator at ``endpoint``."""
     fleet = ["--fleet", str(SMALL_FLEET), "--release", str(RELEASE_FILE)]
@@ -374,7 +388,7 @@ def fleet_record(tmp_path: Path, run_name: str) -> dict[str, Any]:
 def control(server: PrefectServer, action: str) -> None:
     """``amlfs control ACTION`` in its own process against ``server``, as an operator runs it."""
     subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "control", action],
+        [sys.executable, "-m", "amlfs_cli", "control", action],
         env=server.env,
         cwd=REPO,
         check=True,

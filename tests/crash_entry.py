@@ -17,7 +17,7 @@ CRASH_ENV = "AMLFS_TEST_CRASH_AT"
 
 def main() -> None:
     import tasks
-    from amlfs.cli import app
+    from amlfs_cli.main import app
 
     point = os.environ.get(CRASH_ENV, "")
     real = tasks.run_step

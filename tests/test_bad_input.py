@@ -358,12 +358,12 @@ def test_files_are_size_capped(tmp_path: Path) -> None:
     ],
 )
 # COLUMNS: Rich wraps the error at the console width (80 when stderr is not a terminal), which
-# is amlfs/cli.py's to fix; these tests check the exit status and that the error is one line.
+# is amlfs_cli/main.py's to fix; these tests check the exit status and that the error is one line.
 def test_amlfs_validate_exits_2_with_the_error(tmp_path: Path, content: str, expected: str) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(_fleet_text_with(content))
     done = subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "validate", str(bad), "--release", str(RELEASE_FILE)],
+        [sys.executable, "-m", "amlfs_cli", "validate", str(bad), "--release", str(RELEASE_FILE)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -380,7 +380,7 @@ def test_invalid_utf8_through_amlfs_validate(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"clusters: [\xff]\n")
     done = subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "validate", str(bad)],
+        [sys.executable, "-m", "amlfs_cli", "validate", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -484,6 +484,6 @@ def test_a_fleet_file_rewritten_in_place_is_read_afresh(tmp_path: Path) -> None:
     changed = text.replace("lustre-eus-01", "lustre-eus-09", 1)
     assert len(changed) == len(text)
     path.write_text(changed)
-    assert [c.name for c in load_fleet(path).clusters][0] == "lustre-eus-09"
+    assert load_fleet(path).clusters[0].name == "lustre-eus-09"
     path.write_text(text)
     assert load_fleet(path) == first

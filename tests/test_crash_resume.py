@@ -31,7 +31,7 @@ def upgrade_process(
         [
             sys.executable,
             "-m",
-            "tests.crash_entry" if crash_at else "amlfs.cli",
+            "tests.crash_entry" if crash_at else "amlfs_cli",
             "upgrade-cluster",
             "--fleet",
             str(SMALL_FLEET),
@@ -162,7 +162,7 @@ def fleet_process(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "amlfs_cli",
             *cli_args("run-fleet", sim.emulator.state_dir / "endpoint.json"),
             "--hotfix-reason",
             "crash test",
@@ -230,7 +230,7 @@ def test_a_fleet_run_killed_after_an_mds_swap_resumes_that_cluster_and_keeps_the
     assert record["results"][halfway]["resumed"] is True
     assert record["results"][first_cluster]["outcome"] == "upgraded"
     shown = subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", "status", "k1", "--state-dir", str(tmp_path)],
+        [sys.executable, "-m", "amlfs_cli", "status", "k1", "--state-dir", str(tmp_path)],
         env={**prefect_server.env, "COLUMNS": "250"},
         cwd=REPO,
         capture_output=True,

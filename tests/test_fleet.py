@@ -256,7 +256,7 @@ def test_fleet_params_reject_bad_input_by_name() -> None:
 def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from amlfs.cli import app
+    from amlfs_cli.main import app
 
     runner = CliRunner()
     planned = runner.invoke(
@@ -293,7 +293,7 @@ def test_cli_run_fleet_refuses_a_bad_policy_before_anything_changes(
 ) -> None:
     from typer.testing import CliRunner
 
-    from amlfs.cli import app
+    from amlfs_cli.main import app
 
     args = cli_args(
         "run-fleet",
@@ -420,7 +420,7 @@ def test_a_resumed_run_keeps_every_cluster_of_the_original_run(
 ) -> None:
     from typer.testing import CliRunner
 
-    from amlfs.cli import app
+    from amlfs_cli.main import app
 
     store = StateStore(tmp_path)
     policy = FleetPolicy(override_window=True, reason="test", max_parallel=1, error_budget=3)

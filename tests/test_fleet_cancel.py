@@ -75,7 +75,7 @@ def run_fleet(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "amlfs_cli",
             *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
             "--hotfix-reason",
             "cancel test",
@@ -213,7 +213,7 @@ def test_a_prefect_cancel_of_a_cluster_upgrade_flow_run_rolls_it_back(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "amlfs_cli",
             "upgrade-cluster",
             "--fleet",
             str(SMALL_FLEET),

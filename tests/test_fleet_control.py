@@ -56,7 +56,7 @@ def run_fleet(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "amlfs_cli",
             *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
             "--hotfix-reason",
             "control test",

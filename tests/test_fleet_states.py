@@ -57,7 +57,7 @@ def task_runs(client: SyncPrefectClient, run: FlowRun, names: set[str]) -> dict[
 
 def run_cli(server: PrefectServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", *args],
+        [sys.executable, "-m", "amlfs_cli", *args],
         env={**server.env, "COLUMNS": "250"},
         cwd=REPO,
         capture_output=True,

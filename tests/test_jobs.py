@@ -16,7 +16,7 @@ from amlfs.runtime import Connections, from_endpoint
 from amlfs.saga import UpgradePolicy
 from amlfs.shards import ShardPool, ShardSpec
 from amlfs.store import StateStore
-from tests.conftest import Sim
+from tests.conftest import REPO, Sim
 from tests.test_fleet import RELEASE
 
 # Two days ahead by the real clock: only the job's own clock can say it is about to close.
@@ -98,3 +98,26 @@ def test_every_executor_judges_the_window_on_the_jobs_clock(sim: Sim, tmp_path: 
     assert {vm["os_image"].rsplit("/", 1)[-1] for vm in state["vms"]} == {"2.15.5"}
     assert state["leaked_disks"] == []
     assert sim.customer()["evictions"] == 0
+
+
+def test_the_core_imports_neither_prefect_nor_anything_above_it() -> None:
+    """``amlfs/`` is the Prefect-free core: no module of it imports Prefect, the flows,
+    tasks, blocks, deployments or the CLI (``amlfs_cli/``, which sits above them all), at
+    the top or inside a function."""
+    import ast
+
+    above = {"prefect", "flows", "tasks", "blocks", "deployments", "amlfs_cli"}
+    found = []
+    for path in sorted((REPO / "amlfs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            found += [
+                f"{path.relative_to(REPO)}:{node.lineno} {name}"
+                for name in names
+                if name.split(".")[0] in above
+            ]
+    assert found == []

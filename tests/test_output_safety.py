@@ -20,13 +20,13 @@ from markdown_it import MarkdownIt
 from rich.console import Console
 from typer.testing import CliRunner
 
-from amlfs.cli import _print_result, _progress, app
 from amlfs.errors import NodeAccessDeniedError
 from amlfs.fleet import FleetPolicy, FleetSummary
 from amlfs.saga import Outcome, StepTiming, UpgradeResult
 from amlfs.ssh import SshPool
 from amlfs.ssh.gateway import KnownHosts
 from amlfs.store import StateStore
+from amlfs_cli.main import _print_result, _progress, app
 from flows.cluster_upgrade import _artifact
 from flows.fleet_maintenance import FleetParams, _markdown, _table
 from flows.markdown import markdown_text
@@ -47,7 +47,7 @@ def amlfs(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     then 80, as under cron, a CI job or ``| tee``."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run(
-        [sys.executable, "-m", "amlfs.cli", *args],
+        [sys.executable, "-m", "amlfs_cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -87,7 +87,7 @@ def test_the_ui_tells_each_clusters_truth_at_a_glance(
         [
             sys.executable,
             "-m",
-            "amlfs.cli",
+            "amlfs_cli",
             *cli_args("run-fleet", sim.emulator.state_dir / "endpoint.json"),
             "--hotfix-reason",
             "ui test",

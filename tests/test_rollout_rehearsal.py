@@ -23,11 +23,11 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
-from amlfs.cli import app
 from amlfs.models import load_fleet
 from amlfs.rollout import RolloutBook, approve
 from amlfs.schedule import windows_opening_in
 from amlfs.store import StateStore
+from amlfs_cli.main import app
 from amlfs_sim import Emulator
 from amlfs_sim.genfleet import dump_fleet_yaml, generate_fleet
 from amlfs_sim.spec import load_world
@@ -85,7 +85,11 @@ def rehearsal(
     doc = generate_fleet(len(LAYOUT), 6, seed=3)
     for cluster, (wave, day, start) in zip(doc["clusters"], LAYOUT, strict=True):
         cluster["wave"] = wave
-        cluster["window"] = {"day_of_week": day, "start_utc": start, "duration_min": 30}
+        # 90-minute windows: at 200 simulated seconds per real one, a 30-minute window is 9
+        # real seconds, and a loaded machine (another test file in the other process) once
+        # stretched an upgrade past it (a DeadlineError rollback, not the rollout's doing).
+        # What this file tests is the rollout's sequencing, which the length does not change.
+        cluster["window"] = {"day_of_week": day, "start_utc": start, "duration_min": 90}
     doc["emulator"] = yaml.safe_load(SMALL_FLEET.read_text())["emulator"]
     fleet_file = root / "fleet.yaml"
     fleet_file.write_text(dump_fleet_yaml(doc))

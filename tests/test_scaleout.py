@@ -46,7 +46,7 @@ def test_worker_killed_mid_swap_the_cluster_is_picked_up_again(
             [
                 sys.executable,
                 "-m",
-                "amlfs.cli",
+                "amlfs_cli",
                 *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
                 "--cluster",
                 CLUSTER,

@@ -83,7 +83,7 @@ def test_task_workers_run_the_fleet_and_survive_a_worker_killed_mid_swap(
                 [
                     sys.executable,
                     "-m",
-                    "amlfs.cli",
+                    "amlfs_cli",
                     *cli_args("run-fleet", tmp_path / "sim" / "endpoint.json"),
                     "--cluster",
                     VICTIM,
@@ -207,7 +207,7 @@ def test_a_burst_of_jobs_submitted_at_once_each_starts_on_its_first_task_run(
                 [
                     sys.executable,
                     "-m",
-                    "amlfs.cli",
+                    "amlfs_cli",
                     "run-fleet",
                     "--fleet",
                     str(fleet_file),

@@ -22,8 +22,8 @@ from rich.text import Text
 from amlfs.errors import InventoryError, StateStoreError, validation_problems
 from amlfs.fleet import SUCCEEDED, FleetPolicy
 from amlfs.models import load_fleet, load_release
-from amlfs.rollout_cli import rollout_app
 from amlfs.store import without_password
+from amlfs_cli.rollout import rollout_app
 
 app = typer.Typer(help="AMLFS fleet maintenance.", no_args_is_help=True, add_completion=False)
 app.add_typer(rollout_app, name="rollout")

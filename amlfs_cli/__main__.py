@@ -1,0 +1,3 @@
+from amlfs_cli.main import app
+
+app()
