@@ -756,7 +756,9 @@ def _load(text: str) -> Any:
     (profiled: the pure-Python scanner was 90% of an idle rollout tick's CPU). A document
     libyaml or that check refuses is read again by ``_InventoryLoader``, whose error (or
     value) stands: the messages are the same whichever parser PyYAML has."""
-    if _CSafeLoader is not None:
+    # libyaml takes tabs where PyYAML's own scanner refuses them ("a:\t1", "a: 1\t# c"):
+    # a document with a tab goes the pure-Python way, so both give the same verdict.
+    if _CSafeLoader is not None and "\t" not in text:
         try:
             depth = 0
             for event in yaml.parse(text, Loader=_CSafeLoader):

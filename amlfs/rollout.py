@@ -680,12 +680,21 @@ UPCOMING_SHOWN = 10
 
 
 def upcoming(
-    rollout: Rollout, fleet: Fleet, now: dt.datetime, horizon: dt.timedelta = UPCOMING
+    rollout: Rollout,
+    fleet: Fleet,
+    now: dt.datetime,
+    horizon: dt.timedelta = UPCOMING,
+    tick_minutes: int = 15,
 ) -> tuple[Upcoming, ...]:
     """The windows of members not yet on the release that open within ``horizon`` of
-    ``now``, each with the gate its tick would apply as things stand now (a soak that ends
-    before the window counts as ended; outcomes still to come are not guessed)."""
+    ``now``, each with the rollout's gate as the tick that starts it would apply it (at
+    the start of the ``tick_minutes`` tick the window opens in), as things stand now: a
+    soak that ends before that tick counts as ended; outcomes still to come are not
+    guessed. The fleet's own admission (the window's fit, caps) is the run's, not this.
+    None for a rollout that is over (aborted, completed)."""
     now = _aware(now, "now")
+    if rollout.state in ("aborted", "completed"):
+        return ()
     views_at: dict[dt.datetime, list[StageView]] = {}
     found = []
     for occurrence in windows_opening_in(fleet, now, now + horizon):
@@ -698,9 +707,13 @@ def upcoming(
                 f": {rollout.state_reason}" if rollout.state_reason else ""
             )
         else:
-            if occurrence.start not in views_at:
-                views_at[occurrence.start] = stage_views(rollout, occurrence.start)
-            runs, why = cluster_gate(rollout, views_at[occurrence.start], name)
+            start = occurrence.start
+            tick = start.replace(second=0, microsecond=0) - dt.timedelta(
+                minutes=start.minute % tick_minutes
+            )
+            if tick not in views_at:
+                views_at[tick] = stage_views(rollout, tick)
+            runs, why = cluster_gate(rollout, views_at[tick], name)
         found.append(Upcoming(name, rollout.members[name], occurrence.start, runs, why))
     return tuple(found)
 
@@ -1001,12 +1014,18 @@ class RolloutBook:
         return result[-1]
 
     def saw(self, cluster: str, release: str, at: dt.datetime) -> None:
-        """Remember the release last seen on ``cluster`` (for compliance)."""
-        self.store.put(
-            "cluster-releases",
-            cluster,
-            value={"release": release, "seen_at": _aware(at, "at").isoformat()},
-        )
+        """Remember the release seen on ``cluster`` at ``at`` (for compliance), unless a
+        reading of a later instant is recorded already (a run and a census can race)."""
+        seen = {"release": release, "seen_at": _aware(at, "at").isoformat()}
+
+        def newer(current: Any) -> Any:
+            try:
+                kept = dt.datetime.fromisoformat(current["seen_at"])
+            except (TypeError, KeyError, ValueError):
+                return seen  # none, or not a reading: replaced
+            return current if kept > _aware(at, "at") else seen
+
+        self.store.update("cluster-releases", cluster, change=newer)
 
     def releases(self) -> dict[str, dict[str, Any]]:
         return {

@@ -78,7 +78,12 @@ def deployments(
         rollout_tick.to_deployment(
             name=ROLLOUT_TICK,
             cron=cron,
-            parameters={"params": {"state_dir": state_dir, "emulator_endpoint": endpoint}},
+            # Only what is set: a null emulator_endpoint is refused by the parameter schema
+            # (a plain string, "" for the Blocks) when a run is started from the deployment.
+            parameters={
+                "params": {"state_dir": state_dir}
+                | ({"emulator_endpoint": endpoint} if endpoint else {})
+            },
             description="Every active rollout advanced by one scheduled fleet run.",
             tags=["amlfs", "rollout", "scheduled"],
         ),

@@ -22,7 +22,7 @@ from prefect.input import RunInput
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from amlfs.errors import AmlfsError, InventoryError, StateStoreError
+from amlfs.errors import InventoryError, StateStoreError
 from amlfs.fleet import ClusterSelector, FleetPolicy, read_all
 from amlfs.forms import EmulatorEndpoint
 from amlfs.models import Cluster, Fleet, load_fleet, load_release
@@ -226,12 +226,12 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     tick -= dt.timedelta(minutes=tick.minute % params.tick_minutes)
     everything = book.all()
     active = [r for r in everything if r.state == "active"]
-    _census(book, everything, params, when, logger)
     if not active:
         logger.info("tick %s: no active rollout", tick.isoformat())
     outcomes: dict[str, Any] = {}
     failed: list[str] = []
     rolled_back: list[str] = []
+    idle_rollouts: list[tuple[str, Fleet]] = []
     # A halted rollout advances no more, every tick, until resumed: each tick says so in its
     # message and state (Stopped), so a halt left behind is seen and not silently kept.
     stopped = [r.name for r in everything if r.state == "halted"]
@@ -256,15 +256,7 @@ def rollout_tick(params: RolloutTickParams) -> Any:
             # real results. The forecast may still have moved (a soak ended).
             logger.info("rollout %s: %s", rollout.name, idle)
             outcomes[rollout.name] = {"state": "Skipped", "message": idle}
-            prediction, _ = _prediction(params.upgrade)
-            publish_forecast(
-                book,
-                book.get(rollout.name),
-                fleet,
-                when,
-                upgrade=prediction.upgrade,
-                state_dir=params.state_dir,
-            )
+            idle_rollouts.append((rollout.name, fleet))  # its forecast: after the census
             continue
         run = FleetParams(
             fleet_file=rollout.fleet_file,
@@ -298,6 +290,22 @@ def rollout_tick(params: RolloutTickParams) -> Any:
             stopped.append(rollout.name)
         logger.info("rollout %s: %s: %s", rollout.name, state.name, state.message)
         _ask_for_approvals(book, rollout.name, when, params.state_dir, logger)
+    # The census after the fleet runs (a view never delays the work of a window), before
+    # the forecasts of the rollouts that had no run (theirs say what it found).
+    _census(book, everything, params, when, logger)
+    prediction, _ = _prediction(params.upgrade)
+    for name, fleet in idle_rollouts:
+        try:
+            publish_forecast(
+                book,
+                book.get(name),
+                fleet,
+                when,
+                upgrade=prediction.upgrade,
+                state_dir=params.state_dir,
+            )
+        except (InventoryError, StateStoreError) as err:  # a view: the tick goes on
+            logger.warning("rollout %s: cannot publish its forecast: %s", name, err)
     message = (
         "; ".join(f"{name}: {o['message']}" for name, o in outcomes.items()) or "no active rollout"
     )
@@ -323,32 +331,53 @@ def _census(
 ) -> None:
     """Read the release of a few clusters of the rollouts' fleets (``census_per_tick``:
     never read first, then the oldest reading), so that compliance counts every cluster,
-    not only those a run has read. ARM reads only; a view, so it never fails the tick."""
+    not only those a run has read. ARM reads only, after the tick's fleet runs; a view, so
+    nothing in it fails the tick (each problem is logged)."""
     if params.census_per_tick == 0 or not rollouts:
         return
     try:
-        fleets = {r.fleet_file: load_fleet(r.fleet_file) for r in rollouts if r.state != "aborted"}
-        releases = book.releases()
-        due: list[Cluster] = []
-        for fleet in fleets.values():
-            names = census_due(
-                fleet,
-                releases,
-                when,
-                batch=params.census_per_tick - len(due),
-                fresh_for=CENSUS_FRESH_FOR,
-            )
-            due += [fleet.cluster(n) for n in names if n not in {c.name for c in due}]
-        if not due:
-            return
-        connections = Connections.create(
-            *connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
+        _read_releases(book, rollouts, params, when, logger)
+    except Exception as err:  # a view: logged, the tick's own state stands
+        logger.warning("census: stopped: %s: %s", type(err).__name__, err)
+
+
+def _read_releases(
+    book: RolloutBook,
+    rollouts: list[Rollout],
+    params: RolloutTickParams,
+    when: dt.datetime,
+    logger: Any,
+) -> None:
+    fleets: dict[str, Fleet] = {}
+    for rollout in rollouts:
+        if rollout.state == "aborted" or rollout.fleet_file in fleets:
+            continue
+        try:  # one rollout's fleet file gone (an old one) leaves the others' census alone
+            fleets[rollout.fleet_file] = load_fleet(rollout.fleet_file)
+        except InventoryError as err:
+            logger.warning("census: rollout %s: %s", rollout.name, err)
+    releases = book.releases()
+    due: dict[str, Cluster] = {}
+    for fleet in fleets.values():
+        names = census_due(
+            fleet,
+            releases,
+            when,
+            batch=params.census_per_tick - len(due),
+            fresh_for=CENSUS_FRESH_FOR,
         )
-    except (InventoryError, AmlfsError, StateStoreError) as err:
-        logger.warning("census: cannot read the fleet's releases: %s", err)
+        due |= {n: fleet.cluster(n) for n in names if n not in due}
+    if not due:
         return
+    connections = Connections.create(
+        *connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
+    )
     try:
-        found = read_all(due, lambda c: current_release(connections, c), workers=8)
+        for subscription in {c.subscription_id for c in due.values()}:
+            connections.gateway(subscription)  # made here: the threads below only read it
+        found = read_all(
+            list(due.values()), lambda c: current_release(connections, c), workers=8
+        )
     finally:
         connections.close()
     for name, release in found.items():

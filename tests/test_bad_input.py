@@ -302,6 +302,36 @@ def test_libyaml_and_the_pure_python_loader_read_the_same_documents() -> None:
             slow.dispose()
         assert models._load(text) == expected
 
+    def verdict(load: Any, text: str) -> tuple[str, Any]:
+        try:
+            return "value", load(text)
+        except yaml.YAMLError as err:
+            return "refused", type(err).__name__
+
+    def pure(text: str) -> Any:
+        loader = models._InventoryLoader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+
+    # Where libyaml alone would differ (it takes tabs PyYAML's scanner refuses), and edges.
+    edges = [
+        "a:\t1\n",
+        "a: b\tc\n",
+        "a: 1\t# c\n",
+        "[1,\n\t2]\n",
+        "\ufeffa: 1\n",
+        'a: "\\t\\u00e9"\n',
+        "a: 2026-12-01\n",
+        "a: [1, 2\n",
+        "a: 1\n---\nb: 2\n",
+        "? [x]\n: 1\n",
+        "a: !!python/object:os.system x\n",
+    ]
+    for text in edges:
+        assert verdict(models._load, text) == verdict(pure, text), text
+
 
 def test_duplicate_key_names_the_key_and_both_lines(tmp_path: Path) -> None:
     path = tmp_path / "release.yaml"

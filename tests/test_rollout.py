@@ -325,7 +325,33 @@ def test_the_forecast_says_what_the_next_24_hours_start_and_why_the_rest_wait() 
     rollout = ro.record_outcome(rollout, "can-b", "upgraded", at=at("2026-12-08 02:12"))
     wednesday = ro.forecast(rollout, fleet(), at("2026-12-09 12:00"), upgrade=UPGRADE)
     assert [(u.cluster, u.runs) for u in wednesday.upcoming] == [("w1-b", True)]
-    # A halted rollout starts nothing, and says why.
+    # The gate is the tick's: a window at 02:07 is started by the 02:00 tick, so a soak
+    # that ends at 02:05 still holds it.
+    odd = parse_fleet(
+        {
+            "clusters": [
+                cluster_doc("can-a", "monday", "02:00", wave="canary"),
+                cluster_doc("w1-a", "tuesday", "02:07", wave="wave1"),
+            ]
+        }
+    )
+    solo = ro.new_rollout(
+        "r2",
+        odd,
+        release_version="2.15.6",
+        release_file="release.yaml",
+        fleet_file="fleet.yaml",
+        strategy=strategy(stages=[{"name": "canary", "soak_hours": 24}, {"name": "wave1"}]),
+        now=START,
+        by="alice",
+    )
+    solo = ro.record_outcome(solo, "can-a", "upgraded", at=at("2026-12-07 02:05"))
+    (late,) = ro.upcoming(solo, odd, at("2026-12-08 01:00"))
+    assert (late.cluster, late.runs) == ("w1-a", False), late
+    assert "soaking until Tue 2026-12-08 02:05 UTC" in late.why
+    # A halted rollout starts nothing, and says why; an aborted one lists nothing.
     halted = ro.halt(rollout, at=at("2026-12-09 12:00"), by="bob", reason="escalation")
     (held,) = ro.forecast(halted, fleet(), at("2026-12-09 12:00"), upgrade=UPGRADE).upcoming
     assert (held.runs, held.why) == (False, "rollout r1 is halted: escalation")
+    aborted = ro.abort(rollout, at=at("2026-12-09 12:00"), by="bob", reason="superseded")
+    assert ro.upcoming(aborted, fleet(), at("2026-12-09 12:00")) == ()
