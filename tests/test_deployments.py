@@ -272,3 +272,27 @@ def test_scale_out_comes_from_the_deployments_environment(
     params = FleetParams(fleet_file="f", release_file="r")
     assert (params.processes, params.dead_run_after_s, params.task_workers) == (4, 45.0, False)
     assert FleetParams(fleet_file="f", release_file="r", processes=2).processes == 2
+
+
+def test_against_azure_every_deployments_defaults_pass_its_parameter_schema() -> None:
+    """Served without an emulator (real Azure, the Blocks): each deployment's default
+    parameters validate against its own parameter schema, as the server checks them when a
+    run is started from it (the UI's Run, ``prefect deployment run``, ``run_deployment``);
+    a null emulator_endpoint once made every such run of the rollout tick a 409."""
+    from prefect.utilities.collections import remove_nested_keys
+    from prefect.utilities.schema_tools.validation import validate
+
+    from deployments.serve import MANUAL, ROLLOUT_TICK, WEEKLY, deployments
+
+    made = deployments(str(REPO / "examples" / "fleet-small.yaml"), str(RELEASE_FILE), None, "s")
+    assert len(made) == len(NAMES)
+    for deployment in made:
+        schema = deployment._parameter_openapi_schema.model_dump(exclude_none=True)
+        # What the server checks when the deployment is created (required keys removed), and
+        # for those started as they are (the schedules, the manual dry run) a run of their
+        # defaults; the others' forms ask for more (a hotfix's clusters, a rollout's name).
+        checks = [remove_nested_keys(["required"], schema)]
+        checks += [schema] if deployment.name in (WEEKLY, ROLLOUT_TICK, MANUAL) else []
+        for check in checks:
+            problems = validate(deployment.parameters, check, raise_on_error=False)
+            assert problems == [], (deployment.name, [p.message for p in problems])
