@@ -33,6 +33,7 @@ from pydantic import (
 )
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
+from yaml.scanner import ScannerError
 
 from amlfs.errors import InventoryError, validation_problem
 from amlfs.ids import parse_resource_id, vm_id
@@ -703,6 +704,17 @@ class _StrictConstructor:
         return super().construct_mapping(node, deep=deep)  # type: ignore[misc,no-any-return]
 
 
+def _timestamp(loader: Any, node: yaml.ScalarNode) -> Any:
+    """A YAML date or timestamp, or a refusal naming it and its line: SafeConstructor's
+    own raises a bare ValueError for a date that does not exist (2024-02-30)."""
+    try:
+        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except (ValueError, OverflowError) as err:
+        raise ConstructorError(
+            None, None, f"not a date: {_cut(node.value)} ({err})", node.start_mark
+        ) from None
+
+
 def _refusal(event: Any, depth: int) -> str | None:
     """Why ``event`` (at nesting ``depth``, counting it) has no place in an inventory."""
     if isinstance(event, yaml.AliasEvent):
@@ -778,14 +790,21 @@ def _load(text: str) -> Any:
     loader = _InventoryLoader(text)
     try:
         return loader.get_single_data()
+    except (ValueError, OverflowError) as err:  # the scanner's own: "\U00110000" is chr()'s
+        mark: Any = loader.get_mark()
+        raise ScannerError(None, None, _cut(err), mark) from None
     finally:
         loader.dispose()
 
+
+_InventoryLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 if _CSafeLoader is not None:
 
     class _FastInventoryLoader(_StrictConstructor, _CSafeLoader):  # type: ignore[misc]
         """libyaml's parser and composer, the strict constructor (events checked first)."""
+
+    _FastInventoryLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 
 def _cut(value: object, limit: int = SHOWN_CHARS) -> str:
@@ -819,6 +838,8 @@ def _parse_yaml(raw: bytes, path: Path, *, kind: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = _cut(getattr(err, "problem", None) or "syntax error", 2 * SHOWN_CHARS)
         raise InventoryError(f"{kind} {path} is not valid YAML{where}: {problem}") from err
+    except (ValueError, OverflowError) as err:  # PyYAML's scanner: "\U00110000" is chr()'s
+        raise InventoryError(f"{kind} {path} is not valid YAML: {_cut(err)}") from None
 
 
 def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:

@@ -375,9 +375,7 @@ def _read_releases(
     try:
         for subscription in {c.subscription_id for c in due.values()}:
             connections.gateway(subscription)  # made here: the threads below only read it
-        found = read_all(
-            list(due.values()), lambda c: current_release(connections, c), workers=8
-        )
+        found = read_all(list(due.values()), lambda c: current_release(connections, c), workers=8)
     finally:
         connections.close()
     for name, release in found.items():

@@ -270,6 +270,9 @@ BOMB = "  lol:\n" + "".join(f"    {line}\n" for line in LAUGHS.splitlines())
         ),
         ("  deep: " + "[" * 25 + "]" * 25 + "\n", "nested deeper than 20 levels"),
         ("  deep: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper than 20 levels"),
+        ("x: 2024-02-30\n", f"line {NEXT_LINE}, column 4: not a date: 2024-02-30 (day is out"),
+        ("x: 2024-13-01T00:00:00Z\n", f"line {NEXT_LINE}, column 4: not a date: 2024-13-01T"),
+        ('x: "\\U00110000"\n', f"line {NEXT_LINE}, column 7: chr() arg not in range"),
     ],
 )
 def test_hostile_yaml_is_one_clear_line(tmp_path: Path, extra: str, expected: str) -> None:
