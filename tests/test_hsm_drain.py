@@ -130,7 +130,9 @@ def test_a_disabled_coordinator_drains_as_fast_as_the_copies_run(world: World) -
         agent.run(["systemctl", "stop", "lhsmd"])
     world.sleep_until(at + 60)
     paused = {fid: (size - done) / 100e6 for fid, (done, size) in copies(world, MEDIUM).items()}
-    assert paused == pytest.approx(left, abs=10)  # (the few sim s the commands took)
+    # Within the few sim s the two commands took (at time scale 200 a loaded machine made
+    # that 19 once): far from the 60 s a copy that went on would have moved.
+    assert paused == pytest.approx(left, abs=30)
     for agent in agents:
         agent.run(["systemctl", "start", "lhsmd"])
     # Each request leaves when its own copy is done (60 s later for the pause); none starts.
