@@ -785,12 +785,13 @@ def _load(text: str) -> Any:
                 return fast.get_single_data()
             finally:
                 fast.dispose()
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, OverflowError):
             pass  # the pure-Python loader below says what is wrong, as it always has
     loader = _InventoryLoader(text)
     try:
         return loader.get_single_data()
-    except (ValueError, OverflowError) as err:  # the scanner's own: "\U00110000" is chr()'s
+    # PyYAML's own ValueError ("\U00110000" is chr()'s), at the reader's position.
+    except (ValueError, OverflowError) as err:
         mark: Any = loader.get_mark()
         raise ScannerError(None, None, _cut(err), mark) from None
     finally:
@@ -838,8 +839,6 @@ def _parse_yaml(raw: bytes, path: Path, *, kind: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = _cut(getattr(err, "problem", None) or "syntax error", 2 * SHOWN_CHARS)
         raise InventoryError(f"{kind} {path} is not valid YAML{where}: {problem}") from err
-    except (ValueError, OverflowError) as err:  # PyYAML's scanner: "\U00110000" is chr()'s
-        raise InventoryError(f"{kind} {path} is not valid YAML: {_cut(err)}") from None
 
 
 def read_yaml(path: str | Path, *, kind: str, max_bytes: int) -> Any:

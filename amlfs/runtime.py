@@ -158,6 +158,9 @@ class Connections:
     _pool: SshPool | None = None
     _pacers: dict[str, Pacer] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Gateways and the SSH pool are made on first use, from any thread (a fleet run's
+    # planning reads clusters on 16): once each, never a second client left unclosed.
+    _making: threading.Lock = field(default_factory=threading.Lock)
 
     def pacer(self, name: str) -> Pacer:
         """The process's pacer ``polls``, ``background_polls`` or ``node_checks``."""
@@ -211,35 +214,38 @@ class Connections:
         return cls(azure, ssh, ScaledClock(azure.time_scale))
 
     def gateway(self, subscription_id: str) -> ComputeGateway:
-        gateway = self._gateways.get(subscription_id)
-        if gateway is None:
-            scale = self.azure.time_scale
-            client = compute_client(
-                subscription_id,
-                self.azure.credential_object(),  # type: ignore[arg-type]
-                arm_url=self.azure.arm_url,
-                ca_file=self.azure.ca_file,
-                polling_interval=self.clock.to_real(self.azure.poll_interval_s),
-                retry_backoff_factor=0.8 / scale,
-                retry_backoff_max=max(1.0, 60.0 / scale),
-                pool_size=self.pool_size,
-                raw_request_hook=self._arm_hook(subscription_id),
-            )
-            gateway = ComputeGateway(
-                client,
-                self.clock,
-                times=self.times,
-                polls=self.pacer("polls"),
-                background_polls=self.pacer("background_polls"),
-                disk_lists=self.arm_pacer(subscription_id, "disk_lists"),
-            )
-            self._gateways[subscription_id] = gateway
+        with self._making:
+            return self._gateways.get(subscription_id) or self._make_gateway(subscription_id)
+
+    def _make_gateway(self, subscription_id: str) -> ComputeGateway:
+        scale = self.azure.time_scale
+        client = compute_client(
+            subscription_id,
+            self.azure.credential_object(),  # type: ignore[arg-type]
+            arm_url=self.azure.arm_url,
+            ca_file=self.azure.ca_file,
+            polling_interval=self.clock.to_real(self.azure.poll_interval_s),
+            retry_backoff_factor=0.8 / scale,
+            retry_backoff_max=max(1.0, 60.0 / scale),
+            pool_size=self.pool_size,
+            raw_request_hook=self._arm_hook(subscription_id),
+        )
+        gateway = ComputeGateway(
+            client,
+            self.clock,
+            times=self.times,
+            polls=self.pacer("polls"),
+            background_polls=self.pacer("background_polls"),
+            disk_lists=self.arm_pacer(subscription_id, "disk_lists"),
+        )
+        self._gateways[subscription_id] = gateway
         return gateway
 
     def shells(self) -> SshPool:
-        if self._pool is None:
-            self._pool = SshPool(self.ssh.config(self.clock), self.clock)
-        return self._pool
+        with self._making:
+            if self._pool is None:
+                self._pool = SshPool(self.ssh.config(self.clock), self.clock)
+            return self._pool
 
     def close(self) -> None:
         for gateway in self._gateways.values():

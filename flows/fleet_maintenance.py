@@ -271,8 +271,6 @@ def read_fleet(
     workers: int = 16,
 ) -> dict[str, ClusterReading]:
     """Every cluster read for planning (``read_cluster``), ``workers`` at a time."""
-    for subscription in {c.subscription_id for c in clusters}:
-        connections.gateway(subscription)  # made here: the threads below only read the dict
     return read_all(
         clusters,
         lambda c: read_cluster(

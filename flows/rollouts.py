@@ -234,15 +234,15 @@ def rollout_tick(params: RolloutTickParams) -> Any:
     idle_rollouts: list[tuple[str, Fleet]] = []
     # A halted rollout advances no more, every tick, until resumed: each tick says so in its
     # message and state (Stopped), so a halt left behind is seen and not silently kept.
-    stopped = [r.name for r in everything if r.state == "halted"]
-    for rollout in everything:
-        if rollout.state == "halted":
-            why = rollout.state_reason or "halted"
-            outcomes[rollout.name] = {
-                "state": STOPPED,
-                "message": f"halted ({why}); `amlfs rollout resume {rollout.name}` resumes it",
-            }
-            logger.warning("rollout %s: %s", rollout.name, outcomes[rollout.name]["message"])
+    stopped: list[str] = []
+    for rollout in (r for r in everything if r.state == "halted"):
+        stopped.append(rollout.name)
+        why = rollout.state_reason or "halted"
+        outcomes[rollout.name] = {
+            "state": STOPPED,
+            "message": f"halted ({why}); `amlfs rollout resume {rollout.name}` resumes it",
+        }
+        logger.warning("rollout %s: %s", rollout.name, outcomes[rollout.name]["message"])
     for rollout in active:
         try:
             fleet = load_fleet(rollout.fleet_file)
@@ -373,8 +373,6 @@ def _read_releases(
         *connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
     )
     try:
-        for subscription in {c.subscription_id for c in due.values()}:
-            connections.gateway(subscription)  # made here: the threads below only read it
         found = read_all(list(due.values()), lambda c: current_release(connections, c), workers=8)
     finally:
         connections.close()

@@ -178,8 +178,15 @@ def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
         "from flows.fleet_maintenance import FleetParams, fleet_maintenance\n"
         "fleet_maintenance(FleetParams.model_validate_json(sys.argv[1]), return_state=True)\n"
     )
+    in_process(server, code, FleetParams.model_validate(params).model_dump_json())
+    return fleet_flow_run(server, run_name)
+
+
+def in_process(server: PrefectServer, code: str, argument: str) -> str:
+    """``code`` run by Python in its own process against ``server`` (``argument`` its
+    ``sys.argv[1]``), the way a served deployment runs a flow; its stdout, once it exited 0."""
     done = subprocess.run(
-        [sys.executable, "-c", code, FleetParams.model_validate(params).model_dump_json()],
+        [sys.executable, "-c", code, argument],
         env=server.env,
         cwd=REPO,
         capture_output=True,
@@ -188,7 +195,7 @@ def run_flow(server: PrefectServer, **params: Any) -> dict[str, Any]:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return fleet_flow_run(server, run_name)
+    return done.stdout
 
 
 def fleet_flow_run(server: PrefectServer, run_name: str) -> dict[str, Any]:
@@ -428,19 +435,8 @@ def test_the_rollout_artifact_says_what_runs_tonight_why_the_rest_wait_and_when_
         "return_state=True)\n"
         "print(state.type.value, state.message)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, tick.model_dump_json()],
-        env=prefect_server.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"COMPLETED {name}: no window of its clusters opens in this tick" in done.stdout, (
-        done.stdout + done.stderr
-    )
+    said = in_process(prefect_server, code, tick.model_dump_json())
+    assert f"COMPLETED {name}: no window of its clusters opens in this tick" in said, said
     # Nothing in the world moved: the tick only read.
     assert {vm["os_image"].rsplit("/", 1)[-1] for vm in sim.state()["vms"]} == {"2.15.5"}
     (artifact,) = api(
