@@ -112,6 +112,11 @@ class ClusterOutcome(BaseModel):
     orchestrator_pid: int | None = None  # the process that ran it, when not this one
     flow_run: str | None = None  # the Prefect flow run that ran it (work pools)
     follow_ups: int = 0  # runs started again after the one running it died
+    # What the run read back at its end (see UpgradeResult): the operator's figures.
+    evictions: int | None = None
+    data_disk_changes: list[str] | None = None
+    leaked_disks: list[str] | None = None
+    unread: list[str] = []
     # What the emulator's customers saw (the demo, tests and benchmarks add it; never Azure).
     customer_view: dict[str, Any] | None = None
 

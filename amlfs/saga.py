@@ -61,7 +61,15 @@ from amlfs.fanout import run_all
 from amlfs.forms import declared_order
 from amlfs.ids import KEEP_TAG, TAG_RELEASE, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.lease import ClusterLease, FencedGateway, FencedShells, LeaseHeldError, LeaseLostError
-from amlfs.lustre.procedures import AGENT_ROLES, LustreOps, NodeRef, ShellSource, SuspendPolicy
+from amlfs.lustre.procedures import (
+    AGENT_ROLES,
+    SERVER_ROLES,
+    EvictionTally,
+    LustreOps,
+    NodeRef,
+    ShellSource,
+    SuspendPolicy,
+)
 from amlfs.models import Cluster, Release, Role
 from amlfs.reconcile import inspect_cluster
 from amlfs.store import Store
@@ -170,6 +178,12 @@ class UpgradeResult(BaseModel):
     blocked_while_up_s: float = 0.0
     elapsed_s: float = 0.0
     resumed: bool = False
+    # What the run left, as it read the world back at its end (``ClusterUpgrade._aftermath``;
+    # None: it changed nothing, or could not read it).
+    evictions: int | None = None  # client evictions the servers logged during the run
+    data_disk_changes: list[str] | None = None  # VM LUNs whose data disk is not as in preflight
+    leaked_disks: list[str] | None = None  # disks it made or replaced, left unattached
+    unread: list[str] = []  # what the end check could not read, and why
 
 
 @dataclass
@@ -198,6 +212,9 @@ class _State:
     vms: dict[str, dict[str, str]] = field(default_factory=dict)
     suspended_at: float | None = None  # this process's clock
     suspended_wall: float | None = None  # Unix time, to carry the downtime across a resume
+    # Preflight's data-disk layout of each VM ([LUN, disk id] pairs): what the end compares.
+    data_disks: dict[str, list[list[Any]]] | None = None
+    evictions: dict[str, Any] | None = None  # EvictionTally.dump()
 
     def dump(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -262,6 +279,7 @@ class ClusterUpgrade:
         self.restored: set[tuple[str, str]] = set()  # (node, release) restored in this process
         self.restored_locally: set[tuple[str, str]] = set()  # files, LNet, pools done
         self.already_current = False  # every VM already on the release (set by preflight)
+        self.evictions = EvictionTally()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -280,6 +298,7 @@ class ClusterUpgrade:
             }
             for name, p in self.plans.items()
         }
+        self.state.evictions = self.evictions.dump()
         self.store.put(*self._key("run"), value=self.state.dump())
 
     def _abort_now(self) -> bool:
@@ -557,6 +576,7 @@ class ClusterUpgrade:
                 ends = [t.ended_s for t in self.timings if t.name.startswith("rollback")]
                 end = max(ends) if ends else self.clock.now()
             downtime = end - self.state.suspended_at
+        seen = self._aftermath() if self.plans and outcome is not Outcome.BUSY else {}
         return UpgradeResult(
             cluster=self.cluster.name,
             run_id=self.run_id,
@@ -569,7 +589,66 @@ class ClusterUpgrade:
             blocked_while_up_s=round(self.ops.blocked.total(self.clock.now()), 3),
             elapsed_s=round(self.clock.now() - self.started, 3),
             resumed=False,
+            **seen,
         )
+
+    def _aftermath(self) -> dict[str, Any]:
+        """What the run left, read back from the world at its end (never raises): the
+        evictions its servers logged (``EvictionTally``), each VM's data disks against
+        preflight's, and the disks it made or replaced that are left attached to nothing
+        and not kept on purpose (``KEEP_TAG``). The emulator's ground truth is the judge
+        of these figures in the tests; against Azure they are all the operator has."""
+        unread: list[str] = []
+        self.ops.read_evictions(self.evictions)
+        unread += [f"{node}: kernel log: {why}" for node, why in self.evictions.unread.items()]
+        changes: list[str] = []
+        leaked: list[str] = []
+        lock = threading.Lock()
+        before = self.state.data_disks
+
+        def one(plan: _VmPlan) -> None:
+            name = plan.node.name
+            found: list[str] = []
+            try:
+                if before is not None:
+                    vm = self._retry(
+                        f"read VM {name}", functools.partial(self.gw.vm_info, self.rg, name)
+                    )
+                    was = {int(lun): str(id_).lower() for lun, id_ in before.get(name, [])}
+                    now = {lun: id_.lower() for lun, id_ in vm.data_disks}
+                    for lun in sorted(set(was) | set(now)):
+                        if was.get(lun) != now.get(lun):
+                            changes_here = (
+                                f"{name} LUN {lun}: {_disk_name(was.get(lun))} -> "
+                                f"{_disk_name(now.get(lun))}"
+                            )
+                            with lock:
+                                changes.append(changes_here)
+                for disk_name in dict.fromkeys((plan.old_disk, plan.new_disk)):
+                    disk = self._retry(
+                        f"read disk {disk_name}",
+                        functools.partial(self.gw.get_disk, self.rg, disk_name),
+                    )
+                    if disk is not None and not disk.managed_by and KEEP_TAG not in disk.tags:
+                        found.append(disk_name)
+            except LeaseLostError:
+                raise
+            except AmlfsError as err:
+                with lock:
+                    unread.append(f"{name}: {err}")
+            with lock:
+                leaked.extend(found)
+
+        try:
+            run_all(list(self.plans.values()), one, self.policy.parallelism)
+        except LeaseLostError:
+            return {"unread": ["the cluster's lease was taken over: not read"]}
+        return {
+            "evictions": self.evictions.total(),
+            "data_disk_changes": sorted(changes) if before is not None else None,
+            "leaked_disks": sorted(leaked),
+            "unread": unread,
+        }
 
     def _done(self) -> None:
         self.lease.check()  # only the lease holder deletes the journal and the config
@@ -603,6 +682,8 @@ class ClusterUpgrade:
         self.ops.wait_healthy(
             self.nodes, self._version_of(first), self.policy.healthy_timeout_s / 4
         )
+        self.ops.read_evictions(self.evictions)
+        self.state.data_disks = {vm.name: [[lun, id_] for lun, id_ in vm.data_disks] for vm in vms}
         for node, vm, disk in zip(self.nodes, vms, disks, strict=True):
             self.plans[node.name] = _VmPlan(
                 node,
@@ -751,13 +832,17 @@ class ClusterUpgrade:
         )
         if current.os_disk_id.lower() != disk_id.lower():
             target = DiskInfo(disk_id, disk_name, None, {}, None, None, "", None, None)
-            if current.power_state != "running":
+            running = current.power_state == "running"
+            if not running:
                 self.ops.blocked.end(name, self.clock.now())  # down already: cuts nobody
-            self._retry(
-                f"swap {name} to {disk_name}",
-                lambda: self.gw.swap_os_disk(self.rg, name, target, self._lro_timeout()),
-                deadline=deadline,
-            )
+
+            def put() -> None:
+                if running and plan.node.role in SERVER_ROLES:
+                    # Its kernel log dies with this boot: the evictions it logged, first.
+                    self.ops.read_evictions(self.evictions, [plan.node])
+                self.gw.swap_os_disk(self.rg, name, target, self._lro_timeout())
+
+            self._retry(f"swap {name} to {disk_name}", put, deadline=deadline)
             # Stopped by the PUT at some point before it returned (an upper bound).
             self.ops.blocked.end(name, self.clock.now())
             if current.power_state == "running":
@@ -1068,6 +1153,7 @@ class ClusterUpgrade:
         """A previous run stopped mid-way: rebuild from Azure + the journal, then converge."""
         self.state = _State(**journal)
         self.run_id = self.state.run_id
+        self.evictions = EvictionTally(self.state.evictions)
         if self.state.suspended_wall is not None:
             # The downtime so far, in this process's clock (sim seconds on the same scale).
             gone = (time.time() - self.state.suspended_wall) * self.clock.time_scale
@@ -1112,6 +1198,10 @@ class ClusterUpgrade:
             result = self.rollback(f"resumed after the orchestrator stopped at {phase}")
         result.resumed = True
         return result
+
+
+def _disk_name(disk_id: str | None) -> str:
+    return disk_id.rsplit("/", 1)[-1] if disk_id else "none"
 
 
 def _encode_files(files: dict[str, bytes]) -> dict[str, dict[str, str]]:

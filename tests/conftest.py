@@ -291,7 +291,8 @@ def upgrade_cluster(
     connections; ``options`` are ``ClusterUpgrade``'s keywords (policy, runner, should_abort,
     log...)."""
     cluster = sim.cluster
-    return ClusterUpgrade(
+    before = sim.state(cluster.name)
+    result = ClusterUpgrade(
         cluster,
         release or load_release(RELEASE_FILE),
         gateway=conns.gateway(cluster.subscription_id),
@@ -300,6 +301,40 @@ def upgrade_cluster(
         clock=conns.clock,
         **options,
     ).run()
+    assert_figures_match_the_truth(result, before, sim.state(cluster.name))
+    return result
+
+
+def _layout_changes(state: dict[str, Any]) -> set[tuple[str, int, str, str]]:
+    """The emulator's data-disk changes that ARM can show (which disk is at a LUN; a
+    change of content alone is invisible to ARM, and so to the orchestrator)."""
+    return {
+        (c["vm"], c["lun"], (c["before"] or ["none"])[0], (c["after"] or ["none"])[0])
+        for c in state["data_disk_changes"]
+        if (c["before"] or [None])[0] != (c["after"] or [None])[0]
+    }
+
+
+def assert_figures_match_the_truth(
+    result: UpgradeResult | ClusterOutcome, before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    """What the run says it left (evictions, data-disk changes, leaked disks: read back by
+    the orchestrator itself, ``ClusterUpgrade._aftermath``) against the emulator's ground
+    truth, from ``before`` the run to ``after`` it (``/state`` of the cluster)."""
+    name = result.cluster
+    if result.evictions is None:
+        return  # the run changed nothing (busy, already current, refused in preflight)
+    evicted = after["clusters"][name]["evictions"] - before["clusters"][name]["evictions"]
+    assert result.evictions == evicted, (result.evictions, after["clusters"][name]["eviction_log"])
+    if result.data_disk_changes is not None:
+        new = _layout_changes(after) - _layout_changes(before)
+        assert len(result.data_disk_changes) == len(new), (result.data_disk_changes, new)
+        for vm, lun, _, _ in new:
+            assert any(c.startswith(f"{vm} LUN {lun}:") for c in result.data_disk_changes)
+    assert result.leaked_disks is not None
+    leaked_now, leaked_before = set(after["leaked_disks"]), set(before["leaked_disks"])
+    assert set(result.leaked_disks) <= leaked_now, (result.leaked_disks, leaked_now)
+    assert leaked_now - leaked_before <= set(result.leaked_disks), (result.leaked_disks, leaked_now)
 
 
 class CallExecutor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from amlfs.errors import CommandFailedError, NodeAccessDeniedError, NodeUnreachableError
-from amlfs.lustre.parsers import parse_hsm_requests, parse_lustre_mounts
+from amlfs.lustre.parsers import parse_evictions, parse_hsm_requests, parse_lustre_mounts
 from amlfs.ssh import NodeShell, SshPool
 from amlfs.ssh.gateway import CommandResult, batch_command, split_batch
 from tests.conftest import Sim, os_disk_body
@@ -233,6 +233,15 @@ def stop_in_cluster_work(sim: Sim) -> None:
     sim.shell("eus01-agtstd0").run(["systemctl", "stop", "lhsmd"])
 
 
+def logged_evictions(sim: Sim) -> int:
+    """The evictions the servers' kernel logs record (what the product reads), summed."""
+    return sum(
+        parse_evictions(sim.shell(node.name).run(["dmesg"]).stdout)
+        for node in sim.cluster.nodes
+        if node.role.value in ("mds", "oss")
+    )
+
+
 def test_raised_timeout_before_a_long_outage_avoids_evictions(sim: Sim) -> None:
     # Changed with issue 18 item 6: the in-cluster work is stopped first. With it running,
     # its requests conflict with the cut-off clients' locks and evict them after 100 s,
@@ -267,6 +276,10 @@ def test_the_ping_evictor_counts_from_each_clients_last_ping(sim: Sim) -> None:
     assert customer["evictions"] == 4
     assert all("haven't heard from client" in e["reason"] for e in customer["eviction_log"])
     assert all("ping evictor, timeout 100 s" in e["reason"] for e in customer["eviction_log"])
+    # The servers' consoles say so too, one line per eviction, in 2.15's words.
+    assert logged_evictions(sim) == 4
+    dmesg = sim.shell("eus01-mds0").run(["dmesg"]).stdout
+    assert "I think it's dead, and I am evicting it." in dmesg
     at = [e["at"] for e in customer["eviction_log"]]
     start = customer["downtime_intervals"][0][0]
     # From the oldest last ping (up to one interval before the firewall), not from the cut.
@@ -289,6 +302,7 @@ def test_a_lock_callback_evicts_a_cut_off_client_whatever_timeout_says(sim: Sim)
         assert "conflicting request from eus01-agt" in eviction["reason"]
         assert 99 <= eviction["at"] - start <= 102
     assert customer["lock_callbacks_to_blocked"] >= 4
+    assert logged_evictions(sim) == 4
     firewall_servers(sim, "-D")
 
 
@@ -308,6 +322,7 @@ def test_in_cluster_io_against_cut_off_clients_evicts_them_100_s_later(sim: Sim)
     customer = sim.customer()
     assert customer["evictions"] == 4
     assert all(99 <= e["at"] - min(sent) <= 102 for e in customer["eviction_log"])
+    assert logged_evictions(sim) == 4
     firewall_servers(sim, "-D")
 
 
@@ -414,6 +429,30 @@ def test_recovery_time_hard_evicts_clients_that_never_came_back(sim: Sim) -> Non
     assert row["recovery"] == "COMPLETE"
     assert row["evicted"] == 4
     assert sim.customer()["evictions"] == 4
+    dmesg = oss.run(["dmesg"]).stdout
+    assert "recovery is timed out, evict stale exports" in dmesg
+    assert parse_evictions(dmesg) == 4
+    assert logged_evictions(sim) == 4
+
+
+def test_a_boot_empties_the_kernel_log_and_gets_a_new_boot_id(sim: Sim) -> None:
+    # random(4): boot_id is a new UUID at each boot; dmesg is the ring buffer of this boot.
+    stop_in_cluster_work(sim)
+    firewall_servers(sim, "-A")
+    sim.sleep(600)
+    firewall_servers(sim, "-D")
+    servers = [n.name for n in sim.cluster.nodes if n.role.value in ("mds", "oss")]
+    # The first target whose evictor runs evicts each client (and its exports everywhere).
+    name = next(n for n in servers if parse_evictions(sim.shell(n).run(["dmesg"]).stdout))
+    oss = sim.shell(name)
+    first = oss.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    compute.virtual_machines.begin_restart(rg, name).result()
+    second = oss.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+    assert len(first) == len(second) == 36
+    assert first != second
+    assert parse_evictions(oss.run(["dmesg"]).stdout) == 0
 
 
 def test_recovery_stuck_fault(sim: Sim) -> None:

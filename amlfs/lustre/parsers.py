@@ -25,6 +25,7 @@ __all__ = [
     "RecoveryStatus",
     "all_up",
     "parse_devices",
+    "parse_evictions",
     "parse_health_check",
     "parse_hsm_active_requests",
     "parse_hsm_agents",
@@ -37,6 +38,21 @@ __all__ = [
     "parse_sha256sum",
     "parse_version",
 ]
+
+# Console lines of a server evicting clients (dmesg), Lustre 2.15 (v2_15_5): the ping evictor
+# (lustre/ptlrpc/pinger.c ping_evictor_main), an unanswered blocking callback (lustre/ldlm/
+# ldlm_lockd.c expired_lock_main), an operator's eviction (lustre/obdclass/genops.c
+# obd_export_evict_by_nid/_uuid), each one client; recovery's stale exports (genops.c
+# class_disconnect_stale_exports): one line per target with the count. "This client was
+# evicted by" is the other side (a target's own client, e.g. an OST's lwp to the MDT),
+# and "Recovery over after" repeats the count: neither is counted again.
+_EVICTED_ONE = re.compile(
+    r"(?:I think it's dead, and I am evicting it\.|"
+    r"lock callback timer expired after \d+s: evicting client at |"
+    r": evicting \S+ \(at \S+\) by administrative request)"
+)
+_EVICTED_STALE = re.compile(r": disconnecting (\d+) stale clients?$")
+_DMESG_LINE = re.compile(r"^\[\s*\d+\.\d+\] (.*)$")
 
 # lprocfs_recovery_status_seq_show: WAITING is a DNE target waiting for other MDTs.
 RECOVERY_STATES = ("INACTIVE", "COMPLETE", "WAITING", "WAITING_FOR_CLIENTS", "RECOVERING")
@@ -195,6 +211,25 @@ def parse_recovery_status(text: str) -> RecoveryStatus:
         total=total,
         evicted=evicted or 0,
     )
+
+
+def parse_evictions(text: str) -> int:
+    """How many client evictions a server's kernel log records (``dmesg``: ``[seconds]
+    message`` lines since its boot). Lines without a timestamp are refused: a ``dmesg``
+    that prints another format (``-T``, journald) must not be read as zero evictions."""
+    evicted = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        match = _DMESG_LINE.match(line)
+        if match is None:
+            raise _error("dmesg", line, "expected [seconds.micro] message")
+        message = match.group(1).rstrip()
+        if _EVICTED_ONE.search(message):
+            evicted += 1
+        elif stale := _EVICTED_STALE.search(message):
+            evicted += int(stale.group(1))
+    return evicted
 
 
 def parse_health_check(text: str) -> bool:

@@ -32,7 +32,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +49,7 @@ from amlfs.forms import declared_order
 from amlfs.lustre.parsers import (
     all_up,
     parse_devices,
+    parse_evictions,
     parse_health_check,
     parse_hsm_agents,
     parse_hsm_requests,
@@ -207,6 +208,63 @@ class BlockedWhileUp:
         return total
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # random(4): a new UUID at every boot
+
+
+class EvictionTally:
+    """Client evictions the cluster's servers logged while this run had the cluster: counted
+    from each server's kernel log (``parse_evictions``), by boot (``BOOT_ID``).
+
+    The log of a boot is read at the start (the baseline: what was there before the run
+    counts for nothing), before each running server's swap PUT (the ring buffer dies with
+    that boot) and at the end. For each server and boot, the highest count read there
+    minus the baseline of that boot counts. What a server logs between the last read and
+    the PUT stopping it is not seen, and a server whose log could not be read at all is
+    named in ``unread``: the figure is then a lower bound. JSON state (``dump``) so the
+    journal carries it across a resume."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self._lock = threading.Lock()
+        self.baseline: dict[str, list[Any]] = dict(state.get("baseline", {}))
+        self.seen: dict[str, dict[str, int]] = {
+            node: dict(boots) for node, boots in state.get("seen", {}).items()
+        }
+        self.unread: dict[str, str] = dict(state.get("unread", {}))
+
+    def note(self, node: str, boot_id: str, count: int) -> None:
+        """A read of ``node``'s log. Its first read is its baseline: the start, or for a
+        server that could not be read then (or a journal from before the tally), a later
+        read, from which on its evictions count (a lower bound)."""
+        with self._lock:
+            self.baseline.setdefault(node, [boot_id, count])
+            boots = self.seen.setdefault(node, {})
+            boots[boot_id] = max(boots.get(boot_id, 0), count)
+            self.unread.pop(node, None)
+
+    def missed(self, node: str, why: str) -> None:
+        with self._lock:
+            if node not in self.seen:
+                self.unread[node] = why
+
+    def total(self) -> int:
+        with self._lock:
+            total = 0
+            for node, boots in self.seen.items():
+                base_boot, base_count = self.baseline.get(node, ["", 0])
+                for boot, count in boots.items():
+                    total += max(0, count - (base_count if boot == base_boot else 0))
+            return total
+
+    def dump(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "baseline": {k: list(v) for k, v in self.baseline.items()},
+                "seen": {k: dict(v) for k, v in self.seen.items()},
+                "unread": dict(self.unread),
+            }
+
+
 @dataclass(frozen=True)
 class NodeRef:
     name: str
@@ -290,6 +348,26 @@ class LustreOps:
             ["INPUT", "-s", cidr, "-p", "tcp", "--dport", port, "-j", "DROP"],
             ["OUTPUT", "-d", cidr, "-p", "tcp", "--dport", port, "-j", "DROP"],
         ]
+
+    # ------------------------------------------------------------------ evictions
+
+    def read_evictions(self, tally: EvictionTally, nodes: Iterable[NodeRef] | None = None) -> None:
+        """Each server's kernel log into ``tally`` (one exec per node: its boot id and
+        ``dmesg``). Never raises for a node: one that cannot answer is noted as unread."""
+
+        def one(node: NodeRef) -> None:
+            argvs = [["cat", BOOT_ID], ["dmesg"]]
+            try:
+                shell = self.sh(node)
+                results = shell.run_batch(argvs)
+                boot_id = shell.check(argvs[0], results[0]).stdout.strip()
+                count = parse_evictions(shell.check(argvs[1], results[1]).stdout)
+            except (NodeError, NodeOutputError) as err:
+                tally.missed(node.name, str(err))
+                return
+            tally.note(node.name, boot_id, count)
+
+        self.each(list(nodes) if nodes is not None else self.servers(), one)
 
     # ------------------------------------------------------------------ capture
 

@@ -572,7 +572,9 @@ def _cat(ctx: Context, args: list[str]) -> Result:
     out, err = "", ""
     node = ctx.node
     for path in args:
-        if path == "/etc/os-release":
+        if path == BOOT_ID:
+            out += node.boot_id + "\n"
+        elif path == "/etc/os-release":
             assert node.disk is not None
             out += f'NAME="Ubuntu"\nVERSION_ID="22.04"\nAMLFS_IMAGE="{node.disk.os_version}"\n'
         elif _lustre_path(path):
@@ -696,6 +698,19 @@ def _test(ctx: Context, args: list[str]) -> Result:
     return Result(2, stderr="test: emulated: test -e|-f PATH\n")
 
 
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # a new random UUID at every boot (random(4))
+
+
+def _dmesg(ctx: Context, args: list[str]) -> Result:
+    """The kernel ring buffer of this boot, as util-linux ``dmesg`` prints it by default:
+    ``[seconds.micro] message``, seconds since the boot (``-l``/``--level`` filters are
+    accepted and ignored: every console message here is a warning or an error)."""
+    node = ctx.node
+    booted = node.booted_at or 0.0
+    lines = [f"[{max(0.0, at - booted):12.6f}] {text}\n" for at, text in node.kernel_log]
+    return Result(0, "".join(lines))
+
+
 def _uname(ctx: Context, args: list[str]) -> Result:
     return Result(0, "5.15.0-1075-azure\n")
 
@@ -761,6 +776,7 @@ COMMANDS: dict[str, Handler] = {
     "stat": _stat,
     "test": _test,
     "uname": _uname,
+    "dmesg": _dmesg,
     "true": _true,
     "echo": _echo,
     "printf": _printf,

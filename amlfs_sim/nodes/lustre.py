@@ -53,6 +53,7 @@ import math
 import random
 import shlex
 import struct
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,20 @@ class Client:
     # Target -> (when a blocking AST was sent to it, by whom), while it cannot answer.
     bl_sent: dict[str, tuple[float, str]] = field(default_factory=dict)
 
+    @property
+    def nid(self) -> str:
+        return f"{self.address}@tcp"
+
+    @property
+    def uuid(self) -> str:
+        """The client's obd UUID as servers print it (a random UUID per mount)."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"lustre-client:{self.address}"))
+
+    @property
+    def export_ptr(self) -> str:
+        low = int.from_bytes(hashlib.sha256(self.address.encode()).digest()[:4], "big")
+        return f"{0xFFFF8A0000000000 + (low & 0xFFFFFFF0):016x}"
+
 
 @dataclass
 class HsmRequest:
@@ -219,6 +234,12 @@ class HsmRequest:
     @property
     def done(self) -> int:
         return min(self.size, int(self.size * self.copied_s / self.duration))
+
+
+def _namespace(target: str) -> str:
+    """The lock namespace of a target, as LDLM_ERROR prints it (``mdt-``/``filter-``)."""
+    kind = "mdt" if "-MDT" in target else "filter"
+    return f"{kind}-{target}_UUID"
 
 
 class LustreNode:
@@ -243,6 +264,11 @@ class LustreNode:
         self.client_mounted = False
         self.modules_loaded = False
         self.booted_at: float | None = None
+        # The kernel's ring buffer (``dmesg``): (sim time, message), emptied by each boot,
+        # and the boot's id (/proc/sys/kernel/random/boot_id, new at every boot).
+        self.kernel_log: list[tuple[float, str]] = []
+        self.boot_id = ""
+        self.boots = 0
 
     # ------------------------------------------------------------------ facts
 
@@ -390,6 +416,11 @@ class LustreNode:
                 return False
         return False
 
+    def kernel_message(self, at: float, text: str) -> None:
+        """A console message of this boot (what ``dmesg`` prints)."""
+        if self.up:
+            self.kernel_log.append((at, text))
+
     # ------------------------------------------------------------------ lifecycle
 
     def go_down(self, at: float) -> None:
@@ -418,6 +449,9 @@ class LustreNode:
         self.cluster.advance(at)
         self.disk = disk
         self.booted_at = at
+        self.boots += 1
+        self.boot_id = str(uuid.UUID(bytes=self.cluster.digest("boot", self.name, self.boots)[:16]))
+        self.kernel_log = []
         self.crashed = crash
         self.up = not crash
         self.services = {name: "inactive" for name in self.service_names()}
@@ -592,14 +626,14 @@ class ClusterSim:
         self.nodes: list[LustreNode] = []
         self.reset()
 
-    def _digest(self, *parts: object) -> bytes:
+    def digest(self, *parts: object) -> bytes:
         return hashlib.sha256(
             ":".join(str(p) for p in (self.seed, self.name, *parts)).encode()
         ).digest()
 
     def _client(self, k: int) -> Client:
         address = f"10.8.{self.index % 256}.{k + 1}"
-        digest = self._digest("client", address)
+        digest = self.digest("client", address)
         return Client(
             address,
             # Deterministic from the seed: where in its ping interval it pings, and its
@@ -751,7 +785,7 @@ class ClusterSim:
         agents = [n.name for n in self.nodes if self._copytool_running(n.name)]
         while agents and len(self.hsm_active) < work.requests:
             self.hsm_serial += 1
-            rng = random.Random(self._digest("hsm", self.hsm_serial))
+            rng = random.Random(self.digest("hsm", self.hsm_serial))
             duration = max(1.0, rng.uniform(work.copy_low_s, work.copy_high_s))
             self.hsm_active.append(
                 HsmRequest(
@@ -921,7 +955,7 @@ class ClusterSim:
             elif what in ("recovery_time_soft", "recovery_time_hard"):
                 self._recovery_expired(subject[0], subject[1], at, what)
             elif what == "ping":
-                _, target = subject
+                node, target = subject
                 evict_after, _ = self._ping_timeout()
                 for client in self.clients:
                     last = client.last_request.get(target.name)
@@ -932,14 +966,31 @@ class ClusterSim:
                             f"{target.name}: haven't heard from client in {at - last:.0f} "
                             f"seconds (ping evictor, timeout {self.timeout():g} s)",
                         )
+                        # lustre/ptlrpc/pinger.c ping_evictor_main (LCONSOLE_WARN), v2_15_5
+                        node.kernel_message(
+                            at,
+                            f"Lustre: {target.name}: haven't heard from client "
+                            f"{client.uuid} (at {client.nid}) in {at - last:.0f} seconds. "
+                            "I think it's dead, and I am evicting it. exp "
+                            f"{client.export_ptr}, cur {at:.0f} expire "
+                            f"{at - evict_after:.0f} last {last:.0f}",
+                        )
             else:
                 client, name = subject
                 sent, actor = client.bl_sent[name]
+                node = next(n for n, t in self.server_targets if t.name == name)
                 self._evict(
                     client,
                     at,
                     f"{name}: lock callback timer expired after {at - sent:.0f}s "
                     f"(conflicting request from {actor})",
+                )
+                # lustre/ldlm/ldlm_lockd.c expired_lock_main (LDLM_ERROR), v2_15_5
+                node.kernel_message(
+                    at,
+                    "LustreError: 0:0:(ldlm_lockd.c:258:expired_lock_main()) ### lock "
+                    f"callback timer expired after {at - sent:.0f}s: evicting client at "
+                    f"{client.nid}  ns: {_namespace(name)} lock: {client.export_ptr}",
                 )
             self.now = at
             self._refresh(at)
@@ -951,11 +1002,23 @@ class ClusterSim:
         reconnect) or the hard limit aborted recovery: evicted, and the target completes."""
         rec = target.recovery
         rec.status, rec.end = "COMPLETE", at
+        stale = 0
         for client in self.clients:
             if not self.reachable(node, target, client.address):
                 rec.evicted += 1
                 if not client.evicted_in_episode:
+                    # Evicted here, its exports are gone everywhere (``_evict``): another
+                    # target's expiry in the same episode finds no export of it to drop.
+                    stale += 1
                     self._evict(client, at, f"{target.name} {why} expired")
+        if stale:
+            # lustre/ldlm/ldlm_lib.c target_recovery_overseer and lustre/obdclass/genops.c
+            # class_disconnect_stale_exports (LCONSOLE_WARN), v2_15_5: one line per target
+            # with the count; each client's own line is D_HA debug, not on the console.
+            node.kernel_message(
+                at, f"Lustre: {target.name}: recovery is timed out, evict stale exports"
+            )
+            node.kernel_message(at, f"Lustre: {target.name}: disconnecting {stale} stale clients")
         self.emit(
             at,
             "lustre.recovery_complete",
