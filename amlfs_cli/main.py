@@ -132,6 +132,22 @@ def _print_result(console: Console, result: dict[str, object]) -> None:
     console.print(
         Text(f"downtime as the orchestrator saw it: {result['downtime_observed_s']:.0f} s")
     )
+    if result.get("evictions") is not None:
+        changes, leaked, unread = (
+            result.get(key) for key in ("data_disk_changes", "leaked_disks", "unread")
+        )
+        changes_list = [str(c) for c in changes] if isinstance(changes, list) else None
+        leaked_list = [str(d) for d in leaked] if isinstance(leaked, list) else []
+        console.print(
+            Text(
+                f"what the run left, read back: evictions {result['evictions']}, data-disk "
+                f"changes {'?' if changes_list is None else len(changes_list)}, leaked disks "
+                f"{len(leaked_list)}"
+            )
+        )
+        unread_list = [f"not read: {u}" for u in unread] if isinstance(unread, list) else []
+        for line in [*(changes_list or []), *leaked_list, *unread_list]:
+            console.print(Text(f"  {line}"))
     view = result.get("customer_view")
     if isinstance(view, dict):
         console.print(

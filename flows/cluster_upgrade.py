@@ -364,14 +364,15 @@ def _artifact(result: ClusterOutcome) -> tuple[list[dict[str, Any]], str]:
         }
         for t in result.steps
     ]
-    view = getattr(result, "customer_view", None) or {}
     override = getattr(result, "override", None)
     seen = (
-        f", evictions {view.get('evictions', 0)}, data-disk changes "
-        f"{view.get('data_disk_changes', 0)}, leaked disks {len(view.get('leaked_disks') or [])}"
-        if view
+        f", evictions {result.evictions}, data-disk changes "
+        f"{_listed(result.data_disk_changes)}, leaked disks {_listed(result.leaked_disks)}"
+        if result.evictions is not None
         else ""
     )
+    if result.unread:
+        seen += f" (not read: {'; '.join(result.unread)})"
     description = markdown_text(
         f"{result.cluster}: {result.outcome}, {result.release_before} -> "
         f"{result.release_after}, downtime seen {result.downtime_observed_s:.0f} s"
@@ -380,6 +381,13 @@ def _artifact(result: ClusterOutcome) -> tuple[list[dict[str, Any]], str]:
         + (f"; {result.reason}" if result.reason else "")
     )
     return table, description
+
+
+def _listed(items: list[str] | None) -> str:
+    """A count, and what it counts: ``2 (a, b)``; ``?`` when it could not be read."""
+    if items is None:
+        return "?"
+    return f"{len(items)} ({', '.join(items)})" if items else "0"
 
 
 def cluster_artifact_key(cluster: str) -> str:

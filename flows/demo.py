@@ -6,8 +6,9 @@ one node of lustre-scus-01 boot without Lustre modules (a bad image on that clus
 1. plans the weekly run as of now (dry run: each cluster's window and why it would not run);
 2. runs the fleet flow as a hotfix for the three clusters now (windows overridden, with the
    reason recorded): canary wave first, then wave1 in parallel;
-3. prints the fleet summary, judged by the emulator's customer view: downtime per cluster,
-   evictions, the rollback and its reason, data-disk changes and leaked disks.
+3. prints the fleet summary: the run's own figures beside the emulator's customer view (the
+   judge): downtime per cluster, evictions, the rollback and its reason, data-disk changes
+   and leaked disks.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def main() -> int:
                 raise SystemExit(f"the fleet run ended {final.type.value}: {final.message}")
             state = control.get("/state").json()
             control.close()
-    table = Table(title="2. fleet run 'demo' (hotfix, windows overridden), customer view")
+    table = Table(
+        title="2. fleet run 'demo' (hotfix, windows overridden): the run's figures / the "
+        "emulator's customer view"
+    )
+    # Downtime and evictions: the run's own figure / what the emulator's customers saw.
     for column in ("cluster", "wave", "result", "release", "downtime", "evictions", "reason"):
         table.add_column(column)
     for name, result in summary["results"].items():
@@ -106,8 +111,8 @@ def main() -> int:
             result.get("wave", ""),
             result["outcome"],
             f"{result['release_before']} -> {result['release_after']}",
-            f"{view.get('downtime_total', 0):.0f} s",
-            str(view.get("evictions", "?")),
+            f"{result.get('downtime_observed_s', 0):.0f} / {view.get('downtime_total', 0):.0f} s",
+            f"{_figure(result.get('evictions'))} / {view.get('evictions', '?')}",
             _short(result.get("reason", "") or ""),
         )
     console.print(table)
@@ -117,12 +122,22 @@ def main() -> int:
         f"{len(state['violations'])}; max clusters in flight: {summary['max_in_flight']}"
     )
     console.print(f"demo took {time.monotonic() - started:.0f} s")
+    told = [
+        r
+        for r in summary["results"].values()
+        if r.get("evictions") is not None and r.get("customer_view")
+    ]
     ok = (
-        not state["data_disk_changes"]
+        all(r["evictions"] == (r.get("customer_view") or {}).get("evictions") for r in told)
+        and not state["data_disk_changes"]
         and not state["leaked_disks"]
         and {r["outcome"] for r in summary["results"].values()} <= {"upgraded", "rolled_back"}
     )
     return 0 if ok else 1
+
+
+def _figure(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def _short(text: str, limit: int = 70) -> str:

@@ -365,27 +365,27 @@ def _table(summary: FleetSummary, names: list[str] | None = None) -> list[dict[s
     """The rows of a table artifact (``RESULT_COLUMNS``). The Prefect UI renders every string
     cell as Markdown, so strings are Markdown text here (``markdown_text``): a reason quotes
     node output and the operator's words. ``_markdown`` puts these cells into its table as
-    they are. Evictions, data-disk changes and leaked disks are what the emulator's customers
-    saw (empty against Azure, where nothing outside the orchestrator reports them)."""
+    they are. Downtime, evictions, data-disk changes and leaked disks are the run's own
+    figures, read back from the world at its end (``ClusterUpgrade._aftermath``); empty
+    where the run changed nothing or could not read them."""
     rows = []
     for name, result in summary.all_results().items():
         if names is not None and name not in names:
             continue
-        view = result.get("customer_view") or {}
+        changes, leaked = result.get("data_disk_changes"), result.get("leaked_disks")
+        evictions = result.get("evictions")
         rows.append(
             {
                 "cluster": name,
                 "result": result["outcome"],
-                "downtime (s)": round(
-                    view.get("downtime_total", result.get("downtime_observed_s", 0))
-                ),
+                "downtime (s)": round(result.get("downtime_observed_s", 0)),
                 "reason": _short(str(result.get("reason", ""))),
                 "wave": result.get("wave", ""),
                 "release before": result.get("release_before", ""),
                 "release after": result.get("release_after", ""),
-                "evictions": view.get("evictions", ""),
-                "data-disk changes": view.get("data_disk_changes", ""),
-                "leaked disks": len(view["leaked_disks"]) if "leaked_disks" in view else "",
+                "evictions": "" if evictions is None else evictions,
+                "data-disk changes": "" if changes is None else len(changes),
+                "leaked disks": "" if leaked is None else len(leaked),
                 "override": result.get("override") or "",
             }
         )
