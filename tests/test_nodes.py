@@ -716,3 +716,27 @@ def test_a_plain_hsm_control_is_lost_when_the_mdt_restarts_and_a_persistent_one_
     sim.compute().virtual_machines.begin_restart(rg, "eus01-mds0").result()
     assert mds.run(control).stdout == "disabled\n"
     assert sim.customer()["hsm_active_requests"] == 0
+
+
+def test_evictions_no_dmesg_printed_before_the_boot_ended_are_lost_from_the_logs(
+    sim: Sim,
+) -> None:
+    # The truth of the product's blind spot: a ring buffer nobody read dies with its boot.
+    stop_in_cluster_work(sim)
+    firewall_servers(sim, "-A")
+    sim.sleep(600)
+    firewall_servers(sim, "-D")
+    customer = sim.customer()
+    assert customer["evictions"] == 4
+    assert customer["evictions_unread"] == 4
+    assert customer["evictions_lost_from_logs"] == 0
+    compute = sim.compute()
+    rg = sim.cluster.resource_group
+    oss0 = sim.shell("eus01-oss0")
+    read = parse_evictions(oss0.run(["dmesg"]).stdout)  # this one's lines are read
+    for node in sim.cluster.nodes:
+        if node.role.value in ("mds", "oss"):
+            compute.virtual_machines.begin_restart(rg, node.name).result()
+    customer = sim.customer()
+    assert customer["evictions_unread"] == 0
+    assert customer["evictions_lost_from_logs"] == 4 - read

@@ -707,7 +707,8 @@ def _dmesg(ctx: Context, args: list[str]) -> Result:
     accepted and ignored: every console message here is a warning or an error)."""
     node = ctx.node
     booted = node.booted_at or 0.0
-    lines = [f"[{max(0.0, at - booted):12.6f}] {text}\n" for at, text in node.kernel_log]
+    lines = [f"[{max(0.0, at - booted):12.6f}] {text}\n" for at, text, _ in node.kernel_log]
+    node.log_read = len(lines)
     return Result(0, "".join(lines))
 
 

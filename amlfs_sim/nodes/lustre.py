@@ -264,9 +264,12 @@ class LustreNode:
         self.client_mounted = False
         self.modules_loaded = False
         self.booted_at: float | None = None
-        # The kernel's ring buffer (``dmesg``): (sim time, message), emptied by each boot,
-        # and the boot's id (/proc/sys/kernel/random/boot_id, new at every boot).
-        self.kernel_log: list[tuple[float, str]] = []
+        # The kernel's ring buffer (``dmesg``): (sim time, message, evictions it records),
+        # emptied by each boot, and the boot's id (/proc/sys/kernel/random/boot_id, new at
+        # every boot). ``log_read``: how many of its lines a ``dmesg`` has printed (the
+        # ground truth of what an orchestrator could have counted).
+        self.kernel_log: list[tuple[float, str, int]] = []
+        self.log_read = 0
         self.boot_id = ""
         self.boots = 0
 
@@ -416,10 +419,14 @@ class LustreNode:
                 return False
         return False
 
-    def kernel_message(self, at: float, text: str) -> None:
-        """A console message of this boot (what ``dmesg`` prints)."""
+    def kernel_message(self, at: float, text: str, evictions: int = 0) -> None:
+        """A console message of this boot (what ``dmesg`` prints), recording ``evictions``."""
         if self.up:
-            self.kernel_log.append((at, text))
+            self.kernel_log.append((at, text, evictions))
+
+    def unread_evictions(self) -> int:
+        """Evictions this boot logged that no ``dmesg`` has printed yet."""
+        return sum(e for _, _, e in self.kernel_log[self.log_read :])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -451,7 +458,10 @@ class LustreNode:
         self.booted_at = at
         self.boots += 1
         self.boot_id = str(uuid.UUID(bytes=self.cluster.digest("boot", self.name, self.boots)[:16]))
+        # The ring buffer dies with the boot: what nobody read of it is lost for good.
+        self.cluster.evictions_lost_from_logs += self.unread_evictions()
         self.kernel_log = []
+        self.log_read = 0
         self.crashed = crash
         self.up = not crash
         self.services = {name: "inactive" for name in self.service_names()}
@@ -653,6 +663,7 @@ class ClusterSim:
         self.serving = False
         self.downtime: list[list[float | None]] = []
         self.evictions: list[dict[str, Any]] = []
+        self.evictions_lost_from_logs = 0  # see report()
         self.lustre_files: dict[str, str] = {}  # the file system's content, seen by lclients
         self.stuck_nodes: set[str] = set()  # recovery_stuck fault, consumed per target start
         # Servers up (targets mounted) while some client is cut off by their firewall.
@@ -974,6 +985,7 @@ class ClusterSim:
                             "I think it's dead, and I am evicting it. exp "
                             f"{client.export_ptr}, cur {at:.0f} expire "
                             f"{at - evict_after:.0f} last {last:.0f}",
+                            evictions=1,
                         )
             else:
                 client, name = subject
@@ -991,6 +1003,7 @@ class ClusterSim:
                     "LustreError: 0:0:(ldlm_lockd.c:258:expired_lock_main()) ### lock "
                     f"callback timer expired after {at - sent:.0f}s: evicting client at "
                     f"{client.nid}  ns: {_namespace(name)} lock: {client.export_ptr}",
+                    evictions=1,
                 )
             self.now = at
             self._refresh(at)
@@ -1018,7 +1031,9 @@ class ClusterSim:
             node.kernel_message(
                 at, f"Lustre: {target.name}: recovery is timed out, evict stale exports"
             )
-            node.kernel_message(at, f"Lustre: {target.name}: disconnecting {stale} stale clients")
+            node.kernel_message(
+                at, f"Lustre: {target.name}: disconnecting {stale} stale clients", evictions=stale
+            )
         self.emit(
             at,
             "lustre.recovery_complete",
@@ -1181,6 +1196,10 @@ class ClusterSim:
             "downtime_total": round(self.downtime_total(now), 3),
             "evictions": len(self.evictions),
             "eviction_log": list(self.evictions),
+            # Of those, logged by a boot that ended before any dmesg printed them, and logged
+            # by a running boot but not printed yet: what no orchestrator could have counted.
+            "evictions_lost_from_logs": self.evictions_lost_from_logs,
+            "evictions_unread": sum(n.unread_evictions() for n in self.nodes),
             "clients": len(self.clients),
             "clients_blocked": sum(1 for c in self.clients if c.blocked_since is not None),
             # Servers up with their targets mounted while their firewall cuts clients off:
