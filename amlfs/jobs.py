@@ -117,8 +117,6 @@ class ClusterOutcome(BaseModel):
     data_disk_changes: list[str] | None = None
     leaked_disks: list[str] | None = None
     unread: list[str] = []
-    # What the emulator's customers saw (the demo, tests and benchmarks add it; never Azure).
-    customer_view: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, job: ClusterJob, result: UpgradeResult, **extra: Any) -> ClusterOutcome:

@@ -148,17 +148,6 @@ def _print_result(console: Console, result: dict[str, object]) -> None:
         unread_list = [f"not read: {u}" for u in unread] if isinstance(unread, list) else []
         for line in [*(changes_list or []), *leaked_list, *unread_list]:
             console.print(Text(f"  {line}"))
-    view = result.get("customer_view")
-    if isinstance(view, dict):
-        console.print(
-            Text(
-                f"customer view (emulator): downtime {view['downtime_total']:.0f} s in "
-                f"{len(view['downtime_intervals'])} interval(s), evictions {view['evictions']}, "
-                f"serving {view['serving']} on {', '.join(view['lustre_versions'])}, "
-                f"data-disk changes {view['data_disk_changes']}, leaked disks "
-                f"{len(view['leaked_disks'])}"
-            )
-        )
 
 
 @app.command("upgrade-cluster")
@@ -343,23 +332,24 @@ def status(
             _error("error", f"no fleet run named {name!r} in {store}")
             raise typer.Exit(1)
         table = Table(title=Text(f"fleet run {name}: {record.get('counts', {})}"))
-        for column in ("cluster", "wave", "result", "release", "downtime", "reason"):
+        columns = ("cluster", "wave", "result", "release", "downtime", "evictions", "reason")
+        for column in columns:
             table.add_column(column)
         for cluster, result in record["results"].items():
-            view = result.get("customer_view") or {}
-            downtime = view.get("downtime_total", result.get("downtime_observed_s", 0))
+            evictions = result.get("evictions")
             table.add_row(
                 *_cells(
                     cluster,
                     result.get("wave", ""),
                     result["outcome"],
                     f"{result.get('release_before', '')} -> {result.get('release_after', '')}",
-                    f"{downtime:.0f} s",
+                    f"{result.get('downtime_observed_s', 0):.0f} s",
+                    "" if evictions is None else str(evictions),
                     result.get("reason", ""),
                 )
             )
         for cluster, reason in record.get("not_started", {}).items():
-            table.add_row(*_cells(cluster, "", "not started", "", "", reason))
+            table.add_row(*_cells(cluster, "", "not started", "", "", "", reason))
         console.print(table)
         if record.get("stopped"):
             console.print(Text(f"stopped admitting: {record['stopped']}"))

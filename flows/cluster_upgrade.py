@@ -20,15 +20,12 @@ import datetime as dt
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import State
@@ -117,23 +114,6 @@ def connection_settings(
 
 def resolve_settings(params: ClusterUpgradeParams) -> tuple[AzureSettings, SshSettings]:
     return connection_settings(params.emulator_endpoint, params.azure_block, params.ssh_block)
-
-
-def customer_view(endpoint_file: str, cluster: str) -> dict[str, Any] | None:
-    """The emulator's ground truth for ``cluster`` (None against real Azure)."""
-    import json
-
-    endpoint = json.loads(Path(endpoint_file).read_text())
-    context = ssl.create_default_context(cafile=endpoint["ca_file"])
-    response = httpx.get(
-        f"{endpoint['control_url']}/state", params={"cluster": cluster}, verify=context, timeout=30
-    )
-    response.raise_for_status()
-    state = response.json()
-    view: dict[str, Any] = state["clusters"][cluster]
-    view["data_disk_changes"] = len(state["data_disk_changes"])
-    view["leaked_disks"] = state["leaked_disks"]
-    return view
 
 
 HEARTBEAT_S = 2.0  # real seconds between liveness records of a running cluster flow
@@ -332,8 +312,6 @@ def _cluster_upgrade(
         )
     finally:
         connections.close()
-    if params.emulator_endpoint:
-        result.customer_view = customer_view(params.emulator_endpoint, cluster.name)
     out = result.record()
     logger.info(
         "%s: %s %s -> %s%s (downtime seen %.0f s)",

@@ -105,7 +105,7 @@ def main() -> int:
     for column in ("cluster", "wave", "result", "release", "downtime", "evictions", "reason"):
         table.add_column(column)
     for name, result in summary["results"].items():
-        view = result.get("customer_view") or {}
+        view = state["clusters"].get(name, {})
         table.add_row(
             name,
             result.get("wave", ""),
@@ -122,13 +122,9 @@ def main() -> int:
         f"{len(state['violations'])}; max clusters in flight: {summary['max_in_flight']}"
     )
     console.print(f"demo took {time.monotonic() - started:.0f} s")
-    told = [
-        r
-        for r in summary["results"].values()
-        if r.get("evictions") is not None and r.get("customer_view")
-    ]
+    told = {n: r for n, r in summary["results"].items() if r.get("evictions") is not None}
     ok = (
-        all(r["evictions"] == (r.get("customer_view") or {}).get("evictions") for r in told)
+        all(r["evictions"] == state["clusters"][n]["evictions"] for n, r in told.items())
         and not state["data_disk_changes"]
         and not state["leaked_disks"]
         and {r["outcome"] for r in summary["results"].values()} <= {"upgraded", "rolled_back"}

@@ -27,7 +27,6 @@ from flows.cluster_upgrade import (
     ClusterUpgradeParams,
     _artifact,
     cluster_artifact_key,
-    customer_view,
 )
 
 if TYPE_CHECKING:
@@ -38,27 +37,17 @@ __all__ = ["DeploymentExecutor", "PrefectTaskExecutor", "run_on_workers"]
 
 class PrefectTaskExecutor:
     """Each job a Prefect task run of the fleet's flow run (``context``: a copy of the flow
-    run's context; worker threads do not inherit it). With ``emulator_endpoint`` the outcome
-    carries what the emulator's customers saw."""
+    run's context; worker threads do not inherit it)."""
 
-    def __init__(
-        self,
-        inner: Executor,
-        context: contextvars.Context,
-        *,
-        emulator_endpoint: str | None = None,
-    ) -> None:
+    def __init__(self, inner: Executor, context: contextvars.Context) -> None:
         self.inner = inner
         self.context = context
-        self.emulator_endpoint = emulator_endpoint
 
     def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:
         from tasks.cluster import upgrade_cluster
 
         def body() -> dict[str, Any]:
             outcome = self.inner.run(job, should_abort)
-            if self.emulator_endpoint:
-                outcome.customer_view = customer_view(self.emulator_endpoint, job.name)
             table, description = _artifact(outcome)
             # On the cluster's own task run: its steps with timings, how it ended, why.
             create_table_artifact(

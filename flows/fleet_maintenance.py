@@ -551,7 +551,6 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
             },
             contextvars.copy_context(),
             lease_ttl_s=params.upgrade.lease_ttl_s,
-            emulator_endpoint=params.emulator_endpoint,
             log=logger.info,
         )
     elif params.cluster_deployment:
@@ -578,7 +577,6 @@ def _fleet_maintenance(params: FleetParams, logger: Any, stop: Any) -> dict[str,
                 runner_for=lambda job: steps_of(job.name),
             ),
             contextvars.copy_context(),
-            emulator_endpoint=params.emulator_endpoint,
         )
 
     def on_result(summary: FleetSummary, cluster: str) -> None:

@@ -54,7 +54,7 @@ from amlfs.jobs import ClusterJob, ClusterOutcome, run_job
 from amlfs.lease import _process_start, holder_alive, process_alive
 from amlfs.runtime import Connections, share_of
 from amlfs.store import Store, open_store
-from flows.cluster_upgrade import connection_settings, customer_view
+from flows.cluster_upgrade import connection_settings
 
 __all__ = [
     "ABORTS",
@@ -290,7 +290,6 @@ class TaskWorkerExecutor:
         start_timeout_s: float = 120.0,
         lease_ttl_s: float = 60.0,
         follow_ups: int = 2,
-        emulator_endpoint: str | None = None,
         log: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.store = store
@@ -302,7 +301,6 @@ class TaskWorkerExecutor:
         self.start_timeout_s = start_timeout_s
         self.lease_ttl_s = lease_ttl_s
         self.follow_ups = follow_ups
-        self.emulator_endpoint = emulator_endpoint
         self.log = log
         self._listed: set[str] = set()
         self._listed_at = 0.0
@@ -404,8 +402,6 @@ class TaskWorkerExecutor:
     def _outcome(self, job: ClusterJob, answer: dict[str, Any], follow_ups: int) -> ClusterOutcome:
         outcome = ClusterOutcome.from_record(answer)
         outcome.follow_ups = follow_ups
-        if self.emulator_endpoint:
-            outcome.customer_view = customer_view(self.emulator_endpoint, job.name)
         return outcome
 
     def run(self, job: ClusterJob, should_abort: Callable[[], bool]) -> ClusterOutcome:

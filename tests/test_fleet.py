@@ -284,6 +284,7 @@ def test_cli_plan_and_status(sim: Sim, conns: Connections, tmp_path: Path) -> No
     assert shown.exit_code == 0, shown.output
     assert "lustre-scus-01" in shown.output
     assert "upgraded" in shown.output
+    assert "evictions" in shown.output  # the run's own figure, read back at its end
     missing = runner.invoke(app, ["status", "nope", "--state-dir", str(tmp_path)])
     assert missing.exit_code == 1
 

@@ -158,15 +158,10 @@ def test_a_cluster_result_prints_node_output_as_text() -> None:
             "reason": "BadReleaseError: oss1: [/] said [bold]no[/]",
             "steps": [{"name": "rollback: [swap]", "status": "ok", "started_s": 0, "ended_s": 2}],
             "downtime_observed_s": 30.0,
-            "customer_view": {
-                "downtime_total": 31.0,
-                "downtime_intervals": [[0, 31]],
-                "evictions": 0,
-                "serving": True,
-                "lustre_versions": ["2.15.5[/]"],
-                "data_disk_changes": 0,
-                "leaked_disks": [],
-            },
+            "evictions": 0,
+            "data_disk_changes": ["oss[/]0 LUN 1: [bold]d1 -> none"],
+            "leaked_disks": ["os-[/]disk"],
+            "unread": [],
         },
     )
     text = console.export_text()
@@ -175,7 +170,9 @@ def test_a_cluster_result_prints_node_output_as_text() -> None:
         in text
     )
     assert "rollback: [swap]" in text
-    assert "serving True on 2.15.5[/]" in text
+    assert "evictions 0, data-disk changes 1, leaked disks 1" in text
+    assert "oss[/]0 LUN 1: [bold]d1 -> none" in text
+    assert "os-[/]disk" in text
 
 
 def test_the_progress_bar_shows_the_run_name_and_last_result_as_text() -> None:
