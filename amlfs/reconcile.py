@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from amlfs.azure.gateway import ComputeGateway, DiskInfo
+from amlfs.azure.gateway import ComputeGateway, DiskInfo, VmInfo
 from amlfs.errors import AmlfsError
 from amlfs.ids import KEEP_TAG, TAG_REPLACES, TAG_RUN, TAG_VM, new_os_disk_name
 from amlfs.models import Cluster
@@ -39,6 +39,11 @@ class ClusterPosition:
     os_disks: dict[str, str] = field(default_factory=dict)  # VM -> OS disk name
     on_swapped_disk: list[str] = field(default_factory=list)  # VMs running a disk we made
     orphans: list[DiskInfo] = field(default_factory=list)  # ours, unattached, not kept
+    # What was read (each VM with its power state; every disk of the resource group, by its
+    # id in lower case), for a caller that goes on at once: read again, they would cost ARM's
+    # budget twice.
+    vms: dict[str, VmInfo] = field(default_factory=dict)
+    disks: dict[str, DiskInfo] = field(default_factory=dict)
 
     @property
     def interrupted(self) -> bool:
@@ -71,9 +76,10 @@ def inspect_cluster(cluster: Cluster, gateway: ComputeGateway, store: Store) -> 
     position = ClusterPosition(cluster.name, journal)
     vms = {n.name for n in cluster.nodes}
     disks = gateway.list_disks(cluster.resource_group)
+    position.disks = {d.id.lower(): d for d in disks}
     ours = {d.name: d for d in disks if d.tags.get(TAG_VM) in vms}
     for node in cluster.nodes:
-        vm = gateway.vm_info(cluster.resource_group, node.name)
+        vm = position.vms[node.name] = gateway.vm_info(cluster.resource_group, node.name)
         position.os_disks[node.name] = vm.os_disk_name
         disk = ours.get(vm.os_disk_name)
         if disk is not None and TAG_REPLACES in disk.tags:

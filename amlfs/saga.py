@@ -71,7 +71,7 @@ from amlfs.lustre.procedures import (
     SuspendPolicy,
 )
 from amlfs.models import Cluster, Release, Role
-from amlfs.reconcile import inspect_cluster
+from amlfs.reconcile import ClusterPosition, inspect_cluster
 from amlfs.store import Store
 
 __all__ = [
@@ -280,6 +280,8 @@ class ClusterUpgrade:
         self.restored_locally: set[tuple[str, str]] = set()  # files, LNet, pools done
         self.already_current = False  # every VM already on the release (set by preflight)
         self.evictions = EvictionTally()
+        self._read_at_start: ClusterPosition | None = None  # inspect_cluster's, for preflight
+        self._deleted: set[str] = set()  # disks this run saw deleted (their LRO succeeded)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -416,6 +418,7 @@ class ClusterUpgrade:
             position = inspect_cluster(self.cluster, self.gw, self.store)
         except AmlfsError as err:
             return self._result(Outcome.FAILED, f"cannot read the cluster's state: {err}")
+        self._read_at_start = position
         if position.interrupted:
             assert position.journal is not None
             return self._resume(position.journal)
@@ -609,11 +612,13 @@ class ClusterUpgrade:
         def one(plan: _VmPlan) -> None:
             name = plan.node.name
             found: list[str] = []
+            known = set(self._deleted)  # gone: their delete succeeded in this run
             try:
                 if before is not None:
                     vm = self._retry(
                         f"read VM {name}", functools.partial(self.gw.vm_info, self.rg, name)
                     )
+                    known.add(vm.os_disk_name)  # attached: the VM's OS disk, just read
                     was = {int(lun): str(id_).lower() for lun, id_ in before.get(name, [])}
                     now = {lun: id_.lower() for lun, id_ in vm.data_disks}
                     for lun in sorted(set(was) | set(now)):
@@ -625,6 +630,8 @@ class ClusterUpgrade:
                             with lock:
                                 changes.append(changes_here)
                 for disk_name in dict.fromkeys((plan.old_disk, plan.new_disk)):
+                    if disk_name in known:
+                        continue  # a GET would cost ARM's read budget for what is known
                     disk = self._retry(
                         f"read disk {disk_name}",
                         functools.partial(self.gw.get_disk, self.rg, disk_name),
@@ -662,15 +669,24 @@ class ClusterUpgrade:
         return disk is not None and (disk.image_id or "").lower() == self.release.image_id.lower()
 
     def preflight(self) -> list[VmInfo]:
+        # The VMs and disks the start of this run read a moment ago (inspect_cluster), once:
+        # read again only what it did not see (an OS disk in another resource group).
+        seen, self._read_at_start = self._read_at_start, None
         vms = []
         for node in self.nodes:
-            vm = self._retry(
-                f"read VM {node.name}", functools.partial(self.gw.vm_info, self.rg, node.name)
-            )
+            vm = seen.vms.get(node.name) if seen is not None else None
+            if vm is None:
+                vm = self._retry(
+                    f"read VM {node.name}", functools.partial(self.gw.vm_info, self.rg, node.name)
+                )
             if vm.power_state != "running":
                 raise HealthCheckError(f"VM {node.name} is {vm.power_state}, not running")
             vms.append(vm)
-        disks = [self.gw.get_disk(self.rg, vm.os_disk_name) for vm in vms]
+        disks = [
+            (seen.disks.get(vm.os_disk_id.lower()) if seen is not None else None)
+            or self.gw.get_disk(self.rg, vm.os_disk_name)
+            for vm in vms
+        ]
         first = disks[0]
         self.state.release_before = (
             (first.image_id or "").rsplit("/", 1)[-1] if first else "unknown"
@@ -836,7 +852,11 @@ class ClusterUpgrade:
             if not running:
                 self.ops.blocked.end(name, self.clock.now())  # down already: cuts nobody
 
+            attempts = 0
+
             def put() -> None:
+                nonlocal attempts
+                attempts += 1
                 if running and plan.node.role in SERVER_ROLES:
                     # Its kernel log dies with this boot: the evictions it logged, first.
                     self.ops.read_evictions(self.evictions, [plan.node])
@@ -845,11 +865,15 @@ class ClusterUpgrade:
             self._retry(f"swap {name} to {disk_name}", put, deadline=deadline)
             # Stopped by the PUT at some point before it returned (an upper bound).
             self.ops.blocked.end(name, self.clock.now())
-            if current.power_state == "running":
+            if current.power_state == "running" and attempts > 1:
                 # Read again: a PUT retried after a failure half-way may have left it stopped.
+                # One PUT that succeeded at once stopped, swapped and booted it (os-disk-swap:
+                # Azure starts a VM it stopped for the swap): no read of ARM's budget for that.
                 current = self._retry(
                     f"read VM {name}", lambda: self.gw.vm_info(self.rg, name), deadline=deadline
                 )
+            elif current.power_state == "running":
+                current = dataclasses.replace(current, os_disk_id=disk_id, os_disk_name=disk_name)
             else:
                 current = dataclasses.replace(current, power_state="stopped")
         if current.power_state != "running":
@@ -1016,6 +1040,7 @@ class ClusterUpgrade:
                 self._retry(
                     f"delete {plan.old_disk}", lambda: self.gw.delete_disk(self.rg, plan.old_disk)
                 )
+                self._deleted.add(plan.old_disk)
 
         self._each(one)
         self._done()
@@ -1136,6 +1161,7 @@ class ClusterUpgrade:
         def one(plan: _VmPlan) -> None:
             disk = self.gw.get_disk(self.rg, plan.new_disk)
             if disk is None:
+                self._deleted.add(plan.new_disk)
                 return
             if disk.tags.get(TAG_RUN) != self.run_id:
                 return  # not ours (another run's, with the same name): never delete it
@@ -1144,6 +1170,7 @@ class ClusterUpgrade:
             self._retry(
                 f"delete {plan.new_disk}", lambda: self.gw.delete_disk(self.rg, plan.new_disk)
             )
+            self._deleted.add(plan.new_disk)
 
         self._each(one)
 
