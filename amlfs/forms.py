@@ -11,7 +11,29 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["EmulatorEndpoint", "declared_order"]
+from amlfs.store import StoreLocation
+
+__all__ = [
+    "STATE_DIR",
+    "AzureBlockName",
+    "EmulatorEndpoint",
+    "SshBlockName",
+    "StateDir",
+    "declared_order",
+]
+
+# Where a run finds the world, the same in every form that starts one (cluster upgrade,
+# fleet run, rollout start and tick): declared once here.
+
+#: The embedded store's directory, the default of every form.
+STATE_DIR = ".amlfs-state"
+
+StateDir = Annotated[
+    StoreLocation,
+    Field(description="State store: a directory, or postgresql://USER@HOST/DB (no password)"),
+]
+AzureBlockName = Annotated[str, Field(description="Saved AzureTarget Block (Azure, or emulator)")]
+SshBlockName = Annotated[str, Field(description="Saved SshAccess Block (the nodes' SSH)")]
 
 #: The emulator's endpoint file, or "" for the saved Blocks. A plain string, not
 #: ``str | None``: the Prefect UI draws an optional string as a type picker ("Property is type

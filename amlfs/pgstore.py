@@ -273,6 +273,17 @@ class PostgresStore:
             ).fetchall()
         return sorted(row[0] for row in rows)  # Python's order, as the filesystem store
 
+    def items(self, *prefix: str) -> dict[str, Any]:
+        check_key(prefix, prefix=True)
+        with self._connection("list", prefix) as conn:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT name, value::text FROM {} WHERE parent = %s AND value IS NOT NULL"
+                ).format(self._table),
+                ("/".join(prefix),),
+            ).fetchall()
+        return {name: _loads(text) for name, text in sorted(rows)}
+
     # ------------------------------------------------------------------ connections
 
     @contextmanager

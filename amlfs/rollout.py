@@ -1028,10 +1028,7 @@ class RolloutBook:
         self.store.update("cluster-releases", cluster, change=newer)
 
     def releases(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: self.store.get("cluster-releases", name) or {}
-            for name in self.store.names("cluster-releases")
-        }
+        return dict(self.store.items("cluster-releases"))
 
     def latest(self) -> tuple[str | None, dt.datetime | None]:
         """The release of the most recently started rollout (not aborted), and when the

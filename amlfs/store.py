@@ -57,6 +57,11 @@ class Store(Protocol):
         """The last parts of the documents whose key is ``prefix`` plus one part, sorted."""
         ...
 
+    def items(self, *prefix: str) -> dict[str, Any]:
+        """Those documents, by their last part (sorted), in one read where the backend can
+        (a fleet's thousand records are one query, not a thousand)."""
+        ...
+
 
 def check_key(parts: tuple[str, ...], *, prefix: bool = False) -> None:
     """Refuse a key (or, with ``prefix``, a key prefix, which may be empty) that is not a
@@ -175,6 +180,10 @@ class StateStore:
             path.unlink(missing_ok=True)
         except OSError as err:
             raise StateStoreError(f"cannot delete {path}: {err.strerror}") from err
+
+    def items(self, *prefix: str) -> dict[str, Any]:
+        found = {name: self.get(*prefix, name) for name in self.names(*prefix)}
+        return {name: value for name, value in found.items() if value is not None}
 
     def names(self, *prefix: str) -> list[str]:
         check_key(prefix, prefix=True)

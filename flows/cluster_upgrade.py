@@ -33,12 +33,12 @@ from prefect.states import Cancelled
 from pydantic import BaseModel, ConfigDict, Field
 
 from amlfs.errors import AmlfsError
-from amlfs.forms import EmulatorEndpoint
+from amlfs.forms import STATE_DIR, AzureBlockName, EmulatorEndpoint, SshBlockName, StateDir
 from amlfs.jobs import ClockAnchor, ClusterJob, ClusterOutcome, run_job
 from amlfs.models import load_fleet, load_release
 from amlfs.runtime import AzureSettings, Connections, SshSettings, from_endpoint
 from amlfs.saga import UpgradePolicy
-from amlfs.store import Store, StoreLocation, open_store
+from amlfs.store import Store, open_store
 from flows.markdown import markdown_text
 
 __all__ = [
@@ -64,13 +64,10 @@ class ClusterUpgradeParams(BaseModel):
     cluster: str = Field(description="Cluster name in the inventory")
     release_file: str = Field(description="Release YAML (image, Lustre version, config)")
     policy: UpgradePolicy = UpgradePolicy()
-    state_dir: StoreLocation = Field(
-        default=".amlfs-state",
-        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
-    )
+    state_dir: StateDir = STATE_DIR
     emulator_endpoint: EmulatorEndpoint = ""
-    azure_block: str = "amlfs-azure"
-    ssh_block: str = "amlfs-ssh"
+    azure_block: AzureBlockName = "amlfs-azure"
+    ssh_block: SshBlockName = "amlfs-ssh"
     run_id: str | None = None
     window_end: dt.datetime | None = Field(
         default=None, description="UTC end of the window; steps that would cross it roll back"

@@ -69,7 +69,14 @@ from amlfs.fleet import (
     plan_fleet,
     read_all,
 )
-from amlfs.forms import EmulatorEndpoint, declared_order
+from amlfs.forms import (
+    STATE_DIR,
+    AzureBlockName,
+    EmulatorEndpoint,
+    SshBlockName,
+    StateDir,
+    declared_order,
+)
 from amlfs.jobs import ClockAnchor, Executor, InProcessExecutor
 from amlfs.models import Cluster, Fleet, Release, load_fleet, load_release
 from amlfs.reconcile import ClusterReading, read_cluster
@@ -78,7 +85,7 @@ from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import Prediction, windows_opening_in
 from amlfs.shards import ShardPool, ShardSpec
-from amlfs.store import Store, StoreLocation, open_store
+from amlfs.store import Store, open_store
 from flows.cluster_upgrade import (
     ClusterUpgradeParams,
     resolve_settings,
@@ -164,13 +171,10 @@ class FleetParams(BaseModel):
             "(this machine or others) sharing state_dir (a postgresql:// URL across machines)"
         ),
     )
-    state_dir: StoreLocation = Field(
-        default=".amlfs-state",
-        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
-    )
+    state_dir: StateDir = STATE_DIR
     emulator_endpoint: EmulatorEndpoint = ""
-    azure_block: str = "amlfs-azure"
-    ssh_block: str = "amlfs-ssh"
+    azure_block: AzureBlockName = "amlfs-azure"
+    ssh_block: SshBlockName = "amlfs-ssh"
 
     @model_validator(mode="after")
     def _check(self) -> FleetParams:

@@ -29,6 +29,7 @@ from amlfs.rollout import (
     forecast_lines,
     record_outcome,
     stage_views,
+    upcoming,
     windows,
 )
 from flows.markdown import markdown_text
@@ -160,6 +161,16 @@ def publish_forecast(
     """Publish the rollout's forecast (and the fleet's compliance) as the artifact
     ``rollout-NAME`` when it says something new; True when it did."""
     result = forecast(rollout, fleet, now, upgrade=upgrade, state_dir=state_dir)
+    # The windows to come up to the end of tomorrow (UTC), not a 24-hour list that moves
+    # with every tick: on a large fleet a window enters that list most ticks, and each would
+    # be a new version of the artifact saying nothing new. Here a window enters at midnight
+    # and leaves when it opens (when its cluster starts: news).
+    until = dt.datetime.combine(
+        result.at.astimezone(dt.UTC).date() + dt.timedelta(days=2), dt.time(), dt.UTC
+    )
+    result = dataclasses.replace(
+        result, upcoming=upcoming(rollout, fleet, result.at, horizon=until - result.at)
+    )
     latest, since = book.latest()
     counts, rows = compliance(fleet, book.releases(), latest, since)
     # What the operator reads: the forecast and the fleet's release counts (a census that
@@ -172,7 +183,7 @@ def publish_forecast(
     if result.upcoming:
         lines += [
             "",
-            f"## Next 24 hours from {result.at:%Y-%m-%d %H:%M} UTC: "
+            f"## From {result.at:%Y-%m-%d %H:%M} until {until:%Y-%m-%d %H:%M} UTC: "
             f"{windows(len(result.upcoming))}, {sum(u.runs for u in result.upcoming)} to start",
             "",
             "| window | cluster | stage | starts | why |",

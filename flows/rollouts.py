@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from amlfs.errors import InventoryError, StateStoreError
 from amlfs.fleet import ClusterSelector, FleetPolicy, read_all
-from amlfs.forms import EmulatorEndpoint
+from amlfs.forms import STATE_DIR, AzureBlockName, EmulatorEndpoint, SshBlockName, StateDir
 from amlfs.models import Cluster, Fleet, load_fleet, load_release
 from amlfs.rollout import (
     Forecast,
@@ -45,7 +45,7 @@ from amlfs.rollout import (
 from amlfs.runtime import Connections
 from amlfs.saga import UpgradePolicy
 from amlfs.schedule import windows_opening_in
-from amlfs.store import StoreLocation, open_store
+from amlfs.store import open_store
 from flows.cluster_upgrade import connection_settings
 from flows.fleet_maintenance import (
     STOPPED,
@@ -94,10 +94,7 @@ class RolloutStartParams(BaseModel):
     skip_approvals: bool = False
     started_by: str = Field(default="", description="Who starts it (recorded)")
     at: dt.datetime | None = Field(default=None, description="Start as of (rehearsals)")
-    state_dir: StoreLocation = Field(
-        default=".amlfs-state",
-        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
-    )
+    state_dir: StateDir = STATE_DIR
 
     @model_validator(mode="after")
     def _check(self) -> RolloutStartParams:
@@ -189,10 +186,7 @@ class RolloutTickParams(BaseModel):
         default=FleetPolicy(), description="Caps of each run (the rollout sets its budget)"
     )
     upgrade: UpgradePolicy = UpgradePolicy()
-    state_dir: StoreLocation = Field(
-        default=".amlfs-state",
-        description="State store: a directory, or postgresql://USER@HOST/DB (no password)",
-    )
+    state_dir: StateDir = STATE_DIR
     census_per_tick: int = Field(
         default=50,
         ge=0,
@@ -201,8 +195,8 @@ class RolloutTickParams(BaseModel):
         "read first, then the oldest reading; two ARM GETs each; 0: none)",
     )
     emulator_endpoint: EmulatorEndpoint = ""
-    azure_block: str = "amlfs-azure"
-    ssh_block: str = "amlfs-ssh"
+    azure_block: AzureBlockName = "amlfs-azure"
+    ssh_block: SshBlockName = "amlfs-ssh"
 
     @model_validator(mode="after")
     def _check(self) -> RolloutTickParams:
@@ -470,7 +464,7 @@ class ApprovalParams(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     rollout: str
     stage: str
-    state_dir: StoreLocation = ".amlfs-state"
+    state_dir: StateDir = STATE_DIR
     timeout_hours: float = Field(default=72.0, gt=0, le=24 * 30)
     poll_s: int = Field(default=2, ge=1, le=600, description="How often it looks for the answer")
 

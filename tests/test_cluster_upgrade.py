@@ -57,10 +57,20 @@ def assert_customer_safe(sim: Sim, version: str) -> dict[str, Any]:
 def test_happy_path_upgrades_with_no_eviction_and_short_downtime(
     sim: Sim, conns: Connections, tmp_path: Path
 ) -> None:
+    before = sim.state()["requests_by_kind"]
     result = upgrade(sim, conns, tmp_path)
     assert result.outcome is Outcome.UPGRADED, result.reason
     assert result.release_before == "2.15.5"
     assert result.release_after == "2.15.6"
+    # ARM's read budget per subscription is what bounds a fleet (bench/RESULTS.md, P4): per
+    # VM, one GET at the start (inspect_cluster's, reused by preflight), one before and one
+    # in the swap (the PUT's body), one in the aftermath; one GET of the disk a create is
+    # about to make and one read back by the create. Nothing read twice in a row.
+    after = sim.state()["requests_by_kind"]
+    nodes = len(sim.cluster.nodes)
+    assert after.get("vm.get", 0) - before.get("vm.get", 0) == 4 * nodes
+    assert after.get("disk.get", 0) - before.get("disk.get", 0) == 2 * nodes
+    assert after.get("disk.list", 0) - before.get("disk.list", 0) == 1
     customer = assert_customer_safe(sim, "2.15.6")
     assert 0 < customer["downtime_total"] < 1800
     assert len(customer["downtime_intervals"]) == 1

@@ -398,7 +398,7 @@ def test_the_rollout_artifact_says_what_runs_tonight_why_the_rest_wait_and_when_
     """A rollout of the small fleet (canary lustre-eus-01 on Tuesday 02:00; wave1 on
     Wednesday and Thursday), ticked on Tuesday 01:45, when no window opens yet: the tick
     starts nothing, reads the fleet's releases through ARM and publishes the forecast. Its
-    artifact page says what the next 24 hours start and why the rest wait, when each stage
+    artifact page says what runs until the end of the next day and why the rest wait, when each stage
     and the rollout are projected done, and how many clusters run each release."""
     from flows.rollout_view import artifact_key
     from flows.rollouts import RolloutStartParams, RolloutTickParams, start_rollout
@@ -406,7 +406,7 @@ def test_the_rollout_artifact_says_what_runs_tonight_why_the_rest_wait_and_when_
     name = f"ui-rollout-{uuid.uuid4().hex[:8]}"
     state_dir = str(tmp_path / "state")
     # The small fleet without lustre-weu-01's blackout on Wednesday the 2nd, so that its
-    # window falls in the 24 hours after the tick: held, its stage not open.
+    # window falls before the end of the next day: held, its stage not open.
     doc = yaml.safe_load(SMALL_FLEET.read_text())
     for cluster in doc["clusters"]:
         cluster.pop("blackout_dates", None)
@@ -445,7 +445,9 @@ def test_the_rollout_artifact_says_what_runs_tonight_why_the_rest_wait_and_when_
     page = browser.new_page()
     try:
         page.goto(ui(prefect_server, f"/artifacts/artifact/{artifact['id']}"))
-        page.get_by_text("Next 24 hours from 2026-12-01 01:45 UTC").first.wait_for(timeout=30_000)
+        page.get_by_text("From 2026-12-01 01:45 until 2026-12-03 00:00 UTC").first.wait_for(
+            timeout=30_000
+        )
         body = page.inner_text("body")
         assert "2 windows, 1 to start" in body, body
         rows = {

@@ -302,7 +302,11 @@ def test_a_tick_with_no_window_opening_publishes_nothing(
     rehearsal: Rehearsal, tmp_path: Path
 ) -> None:
     start(rehearsal, tmp_path, "quiet", GOOD)
-    quiet = START + dt.timedelta(hours=1)  # Sunday 13:00: no window opens
+    # Wednesday 02:00 and 02:15: no window opens in either tick, but Thursday 02:00's windows
+    # come within 24 hours of the second: the artifact's list of windows to come runs to the
+    # end of the next day (Friday 00:00), so it says the same in both ticks.
+    quiet = START + dt.timedelta(days=2, hours=14)
+    assert quiet.strftime("%A %H:%M") == "Wednesday 02:00"
     book = RolloutBook(StateStore(tmp_path))
     with temporary_settings(updates={PREFECT_API_URL: rehearsal.server.url}):
         states = run_ticks(rehearsal, tmp_path, [quiet, quiet + dt.timedelta(minutes=15)])

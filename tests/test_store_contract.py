@@ -109,6 +109,11 @@ def test_names_lists_the_documents_one_part_below(store_location: str) -> None:
     assert store.names() == ["top"]
     store.delete("fleet-runs", "run-b")
     assert store.names("fleet-runs") == ["run-a", "run.c"]
+    # items: the same documents with their values, in one read.
+    assert store.items("fleet-runs") == {"run-a": {"name": "run-a"}, "run.c": {"name": "run.c"}}
+    assert list(store.items("fleet-runs")) == ["run-a", "run.c"]
+    assert store.items("nothing-here") == {}
+    assert store.items() == {"top": {}}
 
 
 def test_update_returns_and_stores_the_new_value(store_location: str) -> None:
